@@ -1,0 +1,199 @@
+"""The agent-plane wire protocol, defined once and imported by the server.
+
+Every frame is one JSON text envelope: ``{"type": "...", "id": "<uuid>", "data": {...}}``.
+:func:`decode` turns any input into an :class:`Envelope` or raises :class:`ProtocolError`
+with a machine-readable ``code`` and, where one is to blame, the ``field`` — it never lets
+another exception escape, so neither side crashes on a bad frame.
+
+This module is stdlib only: the agent must not depend on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+#: Largest frame either side accepts; larger frames close the connection with 1009.
+MAX_FRAME_BYTES = 64 * 1024
+
+#: WebSocket close codes used on the agent link.
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_REPLACED = 4000  # a newer connection for the same host took over
+CLOSE_REVOKED = 4001  # the host's token was revoked or the host deleted
+CLOSE_IDLE = 4002  # no frame within the heartbeat timeout
+
+UPDATE_PHASES = ("downloading", "verifying", "staging", "restarting")
+
+# Field specs: name -> (accepted Python types, required). bool is excluded from int on purpose.
+_STR = (str,)
+_INT = (int,)
+_NUM = (int, float)
+_LIST = (list,)
+_DICT = (dict,)
+_BOOL = (bool,)
+_OPT_DICT = (dict, type(None))
+_OPT_STR = (str, type(None))
+
+SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "hello": {
+        "agent_version": (_STR, True),
+        "os": (_STR, True),
+        "arch": (_STR, True),
+        "hostname": (_STR, True),
+        "python": (_STR, True),
+        "capabilities": (_LIST, True),
+        "boot_id": (_STR, True),
+        "last_update": (_OPT_DICT, True),
+        "platform": (_STR, False),
+    },
+    "welcome": {
+        "server_version": (_STR, True),
+        "heartbeat_s": (_NUM, True),
+    },
+    "heartbeat": {},
+    "ping": {},
+    "pong": {"ref": (_STR, True)},
+    "command.update": {
+        "job_id": (_STR, True),
+        "version": (_STR, True),
+        "url": (_STR, True),
+        "sha256": (_STR, True),
+        "size": (_INT, True),
+        "signature": (_OPT_STR, False),
+        "platform": (_STR, False),
+        "allow_downgrade": (_BOOL, False),
+    },
+    "update.progress": {
+        "job_id": (_STR, True),
+        "phase": (_STR, True),
+        "bytes_done": (_INT, True),
+        "bytes_total": (_INT, True),
+    },
+    "update.result": {
+        "job_id": (_STR, True),
+        "ok": (_BOOL, True),
+        "error": (_STR, True),
+    },
+    "error": {
+        "code": (_STR, True),
+        "message": (_STR, True),
+        "ref": (_OPT_STR, False),
+    },
+}
+
+KNOWN_TYPES = frozenset(SCHEMAS)
+
+# Extra value checks beyond the type, keyed by (envelope type, field).
+_ENUMS = {
+    ("update.progress", "phase"): UPDATE_PHASES,
+}
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid envelope; ``code`` is what the peer is told."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, ref: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.ref = ref
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    data: dict = field(default_factory=dict)
+    id: str = ""
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def encode(type_: str, data: dict | None = None, id_: str | None = None) -> str:
+    """Serialize one envelope; the type must be known and the data must validate."""
+    data = dict(data or {})
+    env = Envelope(type_, data, id_ or new_id())
+    validate(env)
+    return json.dumps({"type": env.type, "id": env.id, "data": env.data}, separators=(",", ":"))
+
+
+def error_frame(code: str, message: str, ref: str | None = None) -> str:
+    return encode("error", {"code": code, "message": message, "ref": ref})
+
+
+def decode(frame: str | bytes) -> Envelope:
+    """Parse and validate one frame; raise :class:`ProtocolError` on anything else."""
+    if isinstance(frame, (bytes, bytearray)):
+        if len(frame) > MAX_FRAME_BYTES:
+            raise ProtocolError("frame_too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+        try:
+            frame = bytes(frame).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("invalid_json", "frame is not UTF-8 text") from None
+    if not isinstance(frame, str):
+        raise ProtocolError("invalid_json", "frame is not text")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("frame_too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("invalid_envelope", "envelope must be a JSON object")
+    type_ = obj.get("type")
+    if not isinstance(type_, str) or not type_:
+        raise ProtocolError("missing_field", "envelope field 'type' is missing", field="type")
+    id_ = obj.get("id", "")
+    if not isinstance(id_, str):
+        raise ProtocolError("invalid_field", "envelope field 'id' must be a string", field="id")
+    data = obj.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_field", "envelope field 'data' must be an object", field="data", ref=id_)
+    env = Envelope(type_, data, id_)
+    validate(env)
+    return env
+
+
+def validate(env: Envelope) -> None:
+    schema = SCHEMAS.get(env.type)
+    if schema is None:
+        raise ProtocolError("unknown_type", f"unknown envelope type {env.type!r}", field="type", ref=env.id)
+    for name, (types, required) in schema.items():
+        if name not in env.data:
+            if required:
+                raise ProtocolError(
+                    "missing_field", f"{env.type}: field 'data.{name}' is missing", field=f"data.{name}", ref=env.id
+                )
+            continue
+        value = env.data[name]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            want = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ProtocolError(
+                "invalid_field", f"{env.type}: field 'data.{name}' must be {want}", field=f"data.{name}", ref=env.id
+            )
+        allowed = _ENUMS.get((env.type, name))
+        if allowed and value not in allowed:
+            raise ProtocolError(
+                "invalid_field",
+                f"{env.type}: field 'data.{name}' must be one of {', '.join(allowed)}",
+                field=f"data.{name}",
+                ref=env.id,
+            )
+    if env.type == "hello" and not all(isinstance(c, str) for c in env.data["capabilities"]):
+        raise ProtocolError(
+            "invalid_field",
+            "hello: 'data.capabilities' must be a list of strings",
+            field="data.capabilities",
+            ref=env.id,
+        )

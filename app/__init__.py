@@ -1,0 +1,113 @@
+"""restic-manager server: the application factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+
+from . import config as cfg
+from .extensions import csrf, db, login, migrate, sock
+from .timeutil import Clock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask:
+    """Build the app: defaults, then ``RM_*`` environment and instance file, then ``test_config``."""
+    environ = os.environ if environ is None else environ
+    instance_path = (test_config or {}).get("INSTANCE_PATH") or environ.get("RM_INSTANCE_PATH")
+    instance_path = os.path.abspath(instance_path or os.path.join(ROOT, "instance"))
+    app = Flask(
+        __name__,
+        instance_path=instance_path,
+        template_folder=os.path.join(ROOT, "templates"),
+        static_folder="static",
+    )
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    app.config.from_mapping(cfg.defaults(app.instance_path))
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.update(cfg.from_env(environ))
+    if test_config:
+        app.config.update(test_config)
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = cfg.ensure_secret_key(app.instance_path)
+    app.config["REMEMBER_COOKIE_SECURE"] = app.config["SESSION_COOKIE_SECURE"]
+    os.makedirs(app.config["RELEASES_DIR"], exist_ok=True)
+
+    from .versioning import server_version
+
+    app.config["SERVER_VERSION"] = server_version(app.config)
+    app.extensions.setdefault("rm.clock", Clock())
+    logging.basicConfig(level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    _init_db(app)
+    migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"), compare_type=True, render_as_batch=True)
+    login.init_app(app)
+    csrf.init_app(app)
+    sock.init_app(app)
+
+    from .agents.registry import ConnectionRegistry
+
+    app.extensions["rm.connections"] = ConnectionRegistry()
+
+    from . import auth, security
+    from .agents import bp as agentlink_bp
+    from .api import bp as api_bp
+    from .auth import bp as auth_bp
+    from .errors import register_error_handlers
+    from .main import bp as main_bp
+
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(main_bp)
+    app.register_blueprint(api_bp, url_prefix="/api")
+    app.register_blueprint(agentlink_bp)
+    csrf.exempt(api_bp)  # the API does its own CSRF check for cookie sessions (see api/__init__.py)
+    csrf.exempt(agentlink_bp)
+    auth.init_login(app)
+    security.init_app(app)
+    register_error_handlers(app)
+
+    from .updates import init_app as init_updates
+
+    init_updates(app)
+
+    @app.context_processor
+    def _inject_version():
+        return {"server_version": app.config["SERVER_VERSION"]}
+
+    from .cli import register_cli
+
+    register_cli(app)
+    return app
+
+
+def _init_db(app: Flask) -> None:
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    opts = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    if uri.startswith("sqlite"):
+        connect_args = opts.setdefault("connect_args", {})
+        connect_args.setdefault("timeout", 15)
+        connect_args.setdefault("check_same_thread", False)
+    else:
+        opts.setdefault("pool_pre_ping", True)
+        opts.setdefault("pool_size", 10)
+        opts.setdefault("max_overflow", 20)
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = opts
+    db.init_app(app)
+    if uri.startswith("sqlite"):
+        with app.app_context():
+            sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=15000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()

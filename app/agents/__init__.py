@@ -1,0 +1,134 @@
+"""The agent plane: the agent WebSocket, the artifact download and the install script.
+
+Everything here is served only by the agent listener (werkzeug); the admin listener answers 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
+
+from agent import protocol
+
+from ..extensions import db, sock
+from ..models import AgentRelease, Host
+from . import link
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("agentlink", __name__)
+
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts")
+
+
+def bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _refuse(status: int, code: str, message: str):
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager-agent"'
+    abort(resp)
+
+
+@bp.before_request
+def _authenticate_agent():
+    """Refuse a bad agent token before the WebSocket handshake or the download starts."""
+    if request.endpoint in ("agentlink.install_script", "agentlink.unit_file", "agentlink.health"):
+        return None
+    origin = request.headers.get("Origin")
+    if origin and origin not in current_app.config["WS_ALLOWED_ORIGINS"]:
+        _refuse(403, "origin_not_allowed", f"origin {origin!r} is not allowed on the agent plane")
+    token = bearer_token()
+    if not token:
+        _refuse(401, "missing_token", "Authorization: Bearer <agent token> is required")
+    host = Host.by_token(token)
+    if host is None:
+        _refuse(401, "invalid_token", "the agent token is unknown or revoked")
+    g.agent_host_id = host.id
+    g.agent_host_name = host.name
+    db.session.close()  # don't hold a pooled connection for the lifetime of a socket
+    return None
+
+
+@sock.route("/ws/agent", bp=bp)
+def agent_socket(ws):
+    link.serve_connection(ws, g.agent_host_id, request.remote_addr or "")
+
+
+@bp.route("/agent/download/<version>")
+def download(version: str):
+    platform = request.args.get("platform", "py3-any")
+    if version == "current":
+        version = current_app.config["SERVER_VERSION"]
+    release = db.session.scalar(
+        db.select(AgentRelease).where(AgentRelease.version == version, AgentRelease.platform == platform)
+    )
+    db.session.close()
+    if release is None or not os.path.isfile(release.path):
+        abort(_json_404(f"no agent release {version} for platform {platform}"))
+    resp = send_file(
+        release.path,
+        mimetype="application/octet-stream",
+        as_attachment=True,
+        download_name=f"restic-manager-agent-{version}.pyz",
+        etag=release.sha256,
+        conditional=True,
+        max_age=0,
+    )
+    resp.headers["X-Checksum-Sha256"] = release.sha256
+    resp.headers["X-Agent-Version"] = release.version
+    if release.signature:
+        resp.headers["X-Agent-Signature"] = release.signature
+    return resp
+
+
+def _json_404(message: str):
+    resp = jsonify({"error": {"code": "release_not_found", "message": message}})
+    resp.status_code = 404
+    return resp
+
+
+def _script(relpath: str, mimetype: str) -> Response:
+    with open(os.path.join(SCRIPTS_DIR, relpath), "rb") as f:
+        return Response(f.read(), mimetype=mimetype)
+
+
+@bp.route("/agent/install.sh")
+def install_script():
+    return _script("install-agent.sh", "text/x-shellscript")
+
+
+@bp.route("/agent/restic-manager-agent.service")
+def unit_file():
+    return _script("systemd/restic-manager-agent.service", "text/plain")
+
+
+@bp.route("/agent/health")
+def health():
+    return jsonify({"ok": True, "server_version": current_app.config["SERVER_VERSION"]})
+
+
+def agent_base_url() -> str:
+    """Return the agent plane's base URL as hosts reach it (``RM_PUBLIC_AGENT_URL`` or the bind address)."""
+    public = current_app.config.get("PUBLIC_AGENT_URL")
+    if public:
+        return public.rstrip("/")
+    host, port = current_app.config["AGENT_ADDR"]
+    return f"http://{host}:{port}"
+
+
+def install_command(token: str) -> str:
+    """Return the one-line install command for a host with agent token ``token``."""
+    base = agent_base_url()
+    ws = "ws" + base[len("http"):] if base.startswith("http") else base
+    return f"curl -fsSL {base}/agent/install.sh | sudo sh -s -- --server {ws} --token {token}"
+
+
+__all__ = ["bp", "protocol", "install_command", "agent_base_url"]

@@ -1,0 +1,161 @@
+"""One agent connection's life: hello, welcome, heartbeats, update reports, goodbye."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import sqlalchemy as sa
+from flask import current_app
+from simple_websocket import ConnectionClosed
+
+from agent import protocol
+
+from ..extensions import db
+from ..models import Host
+from ..timeutil import utcnow
+from .registry import Connection
+
+log = logging.getLogger(__name__)
+
+#: How long a fresh socket may take to send its hello.
+HELLO_TIMEOUT_S = 10.0
+
+
+def registry():
+    return current_app.extensions["rm.connections"]
+
+
+def serve_connection(ws, host_id: int, remote: str) -> None:
+    """Run one authenticated agent socket until it closes."""
+    conn = Connection(host_id, ws, remote)
+    cfg = current_app.config
+    hello = _await_hello(conn)
+    if hello is None:
+        return
+    data = hello.data
+    conn.agent_version = data["agent_version"]
+    old = registry().register(conn)
+    if old is not None:
+        log.info("host %s reconnected from %s; closing its previous connection", host_id, remote)
+        old.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
+    try:
+        record_hello(host_id, data)
+        conn.send(
+            protocol.encode(
+                "welcome", {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"]}
+            )
+        )
+        from ..updates import watcher
+
+        watcher.on_hello(host_id, data)
+        _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"], touch_every=max(1.0, cfg["HEARTBEAT_S"] / 2))
+    except ConnectionClosed:
+        pass
+    finally:
+        if registry().unregister(conn):
+            mark_offline(host_id)
+        db.session.close()
+
+
+def _await_hello(conn: Connection) -> protocol.Envelope | None:
+    try:
+        raw = conn.ws.receive(timeout=HELLO_TIMEOUT_S)
+    except ConnectionClosed:
+        return None
+    if raw is None:
+        conn.close(protocol.CLOSE_POLICY, "no hello")
+        return None
+    try:
+        env = protocol.decode(raw)
+    except protocol.ProtocolError as e:
+        conn.send(protocol.error_frame(e.code, e.message, e.ref))
+        conn.close(protocol.CLOSE_POLICY, "first frame must be a valid hello")
+        return None
+    if env.type != "hello":
+        conn.send(protocol.error_frame("expected_hello", f"first frame must be hello, got {env.type!r}", env.id))
+        conn.close(protocol.CLOSE_POLICY, "first frame must be hello")
+        return None
+    return env
+
+
+def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> None:
+    from ..updates import watcher
+
+    last_touch = time.monotonic()
+    while True:
+        db.session.close()  # never wait on the socket inside a transaction: SQLite would stay locked
+        raw = conn.ws.receive(timeout=idle_timeout)
+        if raw is None:
+            if not conn.ws.connected:
+                return
+            log.info("host %s silent for %.0f s; dropping its connection", conn.host_id, idle_timeout)
+            conn.close(protocol.CLOSE_IDLE, "heartbeat timeout")
+            return
+        try:
+            env = protocol.decode(raw)
+        except protocol.ProtocolError as e:
+            log.info("host %s sent a bad frame: %s", conn.host_id, e.message)
+            conn.send(protocol.error_frame(e.code, e.message, e.ref))
+            continue
+        now = time.monotonic()
+        if now - last_touch >= touch_every:
+            touch(conn.host_id)
+            last_touch = now
+        t = env.type
+        if t == "heartbeat":
+            pass
+        elif t == "pong":
+            conn.pong(env.data["ref"])
+        elif t == "ping":
+            conn.send(protocol.encode("pong", {"ref": env.id}))
+        elif t == "update.progress":
+            watcher.on_progress(conn.host_id, env.data)
+        elif t == "update.result":
+            watcher.on_result(conn.host_id, env.data)
+        elif t == "error":
+            log.warning("host %s reported error %s: %s", conn.host_id, env.data["code"], env.data["message"])
+        else:
+            conn.send(protocol.error_frame("unexpected_type", f"{t!r} is not sent by agents", env.id))
+
+
+def record_hello(host_id: int, data: dict) -> None:
+    """Store what the agent said about itself and mark it online."""
+    db.session.execute(
+        sa.update(Host)
+        .where(Host.id == host_id)
+        .values(
+            agent_version=data["agent_version"],
+            os=data["os"][:64],
+            arch=data["arch"][:64],
+            hostname=data["hostname"][:255],
+            python=data["python"][:32],
+            platform=(data.get("platform") or "")[:64] or None,
+            capabilities=[c for c in data["capabilities"] if isinstance(c, str)][:32],
+            boot_id=data["boot_id"][:64],
+            connected=True,
+            last_seen=utcnow(),
+        )
+    )
+    db.session.commit()
+
+
+def touch(host_id: int) -> None:
+    db.session.execute(sa.update(Host).where(Host.id == host_id).values(last_seen=utcnow(), connected=True))
+    db.session.commit()
+
+
+def mark_offline(host_id: int) -> None:
+    db.session.execute(sa.update(Host).where(Host.id == host_id).values(connected=False, last_seen=utcnow()))
+    db.session.commit()
+
+
+def sweep_offline() -> int:
+    """Mark hosts offline that the database thinks are connected but have no socket here."""
+    live = registry().host_ids()
+    q = sa.update(Host).where(Host.connected.is_(True))
+    if live:
+        q = q.where(Host.id.not_in(live))
+    n = db.session.execute(q.values(connected=False)).rowcount or 0
+    db.session.commit()
+    return n

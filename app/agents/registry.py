@@ -1,0 +1,133 @@
+"""The live connection registry: host id -> the one socket that host is connected on.
+
+It is a cache of who is connected *to this process*; the database's ``hosts.connected`` is the
+record. The registry lock guards only the dict: no socket I/O happens while it is held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+from agent import protocol
+
+log = logging.getLogger(__name__)
+
+_conn_ids = itertools.count(1)
+
+
+class Connection:
+    """One agent's WebSocket, with a lock that serializes writes from several threads."""
+
+    def __init__(self, host_id: int, ws, remote: str = ""):
+        self.id = next(_conn_ids)
+        self.host_id = host_id
+        self.ws = ws
+        self.remote = remote
+        self.connected_at = time.monotonic()
+        self.agent_version: str | None = None
+        self._send_lock = threading.Lock()
+        self._pongs: dict[str, threading.Event] = {}
+        self._pong_lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def send(self, frame: str) -> bool:
+        """Send one text frame; return False if the socket is gone."""
+        try:
+            with self._send_lock:
+                self.ws.send(frame)
+            return True
+        except Exception:  # noqa: BLE001 - any transport failure means "not delivered"
+            log.info("send to host %s failed; connection is gone", self.host_id)
+            return False
+
+    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
+        self.closed.set()
+        try:
+            self.ws.close(reason=code, message=reason)
+        except Exception:  # noqa: BLE001 - closing an already-dead socket is fine
+            pass
+
+    def ping(self, timeout: float) -> float | None:
+        """Round-trip one ``ping``; return seconds, or None when no pong came in time."""
+        frame_id = protocol.new_id()
+        ev = threading.Event()
+        with self._pong_lock:
+            self._pongs[frame_id] = ev
+        t0 = time.perf_counter()
+        try:
+            if not self.send(protocol.encode("ping", {}, frame_id)):
+                return None
+            if not ev.wait(timeout):
+                return None
+            return time.perf_counter() - t0
+        finally:
+            with self._pong_lock:
+                self._pongs.pop(frame_id, None)
+
+    def pong(self, ref: str) -> None:
+        with self._pong_lock:
+            ev = self._pongs.get(ref)
+        if ev is not None:
+            ev.set()
+
+
+class ConnectionRegistry:
+    """Thread-safe map of host id to its current :class:`Connection`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_host: dict[int, Connection] = {}
+
+    def register(self, conn: Connection) -> Connection | None:
+        """Make ``conn`` the host's connection; return the one it replaces (caller closes it)."""
+        with self._lock:
+            old = self._by_host.get(conn.host_id)
+            self._by_host[conn.host_id] = conn
+        return old if old is not conn else None
+
+    def unregister(self, conn: Connection) -> bool:
+        """Forget ``conn`` if it is still the host's current one; return whether it was."""
+        with self._lock:
+            if self._by_host.get(conn.host_id) is conn:
+                del self._by_host[conn.host_id]
+                return True
+        return False
+
+    def get(self, host_id: int) -> Connection | None:
+        with self._lock:
+            return self._by_host.get(host_id)
+
+    def is_connected(self, host_id: int) -> bool:
+        with self._lock:
+            return host_id in self._by_host
+
+    def host_ids(self) -> set[int]:
+        with self._lock:
+            return set(self._by_host)
+
+    def send(self, host_id: int, frame: str) -> bool:
+        conn = self.get(host_id)
+        return conn.send(frame) if conn else False
+
+    def close(self, host_id: int, code: int, reason: str = "") -> bool:
+        with self._lock:
+            conn = self._by_host.pop(host_id, None)
+        if conn is None:
+            return False
+        conn.close(code, reason)
+        return True
+
+    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> int:
+        with self._lock:
+            conns = list(self._by_host.values())
+            self._by_host.clear()
+        for c in conns:
+            c.close(code, reason)
+        return len(conns)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_host)

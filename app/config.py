@@ -1,0 +1,158 @@
+"""Configuration in three layers: defaults, then ``RM_*`` environment / instance file, then tests.
+
+Values from the environment are parsed strictly: a bad value stops start-up with a
+:class:`ConfigError` that names the variable, instead of crashing at first use.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def parse_addr(name: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{name}={value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.strip("[]")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: port {port!r} is not a number") from None
+    if not 0 <= port_n <= 65535:
+        raise ConfigError(f"{name}={value!r}: port must be 0-65535")
+    return host, port_n
+
+
+def parse_int(name: str, value: str, minimum: int = 0, maximum: int | None = None) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected a whole number") from None
+    if n < minimum or (maximum is not None and n > maximum):
+        hi = "" if maximum is None else f" and at most {maximum}"
+        raise ConfigError(f"{name}={value!r}: must be at least {minimum}{hi}")
+    return n
+
+
+def parse_float(name: str, value: str, minimum: float = 0.0) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if not n >= minimum:  # also rejects NaN
+        raise ConfigError(f"{name}={value!r}: must be at least {minimum}")
+    return n
+
+
+def parse_bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={value!r}: expected true/false")
+
+
+def parse_str(name: str, value: str) -> str:
+    if not value.strip():
+        raise ConfigError(f"{name} is set but empty")
+    return value
+
+
+def parse_db_url(name: str, value: str) -> str:
+    if not value.startswith(("sqlite:", "postgresql")):
+        raise ConfigError(f"{name}={value!r}: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        # psycopg 3 is the driver we ship; SQLAlchemy's default for this scheme is psycopg2.
+        value = "postgresql+psycopg://" + value.split("://", 1)[1]
+    return value
+
+
+# env var -> (config key, parser)
+ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "RM_DATABASE_URL": ("SQLALCHEMY_DATABASE_URI", parse_db_url),
+    "RM_HTTP_ADDR": ("HTTP_ADDR", parse_addr),
+    "RM_AGENT_ADDR": ("AGENT_ADDR", parse_addr),
+    "RM_SECRET_KEY": ("SECRET_KEY", parse_str),
+    "RM_UPDATE_TIMEOUT": ("UPDATE_TIMEOUT", lambda n, v: parse_float(n, v, 1.0)),
+    "RM_HEARTBEAT_S": ("HEARTBEAT_S", lambda n, v: parse_float(n, v, 0.05)),
+    "RM_HEARTBEAT_TIMEOUT": ("HEARTBEAT_TIMEOUT", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_OFFLINE_SWEEP_S": ("OFFLINE_SWEEP_S", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_VERSION": ("VERSION", parse_str),
+    "RM_PUBLIC_AGENT_URL": ("PUBLIC_AGENT_URL", parse_str),
+    "RM_SESSION_COOKIE_SECURE": ("SESSION_COOKIE_SECURE", parse_bool),
+    "RM_LOGIN_MAX_FAILURES": ("LOGIN_MAX_FAILURES", lambda n, v: parse_int(n, v, 1)),
+    "RM_LOGIN_LOCKOUT_S": ("LOGIN_LOCKOUT_S", lambda n, v: parse_float(n, v, 0.0)),
+    "RM_WS_ALLOWED_ORIGINS": ("WS_ALLOWED_ORIGINS", lambda n, v: [o.strip() for o in v.split(",") if o.strip()]),
+    "RM_AGENT_BACKLOG": ("AGENT_BACKLOG", lambda n, v: parse_int(n, v, 16, 65535)),
+    "RM_THREAD_STACK_KIB": ("THREAD_STACK_KIB", lambda n, v: parse_int(n, v, 0, 65536)),
+    "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
+    "RM_LOG_LEVEL": ("LOG_LEVEL", parse_str),
+}
+
+
+def defaults(instance_path: str) -> dict[str, Any]:
+    return {
+        "SQLALCHEMY_DATABASE_URI": "sqlite:///" + os.path.join(instance_path, "restic-manager.sqlite3"),
+        "SQLALCHEMY_ENGINE_OPTIONS": {},
+        "HTTP_ADDR": ("127.0.0.1", 8080),
+        "AGENT_ADDR": ("127.0.0.1", 8081),
+        "SECRET_KEY": None,
+        "UPDATE_TIMEOUT": 90.0,
+        "HEARTBEAT_S": 15.0,
+        "HEARTBEAT_TIMEOUT": 45.0,
+        "OFFLINE_SWEEP_S": 30.0,
+        "VERSION": None,
+        "PUBLIC_AGENT_URL": None,
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": False,
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SAMESITE": "Lax",
+        "LOGIN_MAX_FAILURES": 5,
+        "LOGIN_LOCKOUT_S": 60.0,
+        "WS_ALLOWED_ORIGINS": [],
+        "AGENT_BACKLOG": 4096,
+        "THREAD_STACK_KIB": 512,
+        "FLEET_TICK_S": 5.0,
+        "LOG_LEVEL": "INFO",
+        "RELEASES_DIR": os.path.join(instance_path, "releases"),
+        "SCHEDULER_ENABLED": False,  # only `serve` runs the background jobs: one scheduler per deployment
+        "BUILD_AGENT_ON_START": False,
+        "SOCK_SERVER_OPTIONS": {"ping_interval": None, "max_message_size": 64 * 1024},
+        "WTF_CSRF_TIME_LIMIT": None,
+        "SQLALCHEMY_TRACK_MODIFICATIONS": False,
+    }
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Parse every ``RM_*`` variable we know; raise :class:`ConfigError` on the first bad one."""
+    out: dict[str, Any] = {}
+    for var, (key, parser) in ENV.items():
+        if var in environ:
+            out[key] = parser(var, environ[var])
+    return out
+
+
+def ensure_secret_key(instance_path: str) -> str:
+    """Return the instance's persistent secret key, generating it once."""
+    path = os.path.join(instance_path, "secret_key")
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key

@@ -1,0 +1,103 @@
+"""``restic-manager demo``: everything a first look needs, on the embedded SQLite default.
+
+Migrates the database, creates an ``admin`` account (its password printed once), enrols a host
+``demo-agent``, builds that host's agent as an older version (so it shows as behind and the
+"Update agent" button has something to do), and serves with that agent running locally under a
+small supervisor that restarts it when it exits — what systemd's ``Restart=always`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import threading
+
+import sqlalchemy as sa
+from flask import Flask
+
+from .extensions import db
+
+DEMO_HOST = "demo-agent"
+
+
+def _ensure_admin() -> str:
+    from .models import AuditEvent, User
+
+    if db.session.scalar(sa.select(User).where(User.role == "admin")):
+        return (
+            "login: an admin account already exists (its password was printed on the first run; "
+            "reset it with `restic-manager users set-password admin`)"
+        )
+    password = secrets.token_urlsafe(12)
+    user = User(username="admin", role="admin")
+    user.set_password(password)
+    db.session.add(user)
+    AuditEvent.record("demo", "user.created", "admin", role="admin")
+    db.session.commit()
+    return f"login: admin / {password}   (shown once; change it with `restic-manager users set-password admin`)"
+
+
+def _ensure_demo_host(app: Flask, agent_dir: str) -> str:
+    """Enrol (or re-key) the demo host and write its agent config; return the config path."""
+    from .models import AuditEvent, Host
+
+    host = db.session.scalar(sa.select(Host).where(Host.name == DEMO_HOST))
+    if host is None:
+        host, token = Host.enrol(DEMO_HOST)
+        db.session.flush()
+        AuditEvent.record("demo", "host.enrolled", DEMO_HOST, host_id=host.id)
+    else:
+        # Only the hash of a token is stored; the demo re-keys its own host on every start.
+        token = host.rotate_token()
+    db.session.commit()
+    host_addr, port = app.config["AGENT_ADDR"]
+    os.makedirs(agent_dir, exist_ok=True)
+    path = os.path.join(agent_dir, "agent.toml")
+    with open(path, "w") as f:
+        f.write(f'server_url = "ws://{host_addr}:{port}"\ntoken = "{token}"\n')
+    os.chmod(path, 0o600)
+    return path
+
+
+def run_demo(app: Flask, agent_version: str) -> int:
+    import flask_migrate
+
+    from agent.build import build_agent
+
+    from .serve import Servers, tune_threads
+    from .supervisor import Supervisor
+
+    agent_dir = os.path.join(app.instance_path, "demo-agent")
+    with app.app_context():
+        flask_migrate.upgrade()
+        login_line = _ensure_admin()
+        config_path = _ensure_demo_host(app, agent_dir)
+        db.session.remove()
+    program = os.path.join(agent_dir, "restic-manager-agent.pyz")
+    if not os.path.exists(program):
+        built = build_agent(agent_version, agent_dir)
+        os.replace(built.path, program)
+
+    tune_threads(app.config["THREAD_STACK_KIB"])
+    servers = Servers(app)
+    servers.start()
+    agent = Supervisor([sys.executable, program, "--config", config_path], cwd=agent_dir,
+                       log_path=os.path.join(agent_dir, "agent.log"))
+    agent.start()
+    host, _ = app.config["HTTP_ADDR"]
+    print(f"restic-manager {app.config['SERVER_VERSION']} is running", flush=True)
+    print(f"  open:   http://{host}:{servers.admin_port}/", flush=True)
+    print(f"  {login_line}", flush=True)
+    print(f"  demo agent: {program} (log: {agent_dir}/agent.log)", flush=True)
+    print("  Ctrl-C stops the server and the demo agent.", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    agent.stop()
+    servers.stop()
+    return 0

@@ -1,0 +1,410 @@
+"""The data model. Constraints that guard correctness live in the schema (see migrations/)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+
+import sqlalchemy as sa
+from flask_login import UserMixin
+from sqlalchemy.exc import IntegrityError
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .extensions import db
+from .timeutil import isoformat, utcnow
+
+ROLES = ("admin", "viewer")
+JOB_KINDS = ("update",)
+JOB_STATUSES = ("running", "succeeded", "failed")
+ALERT_KINDS = ("update_failed", "fleet_update_halted")
+FLEET_STATUSES = ("running", "succeeded", "halted", "cancelled")
+FLEET_HOST_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
+
+
+def _in(col: str, values: tuple[str, ...]) -> str:
+    return f"{col} IN ({', '.join(repr(v) for v in values)})"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "users"
+    __table_args__ = (sa.CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    username = sa.Column(sa.String(64), nullable=False, unique=True)
+    password_hash = sa.Column(sa.String(256), nullable=False)
+    role = sa.Column(sa.String(16), nullable=False, default="viewer")
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    failed_logins = sa.Column(sa.Integer, nullable=False, default=0)
+    locked_until = sa.Column(sa.DateTime)
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return check_password_hash(self.password_hash, password)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "username": self.username, "role": self.role, "created_at": isoformat(self.created_at)}
+
+
+class ApiToken(db.Model):
+    __tablename__ = "api_tokens"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    user_id = sa.Column(sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name = sa.Column(sa.String(100), nullable=False, default="")
+    prefix = sa.Column(sa.String(16), nullable=False)
+    token_hash = sa.Column(sa.String(64), nullable=False, unique=True)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    last_used_at = sa.Column(sa.DateTime)
+    revoked_at = sa.Column(sa.DateTime)
+
+    user = db.relationship("User")
+
+    @classmethod
+    def issue(cls, user: User, name: str = "") -> tuple[ApiToken, str]:
+        """Create a token for ``user``; return the row and the plain token (shown once)."""
+        plain = new_token("rmt")
+        tok = cls(user=user, name=name, prefix=plain[:12], token_hash=hash_token(plain))
+        db.session.add(tok)
+        return tok, plain
+
+    @classmethod
+    def lookup(cls, plain: str) -> ApiToken | None:
+        tok = db.session.scalar(sa.select(cls).where(cls.token_hash == hash_token(plain)))
+        if tok is None or tok.revoked_at is not None:
+            return None
+        return tok
+
+
+class Host(db.Model):
+    __tablename__ = "hosts"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    name = sa.Column(sa.String(128), nullable=False, unique=True)
+    token_hash = sa.Column(sa.String(64), unique=True)
+    token_prefix = sa.Column(sa.String(16))
+    agent_version = sa.Column(sa.String(128))
+    os = sa.Column(sa.String(64))
+    arch = sa.Column(sa.String(64))
+    hostname = sa.Column(sa.String(255))
+    python = sa.Column(sa.String(32))
+    platform = sa.Column(sa.String(64))
+    capabilities = sa.Column(sa.JSON, nullable=False, default=list)
+    boot_id = sa.Column(sa.String(64))
+    last_seen = sa.Column(sa.DateTime)
+    connected = sa.Column(sa.Boolean, nullable=False, default=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    revoked_at = sa.Column(sa.DateTime)
+
+    @classmethod
+    def enrol(cls, name: str) -> tuple[Host, str]:
+        """Create a host; return it and its plain agent token (shown once)."""
+        plain = new_token("rma")
+        host = cls(name=name, token_hash=hash_token(plain), token_prefix=plain[:12], capabilities=[])
+        db.session.add(host)
+        return host, plain
+
+    @classmethod
+    def by_token(cls, plain: str) -> Host | None:
+        if not plain:
+            return None
+        return db.session.scalar(sa.select(cls).where(cls.token_hash == hash_token(plain)))
+
+    def revoke(self) -> None:
+        self.token_hash = None
+        self.revoked_at = utcnow()
+        self.connected = False
+
+    def rotate_token(self) -> str:
+        plain = new_token("rma")
+        self.token_hash = hash_token(plain)
+        self.token_prefix = plain[:12]
+        self.revoked_at = None
+        return plain
+
+    def version_state(self, server_version: str) -> str:
+        """Return ``current``, ``behind``, ``ahead`` or ``unknown`` relative to the server."""
+        if not self.agent_version:
+            return "unknown"
+        if self.agent_version == server_version:
+            return "current"
+        from .versioning import is_newer
+
+        return "ahead" if is_newer(self.agent_version, server_version) else "behind"
+
+    def can_update(self) -> bool:
+        return "update" in (self.capabilities or [])
+
+    def to_dict(self, server_version: str | None = None) -> dict:
+        d = {
+            "id": self.id,
+            "name": self.name,
+            "online": bool(self.connected),
+            "last_seen": isoformat(self.last_seen),
+            "agent_version": self.agent_version,
+            "os": self.os,
+            "arch": self.arch,
+            "hostname": self.hostname,
+            "python": self.python,
+            "platform": self.platform,
+            "capabilities": list(self.capabilities or []),
+            "created_at": isoformat(self.created_at),
+            "revoked": self.revoked_at is not None,
+        }
+        if server_version is not None:
+            d["version_state"] = self.version_state(server_version)
+        return d
+
+
+class Job(db.Model):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
+        sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        sa.Index(
+            "uq_jobs_one_running_update",
+            "host_id",
+            unique=True,
+            sqlite_where=sa.text("kind = 'update' AND status = 'running'"),
+            postgresql_where=sa.text("kind = 'update' AND status = 'running'"),
+        ),
+    )
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_uuid)
+    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False, index=True)
+    kind = sa.Column(sa.String(32), nullable=False)
+    status = sa.Column(sa.String(16), nullable=False, default="running")
+    phase = sa.Column(sa.String(32))
+    bytes_done = sa.Column(sa.BigInteger)
+    bytes_total = sa.Column(sa.BigInteger)
+    params = sa.Column(sa.JSON, nullable=False, default=dict)
+    error = sa.Column(sa.Text)
+    actor = sa.Column(sa.String(128), nullable=False, default="system")
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    finished_at = sa.Column(sa.DateTime)
+    deadline = sa.Column(sa.DateTime)
+
+    host = db.relationship("Host")
+
+    @property
+    def target_version(self) -> str | None:
+        return (self.params or {}).get("version")
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "host_id": self.host_id,
+            "kind": self.kind,
+            "status": self.status,
+            "phase": self.phase,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "target_version": self.target_version,
+            "from_version": (self.params or {}).get("from_version"),
+            "error": self.error,
+            "actor": self.actor,
+            "created_at": isoformat(self.created_at),
+            "updated_at": isoformat(self.updated_at),
+            "finished_at": isoformat(self.finished_at),
+            "deadline": isoformat(self.deadline),
+        }
+
+
+class Alert(db.Model):
+    __tablename__ = "alerts"
+    __table_args__ = (
+        sa.CheckConstraint(_in("kind", ALERT_KINDS), name="kind"),
+        sa.Index(
+            "uq_alerts_one_open",
+            "kind",
+            "dedup_key",
+            unique=True,
+            sqlite_where=sa.text("resolved_at IS NULL"),
+            postgresql_where=sa.text("resolved_at IS NULL"),
+        ),
+    )
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    kind = sa.Column(sa.String(32), nullable=False)
+    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="CASCADE"))
+    dedup_key = sa.Column(sa.String(128), nullable=False)
+    message = sa.Column(sa.Text, nullable=False)
+    count = sa.Column(sa.Integer, nullable=False, default=1)
+    first_seen = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    last_seen = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    resolved_at = sa.Column(sa.DateTime)
+
+    host = db.relationship("Host")
+
+    @classmethod
+    def raise_or_touch(cls, kind: str, dedup_key: str, message: str, host_id: int | None = None) -> Alert:
+        """Open an alert, or bump the open one with the same kind and dedup key."""
+        now = utcnow()
+        for _ in range(3):
+            alert = db.session.scalar(
+                sa.select(cls).where(cls.kind == kind, cls.dedup_key == dedup_key, cls.resolved_at.is_(None))
+            )
+            if alert is not None:
+                alert.count += 1
+                alert.last_seen = now
+                alert.message = message
+                return alert
+            try:
+                with db.session.begin_nested():
+                    alert = cls(
+                        kind=kind, dedup_key=dedup_key, message=message, host_id=host_id, first_seen=now, last_seen=now
+                    )
+                    db.session.add(alert)
+                return alert
+            except IntegrityError:
+                continue  # another thread opened it first; touch theirs
+        raise RuntimeError(f"could not raise alert {kind}/{dedup_key}")
+
+    @classmethod
+    def resolve(cls, kind: str, dedup_key: str) -> int:
+        """Resolve the open alert of this kind and key, if any; return how many were resolved."""
+        res = db.session.execute(
+            sa.update(cls)
+            .where(cls.kind == kind, cls.dedup_key == dedup_key, cls.resolved_at.is_(None))
+            .values(resolved_at=utcnow())
+        )
+        return res.rowcount or 0
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "host_id": self.host_id,
+            "dedup_key": self.dedup_key,
+            "message": self.message,
+            "count": self.count,
+            "first_seen": isoformat(self.first_seen),
+            "last_seen": isoformat(self.last_seen),
+            "resolved_at": isoformat(self.resolved_at),
+            "open": self.resolved_at is None,
+        }
+
+
+class AuditEvent(db.Model):
+    """Append-only: the migration installs triggers that refuse UPDATE and DELETE."""
+
+    __tablename__ = "audit_events"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    at = sa.Column(sa.DateTime, nullable=False, default=utcnow, index=True)
+    actor = sa.Column(sa.String(128), nullable=False)
+    action = sa.Column(sa.String(64), nullable=False, index=True)
+    target = sa.Column(sa.String(128), nullable=False, default="")
+    details = sa.Column(sa.JSON, nullable=False, default=dict)
+
+    @classmethod
+    def record(cls, actor: str, action: str, target: str = "", **details) -> AuditEvent:
+        ev = cls(at=utcnow(), actor=actor, action=action, target=target, details=details)
+        db.session.add(ev)
+        return ev
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "at": isoformat(self.at),
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "details": self.details,
+        }
+
+
+class AgentRelease(db.Model):
+    __tablename__ = "agent_releases"
+    __table_args__ = (sa.UniqueConstraint("version", "platform", name="uq_agent_releases_version_platform"),)
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    version = sa.Column(sa.String(128), nullable=False)
+    platform = sa.Column(sa.String(64), nullable=False)
+    sha256 = sa.Column(sa.String(64), nullable=False)
+    size = sa.Column(sa.BigInteger, nullable=False)
+    signature = sa.Column(sa.Text)
+    path = sa.Column(sa.Text, nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "version": self.version,
+            "platform": self.platform,
+            "sha256": self.sha256,
+            "size": self.size,
+            "signed": bool(self.signature),
+            "created_at": isoformat(self.created_at),
+        }
+
+
+class FleetUpdate(db.Model):
+    __tablename__ = "fleet_updates"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", FLEET_STATUSES), name="status"),
+        sa.Index(
+            "uq_fleet_updates_one_running",
+            "status",
+            unique=True,
+            sqlite_where=sa.text("status = 'running'"),
+            postgresql_where=sa.text("status = 'running'"),
+        ),
+    )
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    target_version = sa.Column(sa.String(128), nullable=False)
+    status = sa.Column(sa.String(16), nullable=False, default="running")
+    strategy = sa.Column(sa.String(32), nullable=False, default="rolling")
+    created_by = sa.Column(sa.String(128), nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    finished_at = sa.Column(sa.DateTime)
+    halt_reason = sa.Column(sa.Text)
+    cancel_requested = sa.Column(sa.Boolean, nullable=False, default=False)
+
+    hosts = db.relationship(
+        "FleetUpdateHost", order_by="FleetUpdateHost.position", back_populates="fleet_update", cascade="all"
+    )
+
+
+class FleetUpdateHost(db.Model):
+    __tablename__ = "fleet_update_hosts"
+    __table_args__ = (
+        sa.UniqueConstraint("fleet_update_id", "host_id", name="uq_fleet_update_hosts_fleet_host"),
+        sa.CheckConstraint(_in("status", FLEET_HOST_STATUSES), name="status"),
+    )
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    fleet_update_id = sa.Column(
+        sa.Integer, sa.ForeignKey("fleet_updates.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False)
+    position = sa.Column(sa.Integer, nullable=False)
+    status = sa.Column(sa.String(16), nullable=False, default="pending")
+    job_id = sa.Column(sa.String(36), sa.ForeignKey("jobs.id", ondelete="SET NULL"))
+    error = sa.Column(sa.Text)
+    started_at = sa.Column(sa.DateTime)
+    finished_at = sa.Column(sa.DateTime)
+
+    fleet_update = db.relationship("FleetUpdate", back_populates="hosts")
+    host = db.relationship("Host")
+    job = db.relationship("Job")

@@ -1,0 +1,49 @@
+"""The background jobs: update timeout sweep, fleet rollout tick, offline sweep.
+
+One scheduler per deployment: only ``restic-manager serve`` starts it, never a WSGI import.
+Each job runs one unit of work inside an app context and logs (never raises) on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from flask import Flask
+
+from .extensions import db
+
+log = logging.getLogger(__name__)
+
+
+def _in_context(app: Flask, fn: Callable[[], object], name: str) -> Callable[[], None]:
+    def run() -> None:
+        with app.app_context():
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - top of a long-running loop: log and go on
+                log.exception("background job %s failed", name)
+                db.session.rollback()
+            finally:
+                db.session.remove()
+
+    return run
+
+
+def start(app: Flask) -> BackgroundScheduler:
+    from .agents.link import sweep_offline
+    from .updates import fleet, watcher
+
+    sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+    timeout = float(app.config["UPDATE_TIMEOUT"])
+    sweep_every = max(0.05, min(1.0, timeout / 20))
+    sched.add_job(_in_context(app, watcher.sweep_timeouts, "update_timeouts"), "interval", seconds=sweep_every,
+                  id="update_timeouts")
+    sched.add_job(_in_context(app, fleet.run_ticks, "fleet_tick"), "interval", seconds=app.config["FLEET_TICK_S"],
+                  id=fleet.TICK_JOB_ID)
+    sched.add_job(_in_context(app, sweep_offline, "offline_sweep"), "interval",
+                  seconds=app.config["OFFLINE_SWEEP_S"], id="offline_sweep")
+    app.extensions["rm.scheduler"] = sched
+    sched.start()
+    return sched

@@ -1,0 +1,166 @@
+"""``restic-manager serve``: one process, two planes, one scheduler.
+
+waitress serves the admin plane; werkzeug's threaded server serves the agent plane, because
+flask-sock needs the raw client socket that waitress never exposes. Both wrap the same app and
+tag the WSGI environ with their plane, so each answers 404 for the other's routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import sqlalchemy as sa
+import waitress
+from flask import Flask
+from werkzeug.serving import ThreadedWSGIServer
+
+from .extensions import db
+
+log = logging.getLogger(__name__)
+
+
+#: URL prefixes served by the agent plane; everything else is the admin plane's.
+AGENT_PLANE_PREFIXES = ("/ws/", "/agent/")
+
+
+class PlaneMiddleware:
+    """Serve only this listener's (plane's) routes; answer 404 for the other plane's."""
+
+    def __init__(self, app, plane: str):
+        self.app = app
+        self.plane = plane
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        is_agent_path = path.startswith(AGENT_PLANE_PREFIXES)
+        if is_agent_path != (self.plane == "agent"):
+            body = b'{"error": {"code": "not_found", "message": "not served on this listener"}}'
+            start_response("404 Not Found", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        environ["rm.plane"] = self.plane
+        return self.app(environ, start_response)
+
+
+class AgentServer(ThreadedWSGIServer):
+    """werkzeug's threaded server with a listen backlog sized for reconnect storms."""
+
+    request_queue_size = 4096
+
+    def __init__(self, host, port, app, backlog: int):
+        self.request_queue_size = backlog
+        super().__init__(host, port, app)
+
+    def handle_error(self, request, client_address):  # quieter than the default traceback dump
+        log.debug("agent plane: error from %s", client_address, exc_info=True)
+
+
+class Servers:
+    """The two listeners and the scheduler of one ``serve`` run."""
+
+    def __init__(self, app: Flask, scheduler: bool = True):
+        self.app = app
+        self.stopped = threading.Event()
+        cfg = app.config
+        ahost, aport = cfg["AGENT_ADDR"]
+        self.agent = AgentServer(ahost, aport, PlaneMiddleware(app, "agent"), cfg["AGENT_BACKLOG"])
+        hhost, hport = cfg["HTTP_ADDR"]
+        self.admin = waitress.create_server(
+            PlaneMiddleware(app, "admin"), host=hhost, port=hport, threads=8, ident="restic-manager",
+            clear_untrusted_proxy_headers=True,
+        )
+        self.scheduler = None
+        self._want_scheduler = scheduler
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin.effective_port
+
+    @property
+    def agent_port(self) -> int:
+        return self.agent.server_port
+
+    def start(self) -> None:
+        with self.app.app_context():
+            prepare(self.app)
+        if self._want_scheduler:
+            from . import scheduler
+
+            self.scheduler = scheduler.start(self.app)
+        for name, target in (("agent-plane", self.agent.serve_forever), ("admin-plane", self.admin.run)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop accepting, close every agent socket, stop the scheduler; bounded in time."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.app.extensions["rm.connections"].close_all(1001, "server shutting down")
+        self.agent.shutdown()
+        self.agent.server_close()
+        self.admin.close()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        for t in self._threads:
+            t.join(timeout=2)
+        with self.app.app_context():
+            try:
+                db.engine.dispose()
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                pass
+
+
+def prepare(app: Flask) -> None:
+    """Make the database and release store ready before the listeners open."""
+    from .models import Host
+    from .updates import releases
+
+    # No socket is connected to a process that has not started listening yet.
+    db.session.execute(sa.update(Host).where(Host.connected.is_(True)).values(connected=False))
+    db.session.commit()
+    app.extensions["rm.inflight"].reload()
+    if app.config.get("BUILD_AGENT_ON_START", True):
+        rel = releases.ensure_current_release()
+        log.info("agent release %s (%s, %d bytes, sha256 %s)", rel.version, rel.platform, rel.size, rel.sha256)
+    db.session.remove()
+
+
+def tune_threads(stack_kib: int) -> None:
+    """Smaller thread stacks: thousands of agent sockets each hold a thread."""
+    if stack_kib:
+        threading.stack_size(stack_kib * 1024)
+
+
+def serve(app: Flask, ready_file: str | None = None) -> int:
+    tune_threads(app.config["THREAD_STACK_KIB"])
+    servers = Servers(app)
+    servers.start()
+    admin_host, _ = app.config["HTTP_ADDR"]
+    agent_host, _ = app.config["AGENT_ADDR"]
+    print(
+        f"restic-manager {app.config['SERVER_VERSION']}: admin http://{admin_host}:{servers.admin_port}/ "
+        f"agents ws://{agent_host}:{servers.agent_port}/ws/agent",
+        flush=True,
+    )
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(f"{servers.admin_port} {servers.agent_port}\n")
+
+    stop_requested = threading.Event()
+
+    def _stop(signum, _frame):
+        stop_requested.set()  # the main thread does the work, not the handler
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop_requested.wait(0.5):
+        pass
+    log.info("shutting down")
+    servers.stop()
+    sys.stdout.flush()
+    return 0

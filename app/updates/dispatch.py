@@ -1,0 +1,143 @@
+"""Dispatch one host's agent update: pre-checks, the job, the audit event, ``command.update``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.exc import IntegrityError
+
+from agent import protocol
+
+from ..extensions import db
+from ..models import AuditEvent, FleetUpdateHost, Host, Job
+from ..timeutil import utcnow
+from . import releases
+from .inflight import InFlight
+
+log = logging.getLogger(__name__)
+
+
+class UpdateRefusal(Exception):
+    """A pre-check that failed; ``status`` and ``code`` are what the API answers."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _connections():
+    return current_app.extensions["rm.connections"]
+
+
+def inflight():
+    return current_app.extensions["rm.inflight"]
+
+
+def running_update_job(host_id: int) -> Job | None:
+    return db.session.scalar(
+        sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
+    )
+
+
+def precheck(host: Host | None) -> UpdateRefusal | None:
+    """Return why ``host`` cannot be updated now, or None if it can."""
+    if host is None:
+        return UpdateRefusal(404, "host_not_found", "no such host")
+    if not host.connected or not _connections().is_connected(host.id):
+        return UpdateRefusal(409, "host_offline", f"host {host.name} is offline")
+    target = current_app.config["SERVER_VERSION"]
+    state = host.version_state(target)
+    if state == "current":
+        return UpdateRefusal(409, "already_current", f"host {host.name} already runs {target}")
+    if state == "ahead":
+        return UpdateRefusal(
+            409, "already_current", f"host {host.name} runs {host.agent_version}, newer than the server's {target}"
+        )
+    if not host.can_update():
+        return UpdateRefusal(
+            422,
+            "agent_cannot_update",
+            f"the agent on {host.name} ({host.agent_version or 'unknown version'}) does not announce the "
+            "'update' capability: it is too old to update itself or does not run from a replaceable program "
+            "file; install the new agent by hand once",
+        )
+    if running_update_job(host.id) is not None:
+        return UpdateRefusal(409, "update_in_progress", f"an update of {host.name} is already running")
+    return None
+
+
+def dispatch_update(host_id: int, actor: str, fleet_host_row_id: int | None = None) -> Job:
+    """Start updating ``host_id`` to the server's version; raise :class:`UpdateRefusal` if it can't.
+
+    The job, its audit event and (for a rollout) the fleet row are written in one transaction,
+    so a crash can never leave a sent command without its job, nor a fleet row without its job.
+    """
+    host = db.session.get(Host, host_id)
+    refusal = precheck(host)
+    if refusal is not None:
+        raise refusal
+    release = releases.current_release()
+    if release is None:
+        raise UpdateRefusal(
+            503, "release_unavailable", f"no agent artifact is registered for {current_app.config['SERVER_VERSION']}"
+        )
+    now = utcnow()
+    timeout = float(current_app.config["UPDATE_TIMEOUT"])
+    job = Job(
+        host_id=host.id,
+        kind="update",
+        status="running",
+        phase="dispatched",
+        actor=actor,
+        created_at=now,
+        updated_at=now,
+        deadline=now + dt.timedelta(seconds=timeout),
+        params={
+            "version": release.version,
+            "from_version": host.agent_version,
+            "platform": release.platform,
+            "sha256": release.sha256,
+            "size": release.size,
+            "url": releases.download_path(release),
+            "timeout_s": timeout,
+        },
+    )
+    db.session.add(job)
+    db.session.flush()
+    AuditEvent.record(actor, "host.update_dispatched", host.name, host_id=host.id, job_id=job.id, version=release.version)
+    if fleet_host_row_id is not None:
+        db.session.execute(
+            sa.update(FleetUpdateHost)
+            .where(FleetUpdateHost.id == fleet_host_row_id)
+            .values(status="running", job_id=job.id, started_at=now)
+        )
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # The partial unique index refused a second running update job for this host.
+        db.session.rollback()
+        raise UpdateRefusal(409, "update_in_progress", "an update of this host is already running") from None
+    inflight().add(InFlight(job.id, host.id, release.version, job.deadline))
+
+    data = {
+        "job_id": job.id,
+        "version": release.version,
+        "url": job.params["url"],
+        "sha256": release.sha256,
+        "size": release.size,
+        "platform": release.platform,
+    }
+    if release.signature:
+        data["signature"] = release.signature
+    if not _connections().send(host.id, protocol.encode("command.update", data)):
+        from . import watcher
+
+        watcher.fail_job(job.id, "the agent disconnected before the update command was delivered")
+        db.session.refresh(job)
+    log.info("dispatched update job %s for host %s to %s", job.id, host.name, release.version)
+    return job

@@ -1,0 +1,292 @@
+"""Fleet rolling update: a state machine over ``fleet_updates`` / ``fleet_update_hosts``.
+
+Each :func:`tick` reads the database and does the next step: settle the in-flight host from its
+job, skip a host already at the target, halt on an offline host or a failure, or dispatch the
+next host through the single-host path. All state is in the database, so a restarted server
+resumes a rollout where it was. Ticks are woken at once when an update job ends; the periodic
+scheduler tick is only a safety net.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.exc import IntegrityError
+
+from ..extensions import db
+from ..models import Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
+from ..timeutil import isoformat, utcnow
+from . import dispatch
+
+log = logging.getLogger(__name__)
+
+TICK_JOB_ID = "fleet_tick"
+HALT_DEDUP = "fleet"
+
+
+class FleetRefusal(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def behind_hosts() -> list[Host]:
+    target = current_app.config["SERVER_VERSION"]
+    hosts = db.session.scalars(sa.select(Host).where(Host.revoked_at.is_(None)).order_by(Host.name)).all()
+    return [h for h in hosts if h.version_state(target) == "behind"]
+
+
+def running() -> FleetUpdate | None:
+    return db.session.scalar(sa.select(FleetUpdate).where(FleetUpdate.status == "running"))
+
+
+def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
+    """Create a rollout over ``host_ids`` (in that order) or every behind host by name."""
+    if host_ids is None:
+        hosts = behind_hosts()
+    else:
+        if not isinstance(host_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in host_ids):
+            raise FleetRefusal(422, "invalid_host_ids", "host_ids must be a list of host ids (integers)")
+        if len(set(host_ids)) != len(host_ids):
+            raise FleetRefusal(422, "invalid_host_ids", "host_ids lists a host more than once")
+        found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
+        missing = [i for i in host_ids if i not in found]
+        if missing:
+            raise FleetRefusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
+        hosts = [found[i] for i in host_ids]
+    if not hosts:
+        raise FleetRefusal(422, "no_hosts_to_update", "no host is behind the server's version")
+    if running() is not None:
+        raise FleetRefusal(409, "fleet_update_running", "a fleet update is already running")
+    now = utcnow()
+    fu = FleetUpdate(
+        target_version=current_app.config["SERVER_VERSION"], status="running", created_by=actor, created_at=now
+    )
+    fu.hosts = [FleetUpdateHost(host_id=h.id, position=i, status="pending") for i, h in enumerate(hosts)]
+    db.session.add(fu)
+    try:
+        db.session.flush()
+        AuditEvent.record(
+            actor, "fleet.update_started", f"fleet_update:{fu.id}", target_version=fu.target_version,
+            hosts=[h.name for h in hosts],
+        )
+        db.session.commit()
+    except IntegrityError:
+        # The partial unique index: another admin's rollout won the race.
+        db.session.rollback()
+        raise FleetRefusal(409, "fleet_update_running", "a fleet update is already running") from None
+    log.info("fleet update %s started by %s over %d hosts", fu.id, actor, len(hosts))
+    wake()
+    return fu
+
+
+def cancel(fleet_id: int, actor: str) -> FleetUpdate:
+    fu = db.session.get(FleetUpdate, fleet_id)
+    if fu is None:
+        raise FleetRefusal(404, "fleet_update_not_found", "no such fleet update")
+    now = utcnow()
+    res = db.session.execute(
+        sa.update(FleetUpdate)
+        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running")
+        .values(status="cancelled", finished_at=now, cancel_requested=True)
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        raise FleetRefusal(409, "fleet_update_not_running", f"fleet update {fleet_id} is {fu.status}, not running")
+    db.session.execute(
+        sa.update(FleetUpdateHost)
+        .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == "pending")
+        .values(status="cancelled", finished_at=now)
+    )
+    AuditEvent.record(actor, "fleet.update_cancelled", f"fleet_update:{fleet_id}")
+    db.session.commit()
+    db.session.refresh(fu)
+    return fu
+
+
+# --- the state machine -------------------------------------------------------------------------
+
+_wake_lock = threading.Lock()
+_wake_pending = False
+
+
+def wake() -> None:
+    """Ask for a tick now (from any thread); never lost, even while a tick is running."""
+    global _wake_pending
+    with _wake_lock:
+        _wake_pending = True
+    sched = current_app.extensions.get("rm.scheduler")
+    if sched is not None and sched.running:
+        try:
+            sched.modify_job(TICK_JOB_ID, next_run_time=_sched_now(sched))
+        except Exception:  # noqa: BLE001 - a lost nudge is covered by the loop in run_ticks
+            log.debug("could not nudge the fleet tick", exc_info=True)
+
+
+def _sched_now(sched):
+    import datetime as dt
+
+    return dt.datetime.now(sched.timezone)
+
+
+def run_ticks() -> None:
+    """The scheduler job: tick until no wake-up arrived while ticking."""
+    global _wake_pending
+    while True:
+        with _wake_lock:
+            _wake_pending = False
+        try:
+            while tick():
+                pass
+        finally:
+            db.session.remove()
+        with _wake_lock:
+            if not _wake_pending:
+                return
+
+
+def tick() -> bool:
+    """Advance the rollouts by one step; return True if something changed (tick again)."""
+    settled = _settle_finished_rows()
+    fu = running()
+    if fu is None:
+        return settled
+    rows = list(fu.hosts)
+    if any(r.status == "running" for r in rows):
+        return settled  # wait for the in-flight host's job
+    failed = next((r for r in rows if r.status == "failed"), None)
+    if failed is not None:
+        _halt(fu, failed)
+        return True
+    nxt = next((r for r in rows if r.status == "pending"), None)
+    if nxt is None:
+        _succeed(fu)
+        return True
+    _advance(fu, nxt)
+    return True
+
+
+def _settle_finished_rows() -> bool:
+    """Copy terminal job states onto running fleet rows (any rollout, cancelled ones too)."""
+    rows = db.session.execute(
+        sa.select(FleetUpdateHost, Job)
+        .join(Job, FleetUpdateHost.job_id == Job.id)
+        .where(FleetUpdateHost.status == "running", Job.status != "running")
+    ).all()
+    for row, job in rows:
+        row.status = "succeeded" if job.status == "succeeded" else "failed"
+        row.error = job.error
+        row.finished_at = job.finished_at or utcnow()
+    # A running row whose job is gone (host deleted) cannot finish by itself.
+    orphans = db.session.scalars(
+        sa.select(FleetUpdateHost).where(FleetUpdateHost.status == "running", FleetUpdateHost.job_id.is_(None))
+    ).all()
+    for row in orphans:
+        row.status, row.error, row.finished_at = "failed", "update job disappeared", utcnow()
+    if rows or orphans:
+        db.session.commit()
+        return True
+    return False
+
+
+def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> None:
+    host = row.host
+    now = utcnow()
+    if host.agent_version == fu.target_version:
+        _finish_row(row, "skipped", None)
+        return
+    if not host.connected or not current_app.extensions["rm.connections"].is_connected(host.id):
+        _finish_row(row, "failed", f"host {host.name} is offline")
+        _halt(fu, row)
+        return
+    try:
+        dispatch.dispatch_update(host.id, f"fleet:{fu.id}", fleet_host_row_id=row.id)
+    except dispatch.UpdateRefusal as refusal:
+        db.session.rollback()
+        if refusal.code == "already_current":
+            _finish_row(row, "skipped", refusal.message)
+            return
+        row = db.session.get(FleetUpdateHost, row.id)
+        _finish_row(row, "failed", refusal.message)
+        _halt(fu, row)
+        return
+    log.info("fleet update %s: dispatched host %s (%s)", fu.id, host.name, now)
+
+
+def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
+    row.status, row.error, row.finished_at = status, error, utcnow()
+    db.session.commit()
+
+
+def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
+    name = row.host.name if row.host else str(row.host_id)
+    reason = f"host {name}: {row.error or 'update failed'}"
+    res = db.session.execute(
+        sa.update(FleetUpdate)
+        .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
+        .values(status="halted", finished_at=utcnow(), halt_reason=reason)
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        return
+    AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=reason)
+    Alert.raise_or_touch("fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}")
+    db.session.commit()
+    log.warning("fleet update %s halted at %s", fu.id, reason)
+
+
+def _succeed(fu: FleetUpdate) -> None:
+    res = db.session.execute(
+        sa.update(FleetUpdate)
+        .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
+        .values(status="succeeded", finished_at=utcnow())
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        return
+    AuditEvent.record("system", "fleet.update_succeeded", f"fleet_update:{fu.id}", target_version=fu.target_version)
+    Alert.resolve("fleet_update_halted", HALT_DEDUP)
+    db.session.commit()
+    log.info("fleet update %s succeeded", fu.id)
+
+
+# --- serialization -----------------------------------------------------------------------------
+
+
+def to_dict(fu: FleetUpdate) -> dict:
+    rows = list(fu.hosts)
+    done = sum(r.status in ("succeeded", "skipped") for r in rows)
+    return {
+        "id": fu.id,
+        "status": fu.status,
+        "target_version": fu.target_version,
+        "strategy": fu.strategy,
+        "created_by": fu.created_by,
+        "created_at": isoformat(fu.created_at),
+        "finished_at": isoformat(fu.finished_at),
+        "halt_reason": fu.halt_reason,
+        "total": len(rows),
+        "done": done,
+        "hosts": [
+            {
+                "host_id": r.host_id,
+                "name": r.host.name if r.host else None,
+                "position": r.position,
+                "status": r.status,
+                "job_id": r.job_id,
+                "phase": r.job.phase if r.job else None,
+                "error": r.error,
+                "started_at": isoformat(r.started_at),
+                "finished_at": isoformat(r.finished_at),
+                "duration_s": (r.finished_at - r.started_at).total_seconds()
+                if r.started_at and r.finished_at
+                else None,
+            }
+            for r in rows
+        ],
+    }

@@ -1,0 +1,147 @@
+"""The update watcher: turns agent reports and deadlines into terminal job states.
+
+Success is never taken from the agent's word: it is a ``hello`` at the target version after
+the dispatch. Every transition claims the job atomically (``UPDATE ... WHERE status =
+'running'``), so a hello, a failure report and the timeout sweep racing each other end the job
+exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from flask import current_app
+
+from ..extensions import db
+from ..models import Alert, AuditEvent, Host, Job
+from ..timeutil import utcnow
+from .dispatch import inflight
+
+log = logging.getLogger(__name__)
+
+
+def _claim(job_id: str, **values) -> bool:
+    now = utcnow()
+    res = db.session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(updated_at=now, finished_at=now, **values)
+    )
+    return (res.rowcount or 0) == 1
+
+
+def _host_name(host_id: int) -> str:
+    return db.session.scalar(sa.select(Host.name).where(Host.id == host_id)) or str(host_id)
+
+
+def succeed_job(job_id: str, host_id: int, version: str) -> bool:
+    if not _claim(job_id, status="succeeded", phase="done", error=None):
+        db.session.rollback()
+        return False
+    name = _host_name(host_id)
+    AuditEvent.record("system", "host.update_succeeded", name, host_id=host_id, job_id=job_id, version=version)
+    Alert.resolve("update_failed", str(host_id))
+    db.session.commit()
+    inflight().discard(host_id, job_id)
+    log.info("update job %s succeeded: host %s now runs %s", job_id, name, version)
+    _wake_fleet()
+    return True
+
+
+def fail_job(job_id: str, reason: str) -> bool:
+    """Fail a running job with ``reason``, raise the host's alert; return False if it had ended."""
+    job = db.session.get(Job, job_id)
+    if job is None or not _claim(job_id, status="failed", error=reason[:2000]):
+        db.session.rollback()
+        return False
+    name = _host_name(job.host_id)
+    AuditEvent.record(
+        "system", "host.update_failed", name, host_id=job.host_id, job_id=job_id, version=job.target_version,
+        error=reason,
+    )
+    Alert.raise_or_touch(
+        "update_failed", str(job.host_id), f"Agent update of {name} to {job.target_version} failed: {reason}",
+        host_id=job.host_id,
+    )
+    db.session.commit()
+    inflight().discard(job.host_id, job_id)
+    log.warning("update job %s for host %s failed: %s", job_id, name, reason)
+    _wake_fleet()
+    return True
+
+
+def on_hello(host_id: int, data: dict) -> None:
+    """Reconcile a ``hello`` with the host's in-flight update, if any."""
+    version = data["agent_version"]
+    if version == current_app.config["SERVER_VERSION"]:
+        # The condition behind an update_failed alert has cleared, whoever fixed it.
+        Alert.resolve("update_failed", str(host_id))
+        db.session.commit()
+    entry = inflight().get(host_id)
+    if entry is None:
+        return
+    last = data.get("last_update") or {}
+    if version == entry.target_version:
+        succeed_job(entry.job_id, host_id, version)
+    elif last.get("job_id") == entry.job_id and last.get("outcome") not in (None, "swapped", "committed"):
+        fail_job(entry.job_id, f"agent reported {last.get('outcome')}: {last.get('error') or 'no reason given'}")
+    elif entry.restarting:
+        fail_job(
+            entry.job_id,
+            f"agent restarted but came back at version {version} instead of {entry.target_version}",
+        )
+    # Otherwise the link merely blipped before the swap; the agent's own report or the
+    # deadline decides the job.
+
+
+def on_progress(host_id: int, data: dict) -> None:
+    job_id = data["job_id"]
+    phase = data["phase"]
+    res = db.session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.host_id == host_id, Job.status == "running")
+        .values(phase=phase, bytes_done=data["bytes_done"], bytes_total=data["bytes_total"], updated_at=utcnow())
+    )
+    db.session.commit()
+    if res.rowcount and phase == "restarting":
+        inflight().mark_restarting(host_id, job_id)
+
+
+def on_result(host_id: int, data: dict) -> None:
+    job_id = data["job_id"]
+    entry = inflight().get(host_id)
+    owned = db.session.scalar(sa.select(Job.id).where(Job.id == job_id, Job.host_id == host_id))
+    if owned is None:
+        log.info("host %s reported on unknown job %s", host_id, job_id)
+        return
+    if data["ok"]:
+        # Not success: that is only ever a hello at the target. Note it and keep waiting.
+        log.info("host %s says job %s went well; waiting for its hello", host_id, job_id)
+        return
+    fail_job(job_id, data["error"] or "agent reported failure without a reason")
+    if entry is not None:
+        inflight().discard(host_id, job_id)
+
+
+def sweep_timeouts() -> int:
+    """Fail every running update job whose deadline has passed; return how many."""
+    now = utcnow()
+    rows = db.session.execute(
+        sa.select(Job.id, Job.params, Job.created_at, Job.deadline).where(
+            Job.kind == "update", Job.status == "running", Job.deadline < now
+        )
+    ).all()
+    n = 0
+    for job_id, params, created_at, deadline in rows:
+        waited = (deadline - created_at).total_seconds()
+        if fail_job(job_id, f"timed out after {waited:.0f} s waiting for version {params.get('version')}"):
+            n += 1
+    db.session.close()
+    return n
+
+
+def _wake_fleet() -> None:
+    from . import fleet
+
+    fleet.wake()

@@ -1,0 +1,20 @@
+"""The one version string shared by server and agent, and how two versions compare."""
+
+from __future__ import annotations
+
+from packaging.version import InvalidVersion, Version
+
+from agent.version import get_version
+
+
+def server_version(config) -> str:
+    """Return the version this server claims: ``RM_VERSION`` if set, else the build's."""
+    return config.get("VERSION") or get_version()
+
+
+def is_newer(a: str, b: str) -> bool:
+    """Return True when version ``a`` sorts after ``b`` (PEP 440; plain string order otherwise)."""
+    try:
+        return Version(a) > Version(b)
+    except InvalidVersion:
+        return a > b

@@ -1,0 +1,62 @@
+#!/bin/sh
+# Install the restic-manager agent on a Linux host with systemd.
+#   curl -fsSL http://SERVER:8081/agent/install.sh | sudo sh -s -- --server ws://SERVER:8081 --token TOKEN
+# Downloads the server's current agent (checking its sha256), writes the config, installs and
+# starts the systemd unit. Re-running it upgrades the unit and the program in place.
+set -eu
+
+SERVER=""
+TOKEN=""
+STATE_DIR=/var/lib/restic-manager-agent
+CONF_DIR=/etc/restic-manager-agent
+UNIT=/etc/systemd/system/restic-manager-agent.service
+
+die() { echo "install-agent: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --server) SERVER="${2:-}"; shift 2 ;;
+        --token) TOKEN="${2:-}"; shift 2 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+[ -n "$SERVER" ] || die "--server ws://HOST:PORT is required"
+[ -n "$TOKEN" ] || die "--token TOKEN is required"
+case "$SERVER" in
+    ws://*) HTTP="http://${SERVER#ws://}" ;;
+    wss://*) HTTP="https://${SERVER#wss://}" ;;
+    *) die "--server must start with ws:// or wss://" ;;
+esac
+[ "$(id -u)" = 0 ] || die "run as root (sudo)"
+command -v python3 >/dev/null || die "python3 is required"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "python3 3.11 or newer is required"
+command -v systemctl >/dev/null || die "systemd is required"
+
+mkdir -p "$STATE_DIR" "$CONF_DIR"
+chmod 750 "$STATE_DIR" "$CONF_DIR"
+tmp="$STATE_DIR/restic-manager-agent.pyz.new"
+headers="$STATE_DIR/.download-headers"
+curl -fsS -D "$headers" -H "Authorization: Bearer $TOKEN" -o "$tmp" "$HTTP/agent/download/current" \
+    || die "download failed (wrong token or server unreachable?)"
+want=$(tr -d '\r' < "$headers" | awk 'tolower($1)=="x-checksum-sha256:" {print $2}')
+got=$(sha256sum "$tmp" | cut -d' ' -f1)
+rm -f "$headers"
+[ -n "$want" ] && [ "$want" = "$got" ] || { rm -f "$tmp"; die "checksum mismatch (want $want, got $got)"; }
+mv -f "$tmp" "$STATE_DIR/restic-manager-agent.pyz"
+
+umask 077
+cat > "$CONF_DIR/agent.toml" <<CONF
+server_url = "$SERVER"
+token = "$TOKEN"
+state_dir = "$STATE_DIR"
+CONF
+
+if [ -f /usr/share/restic-manager-agent/restic-manager-agent.service ]; then
+    cp /usr/share/restic-manager-agent/restic-manager-agent.service "$UNIT"
+else
+    curl -fsS -o "$UNIT" "$HTTP/agent/restic-manager-agent.service" || die "could not fetch the unit file"
+fi
+systemctl daemon-reload
+systemctl enable --now restic-manager-agent.service
+systemctl restart restic-manager-agent.service
+echo "restic-manager agent installed; status: systemctl status restic-manager-agent"

@@ -1,0 +1,133 @@
+"""Fixtures: a migrated database per test, the app, clients, and a small cast of personas."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from app import create_app
+from app.extensions import db
+from app.models import Host, User
+from app.timeutil import FakeClock
+from tests.support import dbsetup
+
+SERVER_VERSION = "2.0.0"
+OLD_VERSION = "1.0.0"
+
+
+@pytest.fixture(scope="session")
+def db_template(tmp_path_factory):
+    """Migrate once per run; each test gets a copy (SQLite) or a truncated schema (PostgreSQL)."""
+    base = tmp_path_factory.mktemp("dbtemplate")
+    if dbsetup.using_postgres():
+        dbsetup.reset_postgres_schema()
+        url = dbsetup.pg_url_with_schema()
+        dbsetup.migrate(url, str(base / "instance"))
+        return url
+    path = str(base / "template.sqlite3")
+    dbsetup.migrate("sqlite:///" + path, str(base / "instance"))
+    return path
+
+
+@pytest.fixture
+def database_url(db_template, tmp_path):
+    return dbsetup.fresh_database(db_template, str(tmp_path))
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def app_config(tmp_path, database_url):
+    return {
+        "TESTING": True,
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        "SECRET_KEY": "test-secret",
+        "VERSION": SERVER_VERSION,
+        "WTF_CSRF_ENABLED": False,
+        "LOGIN_MAX_FAILURES": 3,
+        "LOGIN_LOCKOUT_S": 60.0,
+    }
+
+
+@pytest.fixture
+def app(app_config, clock):
+    app = create_app(app_config, environ={})
+    app.extensions["rm.clock"] = clock
+    with app.app_context():
+        yield app
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+class Cast:
+    """The personas most tests need, created in the test's database."""
+
+    def __init__(self):
+        self.admin = self._user("admin", "admin-pass-123", "admin")
+        self.viewer = self._user("viewer", "viewer-pass-123", "viewer")
+        self.host_online, self.host_online_token = self._host("web-1", SERVER_VERSION, True)
+        self.host_offline, self.host_offline_token = self._host("db-1", SERVER_VERSION, False)
+        self.host_behind, self.host_behind_token = self._host("app-1", OLD_VERSION, True)
+        db.session.commit()
+
+    @staticmethod
+    def _user(name, password, role):
+        u = User(username=name, role=role)
+        u.set_password(password)
+        db.session.add(u)
+        return u
+
+    @staticmethod
+    def _host(name, version, online):
+        host, token = Host.enrol(name)
+        host.agent_version = version
+        host.os, host.arch, host.capabilities = "linux", "x86_64", ["update"]
+        host.connected = online
+        from app.timeutil import utcnow
+
+        host.last_seen = utcnow()
+        return host, token
+
+
+@pytest.fixture
+def cast(app):
+    return Cast()
+
+
+class AuthActions:
+    def __init__(self, client):
+        self._client = client
+
+    def login(self, username="admin", password="admin-pass-123"):
+        return self._client.post("/login", data={"username": username, "password": password})
+
+    def logout(self):
+        return self._client.post("/logout")
+
+
+@pytest.fixture
+def auth(client):
+    return AuthActions(client)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("RM_TEST_DATABASE_URL"):
+        skip = pytest.mark.skip(reason="RM_TEST_DATABASE_URL not set")
+        for item in items:
+            if "postgres" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,179 @@
+"""The agent link over real sockets: authentication, hello/welcome, bad frames, replacement, idle drop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import simple_websocket
+
+from agent import protocol
+from app.extensions import db
+from app.models import Host
+from tests.support.live import wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def hello(version="2.0.0", **over):
+    data = {
+        "agent_version": version,
+        "os": "linux",
+        "arch": "x86_64",
+        "hostname": "web-1.example",
+        "python": "3.11.7",
+        "capabilities": ["update"],
+        "boot_id": "b0075e1d",
+        "last_update": None,
+    }
+    data.update(over)
+    return protocol.encode("hello", data)
+
+
+def connect(live, token):
+    return simple_websocket.Client.connect(
+        live.agent_ws_url + "/ws/agent", headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def host_row(host_id):
+    db.session.rollback()  # see what the server threads committed
+    return db.session.get(Host, host_id)
+
+
+def recv(ws, timeout=5):
+    raw = ws.receive(timeout=timeout)
+    assert raw is not None, "no frame arrived"
+    return protocol.decode(raw)
+
+
+def test_it_welcomes_a_valid_hello_and_marks_the_host_online(live, cast):
+    host_id = cast.host_offline.id
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello(version="1.5.0", hostname="db-1.example"))
+    env = recv(ws)
+    assert env.type == "welcome"
+    assert env.data["server_version"] == "2.0.0"
+    assert env.data["heartbeat_s"] == 0.2
+    wait_until(lambda: host_row(host_id).connected, what="host online")
+    h = host_row(host_id)
+    assert (h.agent_version, h.hostname, h.capabilities) == ("1.5.0", "db-1.example", ["update"])
+    ws.close()
+    wait_until(lambda: not host_row(host_id).connected, what="host offline after close")
+
+
+@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic abc"])
+def test_it_refuses_the_upgrade_without_a_valid_token(live, cast, header):
+    headers = {"Authorization": header} if header else {}
+    with pytest.raises(simple_websocket.ConnectionError) as e:
+        simple_websocket.Client.connect(live.agent_ws_url + "/ws/agent", headers=headers)
+    assert e.value.status_code == 401
+
+
+def test_it_refuses_a_revoked_token_and_closes_the_live_socket(live, cast, app):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    host = db.session.get(Host, cast.host_offline.id)
+    host.revoke()
+    db.session.commit()
+    app.extensions["rm.connections"].close(host.id, protocol.CLOSE_REVOKED, "revoked")
+    wait_until(lambda: not ws.connected, what="socket closed")
+    assert ws.close_reason == protocol.CLOSE_REVOKED
+    with pytest.raises(simple_websocket.ConnectionError):
+        connect(live, cast.host_offline_token)
+
+
+def test_a_first_frame_that_is_not_hello_gets_an_error_and_a_close(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(protocol.encode("heartbeat"))
+    env = recv(ws)
+    assert env.type == "error" and env.data["code"] == "expected_hello"
+    wait_until(lambda: not ws.connected, what="close")
+    assert ws.close_reason == protocol.CLOSE_POLICY
+
+
+def test_a_hello_missing_a_field_is_named_in_the_error(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    frame = json.loads(hello())
+    del frame["data"]["boot_id"]
+    ws.send(json.dumps(frame))
+    env = recv(ws)
+    assert env.data["code"] == "missing_field"
+    assert "boot_id" in env.data["message"]
+
+
+def test_invalid_json_and_unknown_types_get_errors_and_keep_the_connection(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    ws.send("{not json")
+    assert recv(ws).data["code"] == "invalid_json"
+    ws.send(json.dumps({"type": "telepathy", "id": "x1", "data": {}}))
+    env = recv(ws)
+    assert env.data["code"] == "unknown_type" and env.data["ref"] == "x1"
+    ws.send(protocol.encode("ping"))
+    env = recv(ws)
+    assert env.type == "pong"
+    assert ws.connected
+
+
+def test_a_frame_over_the_size_limit_closes_with_1009(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    ws.send("x" * (protocol.MAX_FRAME_BYTES + 1))
+    wait_until(lambda: not ws.connected, what="close")
+    assert ws.close_reason == protocol.CLOSE_TOO_BIG
+
+
+def test_a_second_connection_replaces_the_first(live, cast, app):
+    first = connect(live, cast.host_offline_token)
+    first.send(hello())
+    assert recv(first).type == "welcome"
+    second = connect(live, cast.host_offline_token)
+    second.send(hello())
+    assert recv(second).type == "welcome"
+    wait_until(lambda: not first.connected, what="first closed")
+    assert first.close_reason == protocol.CLOSE_REPLACED
+    assert app.extensions["rm.connections"].get(cast.host_offline.id) is not None
+    assert host_row(cast.host_offline.id).connected
+    second.send(protocol.encode("ping"))
+    assert recv(second).type == "pong"
+
+
+def test_a_silent_connection_is_dropped_after_the_heartbeat_timeout(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    wait_until(lambda: not ws.connected, timeout=5, what="idle drop")
+    assert ws.close_reason == protocol.CLOSE_IDLE
+    wait_until(lambda: not host_row(cast.host_offline.id).connected, what="offline")
+
+
+def test_the_server_can_ping_a_connected_agent(live, cast, app):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    conn = app.extensions["rm.connections"].get(cast.host_offline.id)
+    result = {}
+
+    import threading
+
+    t = threading.Thread(target=lambda: result.setdefault("rtt", conn.ping(5)))
+    t.start()
+    env = recv(ws)
+    assert env.type == "ping"
+    ws.send(protocol.encode("pong", {"ref": env.id}))
+    t.join(5)
+    assert result["rtt"] is not None and result["rtt"] < 5
+
+
+def test_each_plane_answers_404_for_the_other_planes_routes(live, cast):
+    assert requests.get(live.agent_http_url + "/login", timeout=5).status_code == 404
+    assert requests.get(live.agent_http_url + "/api/version", timeout=5).status_code == 404
+    assert requests.get(live.admin_url + "/agent/health", timeout=5).status_code == 404
+    assert requests.get(live.admin_url + "/ws/agent", timeout=5).status_code == 404
+    assert requests.get(live.agent_http_url + "/agent/health", timeout=5).status_code == 200
+    assert requests.get(live.admin_url + "/login", timeout=5).status_code == 200
