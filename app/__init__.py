@@ -44,6 +44,8 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     app.config["SERVER_VERSION"] = server_version(app.config)
     app.extensions.setdefault("rm.clock", Clock())
     logging.basicConfig(level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every scheduler run at INFO would drown the log; its warnings and errors still show.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
     _init_db(app)
     migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"), compare_type=True, render_as_batch=True)

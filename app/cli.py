@@ -34,7 +34,9 @@ def register_cli(app: Flask) -> None:
     from .models import ApiToken, AuditEvent, Host, User
 
     @app.cli.command("serve")
-    @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write 'ADMIN_PORT AGENT_PORT' here once listening.")
+    @click.option(
+        "--ready-file", type=click.Path(dir_okay=False), help="Write 'ADMIN_PORT AGENT_PORT' here once listening."
+    )
     @click.option("--no-build", is_flag=True, help="Do not build the agent release for this version on start.")
     def serve_cmd(ready_file, no_build):
         """Run the admin plane, the agent plane and the scheduler."""
@@ -117,8 +119,12 @@ def register_cli(app: Flask) -> None:
             releases.register(built.path, version, built.platform)
 
     @app.cli.command("demo")
-    @click.option("--agent-version", default="0.0.1-demo", show_default=True,
-                  help="Version the demo agent claims, so it shows as behind and can be updated.")
+    @click.option(
+        "--agent-version",
+        default="0.0.1-demo",
+        show_default=True,
+        help="Version the demo agent claims, so it shows as behind and can be updated.",
+    )
     def demo_cmd(agent_version):
         """Migrate, create an admin and a demo host, then serve with one local demo agent."""
         from .demo import run_demo
@@ -129,8 +135,9 @@ def register_cli(app: Flask) -> None:
 def main(argv=None) -> None:
     """Entry point of the ``restic-manager`` console script."""
     os.environ.setdefault("FLASK_RUN_FROM_CLI", "false")
-    group = FlaskGroup(create_app=_create_app, add_default_commands=False, load_dotenv=False,
-                       help="restic-manager fleet server.")
+    group = FlaskGroup(
+        create_app=_create_app, add_default_commands=False, load_dotenv=False, help="restic-manager fleet server."
+    )
     from flask_migrate.cli import db as db_group
 
     group.add_command(db_group)

@@ -93,8 +93,10 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_WS_ALLOWED_ORIGINS": ("WS_ALLOWED_ORIGINS", lambda n, v: [o.strip() for o in v.split(",") if o.strip()]),
     "RM_AGENT_BACKLOG": ("AGENT_BACKLOG", lambda n, v: parse_int(n, v, 16, 65535)),
     "RM_THREAD_STACK_KIB": ("THREAD_STACK_KIB", lambda n, v: parse_int(n, v, 0, 65536)),
+    "RM_SWITCH_INTERVAL": ("SWITCH_INTERVAL", lambda n, v: parse_float(n, v, 0.0001)),
     "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
     "RM_LOG_LEVEL": ("LOG_LEVEL", parse_str),
+    "RM_DOWNLOAD_RATE_KIB": ("DOWNLOAD_RATE_KIB", lambda n, v: parse_int(n, v, 0)),
 }
 
 
@@ -121,8 +123,10 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "WS_ALLOWED_ORIGINS": [],
         "AGENT_BACKLOG": 4096,
         "THREAD_STACK_KIB": 512,
+        "SWITCH_INTERVAL": None,  # sys.setswitchinterval for serve; None keeps Python's 0.005 s
         "FLEET_TICK_S": 5.0,
         "LOG_LEVEL": "INFO",
+        "DOWNLOAD_RATE_KIB": 0,
         "RELEASES_DIR": os.path.join(instance_path, "releases"),
         "SCHEDULER_ENABLED": False,  # only `serve` runs the background jobs: one scheduler per deployment
         "BUILD_AGENT_ON_START": False,

@@ -38,12 +38,24 @@ def start(app: Flask) -> BackgroundScheduler:
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
     timeout = float(app.config["UPDATE_TIMEOUT"])
     sweep_every = max(0.05, min(1.0, timeout / 20))
-    sched.add_job(_in_context(app, watcher.sweep_timeouts, "update_timeouts"), "interval", seconds=sweep_every,
-                  id="update_timeouts")
-    sched.add_job(_in_context(app, fleet.run_ticks, "fleet_tick"), "interval", seconds=app.config["FLEET_TICK_S"],
-                  id=fleet.TICK_JOB_ID)
-    sched.add_job(_in_context(app, sweep_offline, "offline_sweep"), "interval",
-                  seconds=app.config["OFFLINE_SWEEP_S"], id="offline_sweep")
+    sched.add_job(
+        _in_context(app, watcher.sweep_timeouts, "update_timeouts"),
+        "interval",
+        seconds=sweep_every,
+        id="update_timeouts",
+    )
+    sched.add_job(
+        _in_context(app, fleet.run_ticks, "fleet_tick"),
+        "interval",
+        seconds=app.config["FLEET_TICK_S"],
+        id=fleet.TICK_JOB_ID,
+    )
+    sched.add_job(
+        _in_context(app, sweep_offline, "offline_sweep"),
+        "interval",
+        seconds=app.config["OFFLINE_SWEEP_S"],
+        id="offline_sweep",
+    )
     app.extensions["rm.scheduler"] = sched
     sched.start()
     return sched

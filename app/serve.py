@@ -130,14 +130,29 @@ def prepare(app: Flask) -> None:
     db.session.remove()
 
 
-def tune_threads(stack_kib: int) -> None:
-    """Smaller thread stacks: thousands of agent sockets each hold a thread."""
+def tune_threads(stack_kib: int, switch_interval: float | None = None) -> None:
+    """Tune the process for thousands of agent sockets, each holding threads and a descriptor.
+
+    Smaller thread stacks; optionally a different GIL switch interval; and the soft open-files
+    limit raised to the hard one (each agent costs a descriptor; a soft 1024 caps the fleet).
+    See docs/capacity.md for the measurements behind the defaults.
+    """
     if stack_kib:
         threading.stack_size(stack_kib * 1024)
+    if switch_interval:
+        sys.setswitchinterval(switch_interval)
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit we have
+        pass
 
 
 def serve(app: Flask, ready_file: str | None = None) -> int:
-    tune_threads(app.config["THREAD_STACK_KIB"])
+    tune_threads(app.config["THREAD_STACK_KIB"], app.config.get("SWITCH_INTERVAL"))
     servers = Servers(app)
     servers.start()
     admin_host, _ = app.config["HTTP_ADDR"]

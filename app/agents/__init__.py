@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
 
@@ -73,20 +74,39 @@ def download(version: str):
     db.session.close()
     if release is None or not os.path.isfile(release.path):
         abort(_json_404(f"no agent release {version} for platform {platform}"))
-    resp = send_file(
-        release.path,
-        mimetype="application/octet-stream",
-        as_attachment=True,
-        download_name=f"restic-manager-agent-{version}.pyz",
-        etag=release.sha256,
-        conditional=True,
-        max_age=0,
-    )
+    rate = current_app.config["DOWNLOAD_RATE_KIB"] * 1024
+    if rate:
+        resp = Response(_throttled(release.path, rate), mimetype="application/octet-stream")
+        resp.headers["Content-Length"] = str(release.size)
+        resp.set_etag(release.sha256)
+    else:
+        resp = send_file(
+            release.path,
+            mimetype="application/octet-stream",
+            as_attachment=True,
+            download_name=f"restic-manager-agent-{version}.pyz",
+            etag=release.sha256,
+            conditional=True,
+            max_age=0,
+        )
     resp.headers["X-Checksum-Sha256"] = release.sha256
     resp.headers["X-Agent-Version"] = release.version
     if release.signature:
         resp.headers["X-Agent-Signature"] = release.signature
     return resp
+
+
+def _throttled(path: str, bytes_per_s: int, chunk: int = 16 * 1024):
+    """Stream a file at most ``bytes_per_s``, so a fleet update cannot saturate a site's uplink."""
+    with open(path, "rb") as f:
+        t0 = time.monotonic()
+        sent = 0
+        while block := f.read(chunk):
+            yield block
+            sent += len(block)
+            ahead = sent / bytes_per_s - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
 def _json_404(message: str):

@@ -109,7 +109,9 @@ def dispatch_update(host_id: int, actor: str, fleet_host_row_id: int | None = No
     )
     db.session.add(job)
     db.session.flush()
-    AuditEvent.record(actor, "host.update_dispatched", host.name, host_id=host.id, job_id=job.id, version=release.version)
+    AuditEvent.record(
+        actor, "host.update_dispatched", host.name, host_id=host.id, job_id=job.id, version=release.version
+    )
     if fleet_host_row_id is not None:
         db.session.execute(
             sa.update(FleetUpdateHost)

@@ -72,7 +72,10 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
     try:
         db.session.flush()
         AuditEvent.record(
-            actor, "fleet.update_started", f"fleet_update:{fu.id}", target_version=fu.target_version,
+            actor,
+            "fleet.update_started",
+            f"fleet_update:{fu.id}",
+            target_version=fu.target_version,
             hosts=[h.name for h in hosts],
         )
         db.session.commit()
@@ -235,7 +238,9 @@ def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
         db.session.rollback()
         return
     AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=reason)
-    Alert.raise_or_touch("fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}")
+    Alert.raise_or_touch(
+        "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}"
+    )
     db.session.commit()
     log.warning("fleet update %s halted at %s", fu.id, reason)
 

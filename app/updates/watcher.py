@@ -57,11 +57,18 @@ def fail_job(job_id: str, reason: str) -> bool:
         return False
     name = _host_name(job.host_id)
     AuditEvent.record(
-        "system", "host.update_failed", name, host_id=job.host_id, job_id=job_id, version=job.target_version,
+        "system",
+        "host.update_failed",
+        name,
+        host_id=job.host_id,
+        job_id=job_id,
+        version=job.target_version,
         error=reason,
     )
     Alert.raise_or_touch(
-        "update_failed", str(job.host_id), f"Agent update of {name} to {job.target_version} failed: {reason}",
+        "update_failed",
+        str(job.host_id),
+        f"Agent update of {name} to {job.target_version} failed: {reason}",
         host_id=job.host_id,
     )
     db.session.commit()
@@ -104,6 +111,8 @@ def on_progress(host_id: int, data: dict) -> None:
         .values(phase=phase, bytes_done=data["bytes_done"], bytes_total=data["bytes_total"], updated_at=utcnow())
     )
     db.session.commit()
+    if res.rowcount:
+        log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, data["bytes_done"], data["bytes_total"])
     if res.rowcount and phase == "restarting":
         inflight().mark_restarting(host_id, job_id)
 
@@ -137,7 +146,6 @@ def sweep_timeouts() -> int:
         waited = (deadline - created_at).total_seconds()
         if fail_job(job_id, f"timed out after {waited:.0f} s waiting for version {params.get('version')}"):
             n += 1
-    db.session.close()
     return n
 
 

@@ -87,6 +87,10 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         if os.path.exists(self.ready_file):
             os.unlink(self.ready_file)
+        if self.agent_port:
+            # A restart keeps its ports, as a real server would: agents reconnect to the same address.
+            self.env["RM_HTTP_ADDR"] = f"127.0.0.1:{self.admin_port}"
+            self.env["RM_AGENT_ADDR"] = f"127.0.0.1:{self.agent_port}"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", self.ready_file],

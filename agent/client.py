@@ -1,0 +1,540 @@
+"""The agent's connection loop: connect, hello, welcome, heartbeats, commands, reconnect with backoff.
+
+One :class:`Agent` owns the link to the server. The main thread runs :meth:`Agent.run`; it waits
+in short slices so a stop request (set by a signal handler) is seen within a fraction of a second.
+An update runs in a worker thread so heartbeats keep flowing while the new program downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import simple_websocket
+from simple_websocket.errors import ConnectionClosed
+from wsproto import ConnectionType
+from wsproto.events import AcceptConnection, RejectConnection, Request
+
+from agent import platform_tag, program_path, protocol
+from agent.config import AgentConfig
+from agent.daemon import EX_OK, EX_UPDATE_RESTART, StopFlag
+from agent.updater import (
+    UpdateCommand,
+    UpdateError,
+    Updater,
+    can_self_update,
+    last_update_for_hello,
+    mark_reported,
+)
+from agent.version import get_version
+
+log = logging.getLogger("agent")
+
+BACKOFF_BASE_S = 0.5
+#: A connection that lived this long (or was welcomed) proves the server is back: restart backoff.
+STABLE_CONNECTION_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+WELCOME_TIMEOUT_S = 10.0
+#: Longest the main loop blocks before re-checking the stop and restart flags.
+TICK_S = 0.25
+#: Floor for the heartbeat interval, so a bad welcome cannot turn the loop into a busy spin.
+MIN_HEARTBEAT_S = 0.05
+#: How long a graceful close waits for the server's closing handshake before dropping the socket.
+CLOSE_WAIT_S = 0.5
+
+_CLOSE_MEANINGS = {
+    protocol.CLOSE_REVOKED: "the server revoked this agent's token (or deleted the host)",
+    protocol.CLOSE_REPLACED: "another connection with this agent's token replaced this one",
+    protocol.CLOSE_IDLE: "the server dropped the link as idle (no heartbeat in time)",
+    protocol.CLOSE_TOO_BIG: "the server refused a frame as too large",
+    protocol.CLOSE_POLICY: "the server closed the link for a policy violation",
+}
+
+_PROCESS_BOOT_ID = str(uuid.uuid4())
+
+
+class Backoff:
+    """Full-jitter exponential backoff: each delay is uniform in [0, min(cap, base * 2**attempt)]."""
+
+    def __init__(self, base: float = BACKOFF_BASE_S, cap: float = 30.0, rand: Callable[[], float] = random.random):
+        self.base = base
+        self.cap = cap
+        self.rand = rand
+        self.attempt = 0
+
+    def ceiling(self) -> float:
+        return min(self.cap, self.base * (2 ** min(self.attempt, 62)))
+
+    def next_delay(self) -> float:
+        """Return the next delay and move one step up the ladder."""
+        delay = self.rand() * self.ceiling()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def boot_id() -> str:
+    """Return the kernel's boot id on Linux, else an id fixed for this process's lifetime."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            value = fh.read().strip()
+        if value:
+            return value
+    except OSError:
+        pass
+    return _PROCESS_BOOT_ID
+
+
+class _DaemonThread(threading.Thread):
+    # simple-websocket's reader thread must never keep the process alive after the main loop ends
+    def __init__(self, *args, **kwargs):
+        kwargs["daemon"] = True
+        super().__init__(*args, **kwargs)
+
+
+class WebSocketClient(simple_websocket.Client):
+    """simple-websocket's client with a connect and handshake timeout.
+
+    The stock client connects and reads the handshake answer with no timeout, and spins forever
+    if the server closes the socket before answering; a service must not hang there.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        timeout: float = CONNECT_TIMEOUT_S,
+        max_message_size: int | None = protocol.MAX_FRAME_BYTES,
+    ):
+        parts = urlsplit(url)
+        secure = parts.scheme in ("wss", "https")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if secure else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.subprotocols = []
+        self._headers = list(headers.items())
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        try:
+            if secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            simple_websocket.ws.Base.__init__(
+                self,
+                sock,
+                connection_type=ConnectionType.CLIENT,
+                max_message_size=max_message_size,
+                thread_class=_DaemonThread,
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    def handshake(self):
+        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        self.sock.sendall(self.ws.send(Request(host=host, target=self.path, extra_headers=self._headers)))
+        event = None
+        while event is None:
+            data = self.sock.recv(self.receive_bytes)
+            if not data:
+                raise simple_websocket.ConnectionError(None)
+            self.ws.receive_data(data)
+            event = next(iter(self.ws.events()), None)
+        if isinstance(event, RejectConnection):
+            raise simple_websocket.ConnectionError(event.status_code)
+        if not isinstance(event, AcceptConnection):
+            raise simple_websocket.ConnectionError(400)
+        self.sock.settimeout(None)  # the reader thread blocks in recv from here on
+        self.connected = True
+        # frames that arrived together with the handshake answer are already buffered in wsproto
+        self.connected = self._handle_events()
+
+
+def default_connect(url: str, token: str) -> WebSocketClient:
+    """Open the WebSocket link to ``url`` authenticated with ``token``."""
+    return WebSocketClient(url, headers={"Authorization": f"Bearer {token}"})
+
+
+class Link:
+    """One live connection: serialises sends from the main and update threads."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._lock = threading.Lock()
+
+    def send(self, frame: str) -> None:
+        with self._lock:
+            self.ws.send(frame)
+
+    def receive(self, timeout: float) -> str | bytes | None:
+        return self.ws.receive(timeout=timeout)
+
+    @property
+    def close_code(self) -> int | None:
+        code = getattr(self.ws, "close_reason", None)
+        return int(code) if code is not None else None
+
+    @property
+    def close_message(self) -> str | None:
+        return getattr(self.ws, "close_message", None)
+
+    def close(self, code: int = protocol.CLOSE_NORMAL, message: str | None = None) -> None:
+        """Close gracefully when possible; always release the socket and the reader thread."""
+        with self._lock:
+            if getattr(self.ws, "connected", False):
+                try:
+                    self.ws.close(reason=code, message=message)
+                except (ConnectionClosed, OSError):
+                    pass
+            thread = getattr(self.ws, "thread", None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(CLOSE_WAIT_S)
+            sock = getattr(self.ws, "sock", None)
+            if sock is not None:
+                try:
+                    # shutdown wakes a reader blocked in recv; close alone does not on Linux
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+class Agent:
+    """The long-running agent: keeps one link to the server and acts on its commands."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        version: str | None = None,
+        stop: StopFlag | None = None,
+        connect: Callable[[str, str], object] = default_connect,
+        sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        program: str | None | type[Ellipsis] = ...,
+        updater_factory: Callable[[UpdateCommand], Updater] | None = None,
+        welcome_timeout: float = WELCOME_TIMEOUT_S,
+        tick: float = TICK_S,
+    ):
+        self.config = config
+        self.version = version or get_version()
+        self.stop = stop or StopFlag()
+        self._connect = connect
+        self._sleep = sleep or self._interruptible_sleep
+        self.clock = clock
+        self.backoff = Backoff(cap=config.backoff_max_s, rand=rand)
+        self.program = program_path() if program is ... else program
+        self._updater_factory = updater_factory or self._make_updater
+        self.welcome_timeout = welcome_timeout
+        self.tick = tick
+        self._link: Link | None = None
+        self._link_lock = threading.Lock()
+        self._update_lock = threading.Lock()
+        self._update_job: str | None = None
+        self._update_thread: threading.Thread | None = None
+        self._restart = threading.Event()
+        self._pending: list[str] = []  # update.result frames that found no live link
+        self._was_welcomed = False
+        self.connections = 0
+
+    # ----------------------------------------------------------------- public
+
+    def request_stop(self) -> None:
+        """Ask the main loop to close the link and return (safe from a signal handler)."""
+        self.stop.set()
+
+    def capabilities(self) -> list[str]:
+        """Return what this agent can do; ``update`` only if it can really replace its program."""
+        return ["update"] if can_self_update(self.program) else []
+
+    def hello_data(self) -> dict:
+        """Return the data of the ``hello`` envelope."""
+        try:
+            last_update = last_update_for_hello(self.config.state_dir, self.version)
+        except OSError as exc:
+            log.warning("cannot read the update state: %s", exc)
+            last_update = None
+        return {
+            "agent_version": self.version,
+            "os": platform.system().lower(),
+            "arch": platform.machine(),
+            "hostname": socket.gethostname(),
+            "python": platform.python_version(),
+            "capabilities": self.capabilities(),
+            "boot_id": boot_id(),
+            "last_update": last_update,
+            "platform": platform_tag(),
+        }
+
+    def run(self) -> int:
+        """Stay connected until stopped (exit code EX_OK) or an update swapped the program."""
+        log.info("restic-manager agent %s starting; server %s", self.version, self.config.server_url)
+        while True:
+            if self.stop.is_set():
+                return self._finish(EX_OK)
+            if self._restart.is_set():
+                return self._finish(EX_UPDATE_RESTART)
+            started = self.clock()
+            welcomed = False
+            try:
+                ws = self._open()
+                if ws is None:
+                    continue  # stop requested while connecting
+            except simple_websocket.ConnectionError as exc:
+                self._log_refused(exc.status_code)
+            except OSError as exc:
+                log.warning("cannot connect to %s: %s", self.config.ws_url, exc)
+            except Exception:  # top of the loop: a surprise must cost one attempt, not the agent
+                log.exception("unexpected error connecting to %s", self.config.ws_url)
+            else:
+                self.connections += 1
+                link = Link(ws)
+                with self._link_lock:
+                    self._link = link
+                try:
+                    welcomed = self._session(link)
+                except Exception:
+                    log.exception("unexpected error on the link; reconnecting")
+                finally:
+                    with self._link_lock:
+                        self._link = None
+                    link.close()
+            if self.stop.is_set() or self._restart.is_set():
+                continue
+            if welcomed or self.clock() - started >= STABLE_CONNECTION_S:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            log.info("reconnecting in %.2f s", delay)
+            self._sleep(delay)
+
+    def _open(self):
+        """Connect in a helper thread so a stop request is honoured even mid-connect."""
+        # a TCP connect or TLS handshake can block for the whole connect timeout, and a signal
+        # handler that only sets a flag cannot interrupt it; the main thread keeps polling instead
+        result: dict = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                result["ws"] = self._connect(self.config.ws_url, self.config.token)
+            except BaseException as exc:  # handed to the main thread, which decides
+                result["exc"] = exc
+            finally:
+                done.set()
+                if self.stop.is_set() and "ws" in result:
+                    Link(result["ws"]).close()  # nobody is waiting for this connection any more
+
+        threading.Thread(target=work, name="connect", daemon=True).start()
+        while not done.wait(self.tick):
+            if self.stop.is_set():
+                return None
+        if "exc" in result:
+            raise result["exc"]
+        return result["ws"]
+
+    # ----------------------------------------------------------------- the session
+
+    def _session(self, link: Link) -> bool:
+        """Run one connection until it drops or we stop; return True if it was welcomed."""
+        try:
+            link.send(protocol.encode("hello", self.hello_data()))
+            welcome = self._await_welcome(link)
+            if welcome is None:
+                return False
+            self._welcomed(link, welcome)
+            interval = self.config.heartbeat_s or max(MIN_HEARTBEAT_S, float(welcome.data["heartbeat_s"]))
+            next_beat = self.clock() + interval
+            while True:
+                if self.stop.is_set():
+                    log.info("stopping: closing the link")
+                    return True
+                if self._restart.is_set():
+                    log.info("restarting into the new program: closing the link")
+                    return True
+                now = self.clock()
+                if now >= next_beat:
+                    link.send(protocol.encode("heartbeat"))
+                    next_beat = now + interval
+                frame = link.receive(min(self.tick, max(0.0, next_beat - now)))
+                if frame is not None:
+                    self._handle(link, frame)
+        except (ConnectionClosed, OSError) as exc:
+            self._log_closed(link, exc)
+            return self._was_welcomed
+
+    def _await_welcome(self, link: Link) -> protocol.Envelope | None:
+        self._was_welcomed = False
+        deadline = self.clock() + self.welcome_timeout
+        while not (self.stop.is_set() or self._restart.is_set()):
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                log.warning("no welcome from the server within %g s; reconnecting", self.welcome_timeout)
+                return None
+            frame = link.receive(min(self.tick, remaining))
+            if frame is None:
+                continue
+            env = self._decode(link, frame)
+            if env is None:
+                continue
+            if env.type == "welcome":
+                return env
+            self._dispatch(link, env)
+        return None
+
+    def _welcomed(self, link: Link, welcome: protocol.Envelope) -> None:
+        self._was_welcomed = True
+        self.backoff.reset()
+        log.info(
+            "connected to %s (server %s, agent %s)",
+            self.config.server_url,
+            welcome.data["server_version"],
+            self.version,
+        )
+        try:
+            mark_reported(self.config.state_dir)
+        except OSError as exc:
+            log.warning("cannot mark the last update as reported: %s", exc)
+        with self._update_lock:
+            pending, self._pending = self._pending, []
+        for frame in pending:
+            link.send(frame)
+
+    def _decode(self, link: Link, frame: str | bytes) -> protocol.Envelope | None:
+        try:
+            return protocol.decode(frame)
+        except protocol.ProtocolError as exc:
+            log.warning("bad frame from the server (%s): %s", exc.code, exc.message)
+            link.send(protocol.error_frame(exc.code, exc.message, ref=exc.ref or None))
+            return None
+
+    def _handle(self, link: Link, frame: str | bytes) -> None:
+        env = self._decode(link, frame)
+        if env is not None:
+            self._dispatch(link, env)
+
+    def _dispatch(self, link: Link, env: protocol.Envelope) -> None:
+        if env.type == "ping":
+            link.send(protocol.encode("pong", {"ref": env.id}))
+        elif env.type == "command.update":
+            self._start_update(env)
+        elif env.type == "error":
+            log.warning("server reported an error: %s: %s", env.data["code"], env.data["message"])
+        elif env.type == "welcome":
+            log.debug("ignoring a repeated welcome")
+        elif env.type == "pong":
+            pass
+        else:
+            log.warning("unexpected %r envelope from the server", env.type)
+            link.send(protocol.error_frame("unexpected_type", f"the agent does not accept {env.type!r}", ref=env.id))
+
+    # ----------------------------------------------------------------- updates
+
+    def _make_updater(self, cmd: UpdateCommand) -> Updater:
+        return Updater(self.program, self.config.state_dir, self.config.server_url, self.config.token, self.version)
+
+    def _start_update(self, env: protocol.Envelope) -> None:
+        cmd = UpdateCommand.from_data(env.data)
+        refusal = None
+        with self._update_lock:
+            if self._update_job is not None:
+                refusal = f"another update (job {self._update_job}) is already in progress"
+            elif not can_self_update(self.program):
+                refusal = "this agent cannot self-update: it does not run from a zipapp in a writable directory"
+            else:
+                self._update_job = cmd.job_id
+                self._update_thread = threading.Thread(
+                    target=self._run_update, args=(cmd,), name=f"update-{cmd.job_id}", daemon=True
+                )
+        if refusal:
+            log.warning("refusing update job %s: %s", cmd.job_id, refusal)
+            self._send_result(cmd.job_id, refusal)
+            return
+        log.info("update job %s: updating %s -> %s", cmd.job_id, self.version, cmd.version)
+        self._update_thread.start()
+
+    def _run_update(self, cmd: UpdateCommand) -> None:
+        def progress(phase: str, done: int, total: int) -> None:
+            frame = protocol.encode(
+                "update.progress", {"job_id": cmd.job_id, "phase": phase, "bytes_done": done, "bytes_total": total}
+            )
+            self._send_current(frame)
+
+        try:
+            self._updater_factory(cmd).run(cmd, progress, cancelled=self.stop.is_set)
+        except UpdateError as exc:
+            log.error("update job %s failed: %s", cmd.job_id, exc)
+            self._send_result(cmd.job_id, str(exc))
+        except Exception as exc:  # top of a worker thread: report, never die silently
+            log.exception("update job %s failed unexpectedly", cmd.job_id)
+            self._send_result(cmd.job_id, f"update failed: internal error: {exc!r}")
+        else:
+            self._restart.set()
+        finally:
+            with self._update_lock:
+                self._update_job = None
+
+    def _send_result(self, job_id: str, error: str) -> None:
+        frame = protocol.encode("update.result", {"job_id": job_id, "ok": False, "error": error})
+        if not self._send_current(frame):
+            # keep it for the next welcome: the server must learn why the job failed
+            with self._update_lock:
+                self._pending.append(frame)
+
+    def _send_current(self, frame: str) -> bool:
+        with self._link_lock:
+            link = self._link
+        if link is None:
+            return False
+        try:
+            link.send(frame)
+            return True
+        except (ConnectionClosed, OSError):
+            return False
+
+    # ----------------------------------------------------------------- helpers
+
+    def _finish(self, code: int) -> int:
+        thread = self._update_thread
+        if thread is not None and thread.is_alive():
+            # the worker sees the stop flag between chunks and removes its partial download
+            thread.join(0.5)
+        return code
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not (self.stop.is_set() or self._restart.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(self.tick, remaining))
+
+    def _log_refused(self, status: int | None) -> None:
+        if status in (401, 403):
+            log.error(
+                "the server refused this agent's token (HTTP %s): the host may be revoked or deleted; "
+                "will keep retrying with backoff",
+                status,
+            )
+        else:
+            log.warning("the server refused the WebSocket upgrade (HTTP %s)", status)
+
+    def _log_closed(self, link: Link, exc: Exception) -> None:
+        if self.stop.is_set():
+            return
+        code = link.close_code if isinstance(exc, ConnectionClosed) else None
+        meaning = _CLOSE_MEANINGS.get(code)
+        if code == protocol.CLOSE_REVOKED:
+            log.error("link closed (code %s): %s; will keep retrying with backoff", code, meaning)
+        elif meaning:
+            log.warning("link closed (code %s): %s", code, meaning)
+        else:
+            log.warning("link lost: %s", link.close_message or exc)

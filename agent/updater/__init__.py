@@ -1,0 +1,393 @@
+"""Agent self-update: download, verify, stage beside the program, swap, and hand over to a restart.
+
+The flow never overwrites running code in place. The new program is downloaded to
+``<program>.new`` in the program's own directory (so every rename stays on one filesystem),
+checked against the size and sha256 the server announced, flushed to disk, and only then swapped
+in: on POSIX by one ``os.replace`` (see :mod:`agent.updater.posix`), on Windows by a detached
+helper script that waits for this process to exit (see :mod:`agent.updater.windows`). The previous
+program is kept as ``<program>.old``. Any failure before the swap raises :class:`UpdateError` with
+a reason meant for the operator, removes the partial ``.new`` and leaves the running program alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from agent import platform_tag
+
+log = logging.getLogger("agent.updater")
+
+STATE_FILE = "update-state.json"
+CHUNK = 16 * 1024
+PROGRESS_BYTES = 64 * 1024
+PROGRESS_SECONDS = 0.2
+#: Room kept free beyond the new program and the .old copy, so the update never fills the disk.
+SPACE_MARGIN = 1024 * 1024
+MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Progress = Callable[[str, int, int], None]
+
+
+class UpdateError(Exception):
+    """An update failed before the swap; the message is the reason reported to the server."""
+
+
+@dataclass(frozen=True)
+class UpdateCommand:
+    job_id: str
+    version: str
+    url: str
+    sha256: str
+    size: int
+    signature: str | None = None
+    platform: str | None = None
+
+    @classmethod
+    def from_data(cls, data: dict) -> UpdateCommand:
+        """Build a command from a validated ``command.update`` envelope's data."""
+        return cls(
+            job_id=data["job_id"],
+            version=data["version"],
+            url=data["url"],
+            sha256=data["sha256"].lower(),
+            size=data["size"],
+            signature=data.get("signature"),
+            platform=data.get("platform"),
+        )
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 10.0
+    read_s: float = 30.0
+    deadline_s: float = 120.0  # the whole download, so a trickling server cannot hold us forever
+
+
+def can_self_update(program: str | None) -> bool:
+    """Return True when ``program`` is a file whose directory this process may write to."""
+    if not program or not os.path.isfile(program):
+        return False
+    return os.access(os.path.dirname(program), os.W_OK)
+
+
+def resolve_url(server_url: str, url: str) -> str:
+    """Resolve a download URL: a path is taken relative to the server (ws→http, wss→https)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return url
+    if parts.scheme:
+        raise UpdateError(f"unsupported download URL scheme {parts.scheme!r} in {url!r}")
+    base = urlsplit(server_url)
+    scheme = {"ws": "http", "wss": "https"}.get(base.scheme, base.scheme)
+    return urljoin(f"{scheme}://{base.netloc}/", url)
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_FILE)
+
+
+def read_state(state_dir: str) -> dict | None:
+    """Return the update state file's content, or None when absent or unreadable."""
+    try:
+        with open(state_path(state_dir), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", state_path(state_dir), exc)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_state(state_dir: str, state: dict) -> None:
+    """Write the update state file atomically (temp file, fsync, rename, fsync dir)."""
+    os.makedirs(state_dir, exist_ok=True)
+    path = state_path(state_dir)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(state_dir)
+
+
+def last_update_for_hello(state_dir: str, running_version: str) -> dict | None:
+    """Return the ``last_update`` a hello should carry: the unreported outcome, or None."""
+    state = read_state(state_dir)
+    if not state or state.get("reported"):
+        return None
+    outcome, error = state.get("outcome"), state.get("error")
+    if outcome == "swapped" and state.get("version") != running_version:
+        # the service manager started something other than what we swapped in
+        outcome = "failed"
+        error = f"restarted at version {running_version}, expected {state.get('version')} after the swap"
+    return {
+        "job_id": state.get("job_id"),
+        "outcome": outcome,
+        "error": error,
+        "from_version": state.get("from_version"),
+        "version": state.get("version"),
+    }
+
+
+def mark_reported(state_dir: str) -> None:
+    """Record that the server has seen the last update's outcome, so later hellos omit it."""
+    state = read_state(state_dir)
+    if state and not state.get("reported"):
+        state["reported"] = True
+        write_state(state_dir, state)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory entry to disk so a rename survives a power cut (no-op where unsupported)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the updater
+
+
+class Updater:
+    """Carry out one ``command.update`` against the program file this agent runs from."""
+
+    def __init__(
+        self,
+        program: str,
+        state_dir: str,
+        server_url: str,
+        token: str,
+        current_version: str,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        disk_usage: Callable = shutil.disk_usage,
+        clock: Callable[[], float] = time.monotonic,
+        os_name: str = os.name,
+        spawn: Callable | None = None,
+        pid: int | None = None,
+    ):
+        self.program = os.path.abspath(program)
+        self.state_dir = state_dir
+        self.server_url = server_url
+        self.token = token
+        self.current_version = current_version
+        self.timeouts = timeouts
+        self.disk_usage = disk_usage
+        self.clock = clock
+        self.os_name = os_name
+        self.spawn = spawn
+        self.pid = pid if pid is not None else os.getpid()
+        self._cancelled: Callable[[], bool] = lambda: False
+
+    @property
+    def staged(self) -> str:
+        return self.program + ".new"
+
+    def run(self, cmd: UpdateCommand, progress: Progress, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Update to ``cmd``; return when the process should exit for the restart.
+
+        :param cancelled: polled while downloading; True abandons the update (the agent is stopping).
+        :raise UpdateError: on any failure before the swap; the program is untouched.
+        """
+        self._cancelled = cancelled
+        try:
+            self._check(cmd)
+            self._download(cmd, progress)
+            progress("verifying", cmd.size, cmd.size)
+            self._verify(cmd)
+            progress("staging", cmd.size, cmd.size)
+            self._swap(cmd)
+        except UpdateError:
+            _remove(self.staged)
+            raise
+        except OSError as exc:
+            _remove(self.staged)
+            raise UpdateError(f"update failed: {exc}") from exc
+        progress("restarting", cmd.size, cmd.size)
+
+    def _check(self, cmd: UpdateCommand) -> None:
+        if not can_self_update(self.program):
+            raise UpdateError(f"cannot self-update: {os.path.dirname(self.program)} is not writable")
+        if cmd.platform and cmd.platform != platform_tag():
+            raise UpdateError(f"artifact platform {cmd.platform!r} does not match this agent's {platform_tag()!r}")
+        if not _SHA256_RE.match(cmd.sha256):
+            raise UpdateError(f"invalid sha256 {cmd.sha256!r}: expected 64 hex digits")
+        if not 0 < cmd.size <= MAX_ARTIFACT_BYTES:
+            raise UpdateError(f"invalid artifact size {cmd.size}")
+        directory = os.path.dirname(self.program)
+        # the staged file and the .old copy of the current program both need room at once
+        need = cmd.size + os.path.getsize(self.program) + SPACE_MARGIN
+        free = self.disk_usage(directory).free
+        if free < need:
+            raise UpdateError(f"not enough free space in {directory}: need {need} bytes, {free} available")
+
+    def _download(self, cmd: UpdateCommand, progress: Progress) -> None:
+        url = resolve_url(self.server_url, cmd.url)
+        parts = urlsplit(url)
+        start = self.clock()
+        # http.client rather than urllib.request.urlopen: connect and read timeouts can differ,
+        # and redirects are never followed (they would carry the agent token to another host).
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=self.timeouts.connect_s, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeouts.connect_s)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        log.info("downloading version %s from %s", cmd.version, url)
+        try:
+            try:
+                conn.connect()
+                conn.sock.settimeout(self.timeouts.read_s)
+                headers = {"Authorization": f"Bearer {self.token}", "Accept-Encoding": "identity"}
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except TimeoutError:
+                raise UpdateError(f"download failed: no answer from {parts.netloc} within the timeout") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise UpdateError(f"download failed: cannot reach {parts.netloc}: {exc}") from None
+            if resp.status != 200:
+                hint = " (agent token refused)" if resp.status in (401, 403) else ""
+                raise UpdateError(f"download failed: HTTP {resp.status} {resp.reason}{hint}")
+            length = resp.getheader("Content-Length")
+            if length is not None and length.strip().isdigit() and int(length) != cmd.size:
+                raise UpdateError(
+                    f"download size mismatch: server sent Content-Length {int(length)}, expected {cmd.size}"
+                )
+            self._stream(resp, cmd, progress, start)
+        finally:
+            conn.close()
+
+    def _stream(self, resp: http.client.HTTPResponse, cmd: UpdateCommand, progress: Progress, start: float) -> None:
+        mode = os.stat(self.program).st_mode & 0o777
+        _remove(self.staged)
+        fd = os.open(self.staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), mode)
+        done = 0
+        last_bytes, last_t = 0, self.clock()
+        progress("downloading", 0, cmd.size)
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                if self._cancelled():
+                    raise UpdateError("update cancelled: the agent is stopping")
+                if self.clock() - start > self.timeouts.deadline_s:
+                    raise UpdateError(
+                        f"download timed out: {done} of {cmd.size} bytes after {self.timeouts.deadline_s:g} s"
+                    )
+                try:
+                    # ask for one byte more than we expect so an oversized body is noticed
+                    chunk = resp.read(min(CHUNK, cmd.size - done + 1))
+                except http.client.IncompleteRead as exc:
+                    done += len(exc.partial)
+                    raise UpdateError(f"download truncated: got {done} of {cmd.size} bytes") from None
+                except TimeoutError:
+                    raise UpdateError(
+                        f"download stalled: no data for {self.timeouts.read_s:g} s after {done} of {cmd.size} bytes"
+                    ) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    raise UpdateError(f"download interrupted after {done} of {cmd.size} bytes: {exc}") from None
+                if not chunk:
+                    break
+                if done + len(chunk) > cmd.size:
+                    raise UpdateError(f"download too large: more than the expected {cmd.size} bytes")
+                out.write(chunk)
+                done += len(chunk)
+                now = self.clock()
+                if done - last_bytes >= PROGRESS_BYTES or now - last_t >= PROGRESS_SECONDS:
+                    progress("downloading", done, cmd.size)
+                    last_bytes, last_t = done, now
+            if done != cmd.size:
+                raise UpdateError(f"download truncated: got {done} of {cmd.size} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        if last_bytes != done:
+            progress("downloading", done, cmd.size)
+
+    def _verify(self, cmd: UpdateCommand) -> None:
+        # hash what is on disk, i.e. exactly the bytes the service manager will run
+        size = os.path.getsize(self.staged)
+        if size != cmd.size:
+            raise UpdateError(f"size mismatch: expected {cmd.size} bytes, got {size}")
+        digest = sha256_file(self.staged)
+        if digest != cmd.sha256:
+            raise UpdateError(f"sha256 mismatch: expected {cmd.sha256} got {digest}")
+
+    def _swap(self, cmd: UpdateCommand) -> None:
+        state = {
+            "job_id": cmd.job_id,
+            "version": cmd.version,
+            "from_version": self.current_version,
+            "outcome": "swapped",
+            "error": None,
+            "reported": False,
+            "at": _now_iso(),
+        }
+        # Import before the swap: once the archive is replaced, zipimport would read the new file
+        # with the old file's offsets, so nothing may be imported from the program after it.
+        if self.os_name == "nt":
+            from agent.updater import windows
+
+            # the helper swaps after we exit; record the state first so the restarted agent reports it
+            write_state(self.state_dir, state)
+            try:
+                windows.start_helper(self.program, self.pid, spawn=self.spawn)
+            except UpdateError:
+                _remove(state_path(self.state_dir))
+                raise
+        else:
+            from agent.updater import posix
+
+            posix.swap(self.program, self.staged)
+            # past the swap there is no going back: a failure to record the state must not stop the
+            # restart (the server still sees the new version in the next hello)
+            try:
+                write_state(self.state_dir, state)
+            except OSError as exc:
+                log.error("swapped, but cannot write %s: %s", state_path(self.state_dir), exc)
+        log.info("swapped in version %s (was %s); exiting for the restart", cmd.version, self.current_version)

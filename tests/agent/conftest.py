@@ -1,0 +1,274 @@
+"""Fixtures for the agent tests: a fake agent-plane peer and a local artifact server, both on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import queue
+import socket
+import sys
+import threading
+
+import pytest
+import simple_websocket
+
+from agent import protocol
+from agent.config import parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # tests.support lives beside the tests, not in an installed package
+    sys.path.insert(0, ROOT)
+
+
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args, **kwargs):
+        kwargs["daemon"] = True
+        super().__init__(*args, **kwargs)
+
+
+class PeerConnection:
+    """The server side of one agent connection, with helpers to exchange envelopes."""
+
+    def __init__(self, ws, headers: dict[str, str]):
+        self.ws = ws
+        self.headers = headers
+
+    def recv(self, timeout: float = 3.0) -> protocol.Envelope:
+        frame = self.ws.receive(timeout=timeout)
+        if frame is None:
+            raise AssertionError(f"no frame within {timeout} s")
+        return protocol.decode(frame)
+
+    def recv_type(self, type_: str, timeout: float = 3.0, skip=("heartbeat",)) -> protocol.Envelope:
+        while True:
+            env = self.recv(timeout)
+            if env.type == type_:
+                return env
+            if env.type not in skip:
+                raise AssertionError(f"expected {type_}, got {env.type}: {env.data}")
+
+    def send(self, type_: str, data: dict | None = None, id_: str | None = None) -> str:
+        id_ = id_ or protocol.new_id()
+        self.ws.send(protocol.encode(type_, data, id_))
+        return id_
+
+    def send_raw(self, frame: str) -> None:
+        self.ws.send(frame)
+
+    def welcome(self, heartbeat_s: float = 30, server_version: str = "9.9.9") -> None:
+        self.send("welcome", {"server_version": server_version, "heartbeat_s": heartbeat_s})
+
+    def close(self, code: int = protocol.CLOSE_NORMAL, message: str | None = None) -> None:
+        try:
+            self.ws.close(reason=code, message=message)
+        except simple_websocket.ConnectionClosed:
+            pass
+
+
+class PeerServer:
+    """A minimal agent plane: accepts WebSocket upgrades and runs ``handler(conn)`` per connection."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.reject_status: int | None = None
+        self.connections: list[PeerConnection] = []
+        self.errors: list[BaseException] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self._closing = False
+        self._clients: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._closing:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self._clients.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket):
+        try:
+            client.settimeout(5)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                raw += chunk
+            lines = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if self.reject_status:
+                client.sendall(f"HTTP/1.1 {self.reject_status} Refused\r\nContent-Length: 0\r\n\r\n".encode())
+                return
+            client.settimeout(None)
+            environ = {"werkzeug.socket": client, "PATH_INFO": lines[0].split(" ")[1]}
+            for name, value in headers.items():
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+            ws = simple_websocket.Server.accept(environ, thread_class=_DaemonThread)
+            conn = PeerConnection(ws, headers)
+            conn.path = environ["PATH_INFO"]
+            self.connections.append(conn)
+            self.handler(conn)
+        except (simple_websocket.ConnectionClosed, OSError, AssertionError) as exc:
+            self.errors.append(exc)
+        finally:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            client.close()
+
+    def close(self):
+        self._closing = True
+        self.sock.close()
+        for client in self._clients:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def peer():
+    """Return a factory: ``peer(handler)`` starts a PeerServer closed at teardown."""
+    servers = []
+
+    def make(handler):
+        server = PeerServer(handler)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+class ArtifactServer:
+    """Serve artifact bytes over HTTP on 127.0.0.1:0, with switchable misbehaviour."""
+
+    def __init__(self, body: bytes, token: str = "tok"):
+        self.body = body
+        self.token = token
+        self.mode = "ok"  # ok | truncate | oversize | stall | wrong-length
+        self.requests: list[dict] = []
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append({"path": self.path, "authorization": self.headers.get("Authorization")})
+                if self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = outer.body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if outer.mode == "oversize":
+                    self.send_header("Connection", "close")  # no length: the body runs to EOF
+                    self.end_headers()
+                    self.wfile.write(body + b"x" * 1000)
+                    self.close_connection = True
+                    return
+                length = len(body) + 5 if outer.mode == "wrong-length" else len(body)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                if outer.mode in ("truncate", "stall"):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    if outer.mode == "stall":
+                        outer.release.wait(5)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/agent/download/2.0.0") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def artifact_server():
+    servers = []
+
+    def make(body: bytes, token: str = "tok"):
+        server = ArtifactServer(body, token)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Return a factory building an AgentConfig whose state_dir is the test's temp dir."""
+
+    def make(server_url="ws://127.0.0.1:9", **overrides):
+        raw = {"server_url": server_url, "token": "tok", "state_dir": str(tmp_path), "backoff_max_s": 1}
+        raw.update(overrides)
+        return parse_config(raw, str(tmp_path / "agent.toml"))
+
+    return make
+
+
+class AgentThread:
+    """Run an Agent's main loop in a thread; always stopped at teardown."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.result: queue.Queue[int] = queue.Queue()
+        self.thread = threading.Thread(target=lambda: self.result.put(agent.run()), daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> int:
+        self.agent.request_stop()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 2.0) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "agent did not return in time"
+        return self.result.get_nowait()
+
+
+@pytest.fixture
+def run_agent():
+    """Return a factory starting an Agent in a thread; the agent is stopped at teardown."""
+    started = []
+
+    def start(agent):
+        runner = AgentThread(agent).start()
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.agent.request_stop()
+        runner.thread.join(3)

@@ -1,0 +1,250 @@
+"""The POSIX update path against a real local HTTP server: swap, and every failure before it."""
+
+import hashlib
+import json
+import os
+from collections import namedtuple
+
+import pytest
+
+import agent.updater.posix as posix
+from agent.updater import (
+    Timeouts,
+    UpdateCommand,
+    UpdateError,
+    Updater,
+    last_update_for_hello,
+    mark_reported,
+    read_state,
+    resolve_url,
+)
+
+OLD = b"#!/usr/bin/env python3\nold program\n"
+
+
+def read_json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+NEW = os.urandom(200_000)
+Usage = namedtuple("Usage", "total used free")
+
+
+@pytest.fixture
+def program(tmp_path):
+    path = tmp_path / "restic-manager-agent.pyz"
+    path.write_bytes(OLD)
+    path.chmod(0o750)
+    return path
+
+
+def command(url, body=NEW, sha256=None, size=None, job_id="job-1"):
+    return UpdateCommand(
+        job_id=job_id,
+        version="2.0.0",
+        url=url,
+        sha256=sha256 or hashlib.sha256(body).hexdigest(),
+        size=len(body) if size is None else size,
+    )
+
+
+def make_updater(program, token="tok", server_url="ws://127.0.0.1:9", **kw):
+    return Updater(str(program), str(program.parent), server_url, token, "1.0.0", **kw)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, phase, done, total):
+        self.events.append((phase, done, total))
+
+    @property
+    def phases(self):
+        out = []
+        for phase, _, _ in self.events:
+            if not out or out[-1] != phase:
+                out.append(phase)
+        return out
+
+
+def assert_untouched(program):
+    assert program.read_bytes() == OLD
+    assert not os.path.exists(str(program) + ".new")
+    assert not os.path.exists(str(program) + ".old")
+    assert read_state(str(program.parent)) is None
+
+
+def test_it_downloads_verifies_and_swaps_keeping_the_old_program(program, artifact_server, monkeypatch):
+    server = artifact_server(NEW)
+    synced = []
+    real_fsync_dir = posix.fsync_dir
+    monkeypatch.setattr(posix, "fsync_dir", lambda d: (synced.append(d), real_fsync_dir(d)))
+    progress = Recorder()
+
+    make_updater(program).run(command(server.url()), progress)
+
+    assert program.read_bytes() == NEW
+    assert (program.parent / "restic-manager-agent.pyz.old").read_bytes() == OLD
+    assert not os.path.exists(str(program) + ".new")
+    assert program.stat().st_mode & 0o777 == 0o750
+    assert synced == [str(program.parent)]
+    assert server.requests[0]["authorization"] == "Bearer tok"
+    assert progress.phases == ["downloading", "verifying", "staging", "restarting"]
+    downloads = [e for e in progress.events if e[0] == "downloading"]
+    assert downloads[0] == ("downloading", 0, len(NEW)) and downloads[-1] == ("downloading", len(NEW), len(NEW))
+    assert len(downloads) <= len(NEW) // (64 * 1024) + 3  # throttled, not one per chunk
+    state = read_json(program.parent / "update-state.json")
+    assert state["job_id"] == "job-1" and state["outcome"] == "swapped"
+    assert (state["version"], state["from_version"], state["reported"]) == ("2.0.0", "1.0.0", False)
+
+
+def test_a_path_url_is_fetched_from_the_server_over_http(program, artifact_server):
+    server = artifact_server(NEW)
+    make_updater(program, server_url=f"ws://127.0.0.1:{server.port}").run(command("/agent/download/2.0.0"), Recorder())
+    assert server.requests[0]["path"] == "/agent/download/2.0.0"
+    assert program.read_bytes() == NEW
+
+
+def test_a_second_update_replaces_the_previous_old_file(program, artifact_server):
+    (program.parent / "restic-manager-agent.pyz.old").write_bytes(b"ancient")
+    server = artifact_server(NEW)
+    make_updater(program).run(command(server.url()), Recorder())
+    assert (program.parent / "restic-manager-agent.pyz.old").read_bytes() == OLD
+
+
+def test_a_sha256_mismatch_leaves_the_program_intact(program, artifact_server):
+    server = artifact_server(NEW)
+    wrong = "ab" * 32
+    with pytest.raises(UpdateError) as exc:
+        make_updater(program).run(command(server.url(), sha256=wrong), Recorder())
+    assert str(exc.value) == f"sha256 mismatch: expected {wrong} got {hashlib.sha256(NEW).hexdigest()}"
+    assert_untouched(program)
+
+
+def test_a_body_larger_than_announced_is_cut_off(program, artifact_server):
+    server = artifact_server(NEW)
+    server.mode = "oversize"
+    with pytest.raises(UpdateError, match="download too large: more than the expected 200000 bytes"):
+        make_updater(program).run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_a_content_length_that_disagrees_with_the_command_is_refused(program, artifact_server):
+    server = artifact_server(NEW)
+    server.mode = "wrong-length"
+    with pytest.raises(UpdateError, match="Content-Length 200005, expected 200000"):
+        make_updater(program).run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_a_connection_closed_half_way_is_a_truncated_download(program, artifact_server):
+    server = artifact_server(NEW)
+    server.mode = "truncate"
+    with pytest.raises(UpdateError, match=r"download truncated: got \d+ of 200000 bytes"):
+        make_updater(program).run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_a_stalled_download_hits_the_read_timeout(program, artifact_server):
+    server = artifact_server(NEW)
+    server.mode = "stall"
+    updater = make_updater(program, timeouts=Timeouts(connect_s=2, read_s=0.2, deadline_s=10))
+    with pytest.raises(UpdateError, match=r"download stalled: no data for 0.2 s after \d+ of 200000 bytes"):
+        updater.run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_the_overall_deadline_bounds_a_slow_download(program, artifact_server):
+    server = artifact_server(NEW)
+    ticks = iter(range(0, 10_000, 50))  # every clock read is 50 s later
+    updater = make_updater(program, clock=lambda: next(ticks), timeouts=Timeouts(deadline_s=120))
+    with pytest.raises(UpdateError, match="download timed out"):
+        updater.run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_a_wrong_token_is_reported_as_refused(program, artifact_server):
+    server = artifact_server(NEW, token="right")
+    with pytest.raises(UpdateError, match=r"HTTP 401 .*\(agent token refused\)"):
+        make_updater(program, token="wrong").run(command(server.url()), Recorder())
+    assert_untouched(program)
+
+
+def test_an_unreachable_server_is_reported(program):
+    with pytest.raises(UpdateError, match="cannot reach 127.0.0.1:9"):
+        make_updater(program).run(command("http://127.0.0.1:9/x"), Recorder())
+    assert_untouched(program)
+
+
+def test_it_checks_free_space_before_downloading(program, artifact_server):
+    server = artifact_server(NEW)
+    updater = make_updater(program, disk_usage=lambda path: Usage(10**9, 10**9, 1000))
+    with pytest.raises(UpdateError, match=r"not enough free space in .*: need \d+ bytes, 1000 available"):
+        updater.run(command(server.url()), Recorder())
+    assert server.requests == []
+    assert_untouched(program)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"sha256": "xyz"}, "invalid sha256"), ({"size": 0}, "invalid artifact size")],
+)
+def test_it_refuses_a_malformed_command(program, kwargs, message):
+    with pytest.raises(UpdateError, match=message):
+        make_updater(program).run(command("http://127.0.0.1:9/x", **kwargs), Recorder())
+    assert_untouched(program)
+
+
+def test_it_refuses_an_artifact_for_another_platform(program):
+    cmd = UpdateCommand("j", "2.0.0", "/x", "0" * 64, 10, platform="linux-x86_64")
+    with pytest.raises(UpdateError, match="does not match this agent's 'py3-any'"):
+        make_updater(program).run(cmd, Recorder())
+
+
+def test_a_cancelled_update_removes_the_partial_download(program, artifact_server):
+    server = artifact_server(NEW)
+    with pytest.raises(UpdateError, match="cancelled"):
+        make_updater(program).run(command(server.url()), Recorder(), cancelled=lambda: True)
+    assert_untouched(program)
+
+
+def test_it_refuses_when_the_program_is_missing(tmp_path):
+    updater = Updater(str(tmp_path / "gone.pyz"), str(tmp_path), "ws://h", "t", "1")
+    with pytest.raises(UpdateError, match="cannot self-update"):
+        updater.run(command("/x"), Recorder())
+
+
+@pytest.mark.parametrize(
+    "server_url, url, expected",
+    [
+        ("ws://127.0.0.1:8081", "/agent/download/2.0", "http://127.0.0.1:8081/agent/download/2.0"),
+        ("wss://rm.example.org", "/agent/download/2.0", "https://rm.example.org/agent/download/2.0"),
+        ("ws://h:1", "https://cdn.example.org/a.pyz", "https://cdn.example.org/a.pyz"),
+    ],
+)
+def test_resolve_url_maps_ws_to_http(server_url, url, expected):
+    assert resolve_url(server_url, url) == expected
+
+
+def test_resolve_url_refuses_other_schemes():
+    with pytest.raises(UpdateError, match="unsupported download URL scheme 'ftp'"):
+        resolve_url("ws://h", "ftp://h/a")
+
+
+def test_the_next_hello_reports_the_swap_once(program, artifact_server):
+    server = artifact_server(NEW)
+    make_updater(program).run(command(server.url()), Recorder())
+    state_dir = str(program.parent)
+    expected = {"job_id": "job-1", "outcome": "swapped", "error": None, "from_version": "1.0.0", "version": "2.0.0"}
+    assert last_update_for_hello(state_dir, "2.0.0") == expected
+    mark_reported(state_dir)
+    assert last_update_for_hello(state_dir, "2.0.0") is None
+
+
+def test_a_restart_at_another_version_is_reported_as_failed(program, artifact_server):
+    server = artifact_server(NEW)
+    make_updater(program).run(command(server.url()), Recorder())
+    last = last_update_for_hello(str(program.parent), "1.0.0")
+    assert last["outcome"] == "failed"
+    assert last["error"] == "restarted at version 1.0.0, expected 2.0.0 after the swap"

@@ -1,0 +1,224 @@
+"""The product's smoke test, automated: a real server process, a real agent under a supervisor.
+
+The agent is built from this tree as version A (1.0.0); the server claims and ships B (2.0.0).
+An admin logs in over HTTP and presses "Update agent" (the HTMX form post); the agent downloads,
+verifies, swaps, exits, is restarted by the supervisor, and says hello at B.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import Host, User
+from tests.support.live import AdminSession, AgentProcess, ServerProcess, built_agent, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+A, B = "1.0.0", "2.0.0"
+
+
+@pytest.fixture
+def fleet_db(app):
+    """An admin and one enrolled host in the test database; return (host id, agent token)."""
+    user = User(username="admin", role="admin")
+    user.set_password("admin-pass-123")
+    db.session.add(user)
+    host, token = Host.enrol("smoke-1")
+    db.session.commit()
+    return host.id, token
+
+
+@pytest.fixture
+def server(tmp_path, database_url, fleet_db):
+    procs = []
+
+    def start(**env):
+        s = ServerProcess(str(tmp_path / "server"), database_url, B, extra_env=env).start()
+        procs.append(s)
+        return s
+
+    yield start
+    for s in procs:
+        s.stop()
+
+
+@pytest.fixture
+def agent(tmp_path, tmp_path_factory, fleet_db):
+    agents = []
+
+    def start(server, version=A, extra_config=""):
+        _, token = fleet_db
+        src = built_agent(version, str(tmp_path_factory.getbasetemp() / "agent-builds"))
+        a = AgentProcess(str(tmp_path / f"agent{len(agents)}"), src, server.agent_ws_url, token, extra_config)
+        agents.append(a)
+        return a.start()
+
+    yield start
+    for a in agents:
+        a.stop()
+
+
+def host_json(session, host_id):
+    return session.get_json(f"/api/hosts/{host_id}")["host"]
+
+
+def latest_job(session, host_id):
+    jobs = session.get_json(f"/api/hosts/{host_id}/jobs")["jobs"]
+    return jobs[0] if jobs else None
+
+
+def press_update(session, host_id):
+    token = session.csrf_token(f"/hosts/{host_id}")
+    r = session.http.post(
+        f"{session.base}/hosts/{host_id}/update",
+        headers={"HX-Request": "true", "X-CSRFToken": token or ""},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert r.status_code in (200, 204), r.text[:500]
+    assert r.headers.get("HX-Redirect") == f"/hosts/{host_id}"
+    return r
+
+
+def terminal_job(session, host_id, timeout=30):
+    def done():
+        job = latest_job(session, host_id)
+        return job if job and job["status"] != "running" else None
+
+    return wait_until(done, timeout, 0.05, "the update job to end")
+
+
+def audit_actions(session):
+    return [e["action"] for e in session.get_json("/api/audit?limit=200")["events"]]
+
+
+def open_alerts(session):
+    return session.get_json("/api/alerts?status=open")["alerts"]
+
+
+def online_at(session, host_id, version):
+    h = host_json(session, host_id)
+    return h["online"] and h["agent_version"] == version
+
+
+def release_path(server_proc):
+    return os.path.join(server_proc.instance_dir, "releases", f"restic-manager-agent-{B}.pyz")
+
+
+def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_version(server, agent, fleet_db):
+    host_id, _ = fleet_db
+    srv = server()
+    ag = agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    old_bytes = ag.program_bytes()
+
+    press_update(admin, host_id)
+    job = terminal_job(admin, host_id)
+    assert job["status"] == "succeeded", job
+    assert online_at(admin, host_id, B)
+
+    with open(release_path(srv), "rb") as f:
+        assert ag.program_bytes() == f.read()  # the file was swapped for the release
+    with open(ag.program + ".old", "rb") as f:
+        assert f.read() == old_bytes  # the previous program is kept
+    assert not os.path.exists(ag.program + ".new")
+    assert ag.supervisor.restarts >= 1
+    log = srv.log()
+    for phase in ("downloading", "verifying", "staging", "restarting"):
+        assert re.search(rf"phase {phase}\b", log), f"phase {phase} not reported"
+    actions = audit_actions(admin)
+    assert "host.update_dispatched" in actions and "host.update_succeeded" in actions
+    assert open_alerts(admin) == []
+
+
+def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(server, agent, fleet_db):
+    host_id, _ = fleet_db
+    srv = server()
+    ag = agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    old_bytes = ag.program_bytes()
+    path = release_path(srv)
+    with open(path, "r+b") as f:  # flip one byte: same size, wrong sha256
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+    press_update(admin, host_id)
+    job = terminal_job(admin, host_id)
+    assert job["status"] == "failed"
+    assert "sha256" in job["error"]
+    assert ag.program_bytes() == old_bytes
+    assert not os.path.exists(ag.program + ".new")
+    assert ag.supervisor.restarts == 0
+    assert online_at(admin, host_id, A)
+    alerts = open_alerts(admin)
+    assert len(alerts) == 1 and alerts[0]["kind"] == "update_failed" and "sha256" in alerts[0]["message"]
+    assert "host.update_failed" in audit_actions(admin)
+
+
+def test_a_download_that_breaks_off_half_way_leaves_the_old_program(server, agent, fleet_db):
+    host_id, _ = fleet_db
+    srv = server(RM_DOWNLOAD_RATE_KIB="64", RM_UPDATE_TIMEOUT="6")
+    ag = agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    old_bytes = ag.program_bytes()
+
+    press_update(admin, host_id)
+    wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "downloading", 10, what="downloading")
+    srv.stop(signal.SIGKILL)  # the connection breaks off mid-body
+    srv.start()
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    job = terminal_job(admin, host_id, timeout=30)
+    assert job["status"] == "failed"
+    assert job["error"]
+    assert ag.program_bytes() == old_bytes
+    assert not os.path.exists(ag.program + ".new")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent back online at A")
+
+
+def test_an_agent_that_never_comes_back_times_out_with_a_clear_message(server, agent, fleet_db):
+    host_id, _ = fleet_db
+    srv = server(RM_UPDATE_TIMEOUT="3")
+    ag = agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    ag.supervisor.restart_sec = 3600  # the service manager gives up on it
+    press_update(admin, host_id)
+    job = terminal_job(admin, host_id, timeout=20)
+    assert job["status"] == "failed"
+    assert job["error"] == f"timed out after 3 s waiting for version {B}"
+    assert [a["kind"] for a in open_alerts(admin)] == ["update_failed"]
+
+
+def test_an_agent_that_comes_back_at_the_old_version_fails_the_job_at_once(server, agent, fleet_db, tmp_path_factory):
+    host_id, _ = fleet_db
+    srv = server()
+    agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    # The server offers B, but the artifact it serves is really an A build (sha256 consistent).
+    a_build = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
+    with open(a_build, "rb") as src, open(release_path(srv), "wb") as dst:
+        dst.write(src.read())
+    db.session.rollback()
+    from app.updates import releases
+
+    releases.register(release_path(srv), B)
+
+    press_update(admin, host_id)
+    job = terminal_job(admin, host_id)
+    assert job["status"] == "failed"
+    # The agent itself notices (its hello's last_update) before the watcher's own check would.
+    assert re.search(rf"(restarted|came back) at version {A}\b.*{B}", job["error"]), job["error"]
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    assert db.session.scalar(sa.select(Host.agent_version).where(Host.id == host_id)) == A

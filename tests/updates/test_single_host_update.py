@@ -1,0 +1,216 @@
+"""One host's update: pre-checks, dispatch, and every way the watcher ends the job."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import Alert, AuditEvent, Job
+from app.updates import dispatch, watcher
+from app.updates.inflight import InFlightRegistry
+from tests.conftest import OLD_VERSION, SERVER_VERSION
+from tests.support.live import wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def job_row(job_id):
+    db.session.rollback()
+    return db.session.get(Job, job_id)
+
+
+def actions(host_name=None):
+    db.session.rollback()
+    q = sa.select(AuditEvent.action).order_by(AuditEvent.id)
+    if host_name:
+        q = q.where(AuditEvent.target == host_name)
+    return db.session.scalars(q).all()
+
+
+def open_alerts(kind="update_failed"):
+    db.session.rollback()
+    return db.session.scalars(sa.select(Alert).where(Alert.kind == kind, Alert.resolved_at.is_(None))).all()
+
+
+def test_dispatch_sends_command_update_with_the_release(cast, agent_for, release):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    cmd = agent.expect("command.update")
+    assert cmd.data["job_id"] == job.id
+    assert cmd.data["version"] == SERVER_VERSION
+    assert cmd.data["sha256"] == release.sha256 and cmd.data["size"] == release.size
+    assert cmd.data["url"].startswith(f"/agent/download/{SERVER_VERSION}")
+    row = job_row(job.id)
+    assert (row.status, row.kind, row.actor, row.phase) == ("running", "update", "admin", "dispatched")
+    assert row.params["from_version"] == OLD_VERSION
+    assert "host.update_dispatched" in actions(cast.host_behind.name)
+
+
+def test_a_hello_at_the_target_succeeds_the_job_and_resolves_the_alert(cast, agent_for, app):
+    Alert.raise_or_touch("update_failed", str(cast.host_behind.id), "earlier failure", host_id=cast.host_behind.id)
+    db.session.commit()
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    for phase in ("downloading", "verifying", "staging", "restarting"):
+        agent.send("update.progress", job_id=job.id, phase=phase, bytes_done=10, bytes_total=10)
+    wait_until(lambda: job_row(job.id).phase == "restarting", what="restarting phase")
+    agent.disconnect()
+    agent.connect(version=SERVER_VERSION, last_update={"job_id": job.id, "outcome": "swapped", "error": None})
+    wait_until(lambda: job_row(job.id).status == "succeeded", what="job succeeded")
+    assert job_row(job.id).finished_at is not None
+    assert open_alerts() == []
+    assert actions(cast.host_behind.name)[-1] == "host.update_succeeded"
+    assert app.extensions["rm.inflight"].get(cast.host_behind.id) is None
+
+
+def test_an_agent_failure_report_fails_the_job_at_once(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.send("update.result", job_id=job.id, ok=False, error="sha256 mismatch: expected aa, got bb")
+    wait_until(lambda: job_row(job.id).status == "failed", what="job failed")
+    assert job_row(job.id).error == "sha256 mismatch: expected aa, got bb"
+    alerts = open_alerts()
+    assert len(alerts) == 1 and "sha256 mismatch" in alerts[0].message
+    assert alerts[0].host_id == cast.host_behind.id
+    assert "host.update_failed" in actions(cast.host_behind.name)
+
+
+def test_coming_back_at_another_version_after_restarting_fails_the_job(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.send("update.progress", job_id=job.id, phase="restarting", bytes_done=1, bytes_total=1)
+    wait_until(lambda: job_row(job.id).phase == "restarting", what="restarting")
+    agent.disconnect()
+    agent.connect(version=OLD_VERSION)
+    wait_until(lambda: job_row(job.id).status == "failed", what="job failed")
+    assert "came back at version 1.0.0 instead of 2.0.0" in job_row(job.id).error
+
+
+def test_a_rollback_reported_in_hello_fails_the_job_with_its_reason(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.disconnect()
+    agent.connect(
+        version=OLD_VERSION,
+        last_update={"job_id": job.id, "outcome": "rolled_back", "error": "new program never reached the server"},
+    )
+    wait_until(lambda: job_row(job.id).status == "failed", what="job failed")
+    assert "rolled_back: new program never reached the server" in job_row(job.id).error
+
+
+def test_a_link_blip_before_the_swap_leaves_the_job_running(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.disconnect()
+    agent.connect(version=OLD_VERSION)
+    assert job_row(job.id).status == "running"
+
+
+def test_the_deadline_fails_the_job_and_a_late_hello_resolves_only_the_alert(cast, agent_for, clock):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    clock.advance(89)
+    assert watcher.sweep_timeouts() == 0
+    clock.advance(2)
+    assert watcher.sweep_timeouts() == 1
+    row = job_row(job.id)
+    assert row.status == "failed"
+    assert row.error == "timed out after 90 s waiting for version 2.0.0"
+    assert len(open_alerts()) == 1
+    agent.disconnect()
+    agent.connect(version=SERVER_VERSION)
+    wait_until(lambda: open_alerts() == [], what="alert resolved")
+    assert job_row(job.id).status == "failed"
+
+
+@pytest.mark.parametrize(
+    "who,status,code",
+    [
+        ("host_offline", 409, "host_offline"),
+        ("host_online", 409, "already_current"),
+    ],
+)
+def test_prechecks_refuse_with_a_typed_error(cast, who, status, code, agent_for):
+    if who == "host_online":
+        agent_for(cast.host_online, cast.host_online_token, SERVER_VERSION)
+    with pytest.raises(dispatch.UpdateRefusal) as e:
+        dispatch.dispatch_update(getattr(cast, who).id, "admin")
+    assert (e.value.status, e.value.code) == (status, code)
+    db.session.rollback()
+    assert db.session.scalar(sa.select(sa.func.count(Job.id))) == 0
+
+
+def test_an_agent_without_the_update_capability_is_told_apart_up_front(cast, agent_for):
+    agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION, capabilities=())
+    with pytest.raises(dispatch.UpdateRefusal) as e:
+        dispatch.dispatch_update(cast.host_behind.id, "admin")
+    assert (e.value.status, e.value.code) == (422, "agent_cannot_update")
+
+
+def test_unknown_host_is_404(cast, live):
+    with pytest.raises(dispatch.UpdateRefusal) as e:
+        dispatch.dispatch_update(999999, "admin")
+    assert (e.value.status, e.value.code) == (404, "host_not_found")
+
+
+def test_a_second_dispatch_while_one_runs_is_refused(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    with pytest.raises(dispatch.UpdateRefusal) as e:
+        dispatch.dispatch_update(cast.host_behind.id, "admin")
+    assert e.value.code == "update_in_progress"
+
+
+def test_two_simultaneous_dispatches_give_exactly_one_job(cast, agent_for, app):
+    agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    host_id = cast.host_behind.id
+    barrier = threading.Barrier(4)
+    outcomes = []
+
+    def press():
+        with app.app_context():
+            barrier.wait()
+            try:
+                dispatch.dispatch_update(host_id, "admin")
+                outcomes.append("ok")
+            except dispatch.UpdateRefusal as e:
+                outcomes.append(e.code)
+            finally:
+                db.session.remove()
+
+    threads = [threading.Thread(target=press) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(outcomes) == ["ok"] + ["update_in_progress"] * 3
+    db.session.rollback()
+    assert db.session.scalar(sa.select(sa.func.count(Job.id)).where(Job.host_id == host_id)) == 1
+
+
+def test_progress_reports_are_stored_on_the_job(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.send("update.progress", job_id=job.id, phase="downloading", bytes_done=2048, bytes_total=4096)
+    wait_until(lambda: job_row(job.id).bytes_done == 2048, what="progress stored")
+    assert (job_row(job.id).phase, job_row(job.id).bytes_total) == ("downloading", 4096)
+
+
+def test_the_in_flight_registry_is_rebuilt_from_the_jobs_table(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    fresh = InFlightRegistry()
+    entry = fresh.get(cast.host_behind.id)
+    assert entry.job_id == job.id and entry.target_version == SERVER_VERSION and not entry.restarting
