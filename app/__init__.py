@@ -24,6 +24,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     app = Flask(
         __name__,
         instance_path=instance_path,
+        instance_relative_config=True,
         template_folder=os.path.join(ROOT, "templates"),
         static_folder="static",
     )

@@ -64,6 +64,21 @@ def register_cli(app: Flask) -> None:
         db.session.commit()
         click.echo(f"created {role} {name}")
 
+    @users.command("set-password")
+    @click.argument("name")
+    @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+    @with_appcontext
+    def users_set_password(name, password_stdin):
+        """Set a user's password (and lift a login lock-out)."""
+        user = db.session.scalar(sa.select(User).where(User.username == name))
+        if user is None:
+            raise click.ClickException(f"no user {name!r}")
+        user.set_password(_read_password(password_stdin))
+        user.failed_logins, user.locked_until = 0, None
+        AuditEvent.record("cli", "user.password_set", name)
+        db.session.commit()
+        click.echo(f"password set for {name}")
+
     tokens = click.Group("tokens", help="Manage API tokens for scripts.")
     app.cli.add_command(tokens)
 
@@ -121,7 +136,7 @@ def register_cli(app: Flask) -> None:
     @app.cli.command("demo")
     @click.option(
         "--agent-version",
-        default="0.0.1-demo",
+        default="0.0.1+demo",
         show_default=True,
         help="Version the demo agent claims, so it shows as behind and can be updated.",
     )

@@ -39,7 +39,7 @@ def _ensure_admin() -> str:
     return f"login: admin / {password}   (shown once; change it with `restic-manager users set-password admin`)"
 
 
-def _ensure_demo_host(app: Flask, agent_dir: str) -> str:
+def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int) -> str:
     """Enrol (or re-key) the demo host and write its agent config; return the config path."""
     from .models import AuditEvent, Host
 
@@ -52,11 +52,11 @@ def _ensure_demo_host(app: Flask, agent_dir: str) -> str:
         # Only the hash of a token is stored; the demo re-keys its own host on every start.
         token = host.rotate_token()
     db.session.commit()
-    host_addr, port = app.config["AGENT_ADDR"]
+    host_addr, _ = app.config["AGENT_ADDR"]
     os.makedirs(agent_dir, exist_ok=True)
     path = os.path.join(agent_dir, "agent.toml")
     with open(path, "w") as f:
-        f.write(f'server_url = "ws://{host_addr}:{port}"\ntoken = "{token}"\n')
+        f.write(f'server_url = "ws://{host_addr}:{agent_port}"\ntoken = "{token}"\n')
     os.chmod(path, 0o600)
     return path
 
@@ -73,7 +73,6 @@ def run_demo(app: Flask, agent_version: str) -> int:
     with app.app_context():
         flask_migrate.upgrade()
         login_line = _ensure_admin()
-        config_path = _ensure_demo_host(app, agent_dir)
         db.session.remove()
     program = os.path.join(agent_dir, "restic-manager-agent.pyz")
     if not os.path.exists(program):
@@ -83,8 +82,12 @@ def run_demo(app: Flask, agent_version: str) -> int:
     tune_threads(app.config["THREAD_STACK_KIB"])
     servers = Servers(app)
     servers.start()
-    agent = Supervisor([sys.executable, program, "--config", config_path], cwd=agent_dir,
-                       log_path=os.path.join(agent_dir, "agent.log"))
+    with app.app_context():
+        config_path = _ensure_demo_host(app, agent_dir, servers.agent_port)
+        db.session.remove()
+    agent = Supervisor(
+        [sys.executable, program, "--config", config_path], cwd=agent_dir, log_path=os.path.join(agent_dir, "agent.log")
+    )
     agent.start()
     host, _ = app.config["HTTP_ADDR"]
     print(f"restic-manager {app.config['SERVER_VERSION']} is running", flush=True)

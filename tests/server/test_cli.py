@@ -1,0 +1,203 @@
+"""The command line, run as an operator runs it: a real process with an RM_* environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import ApiToken, AuditEvent, Host, User
+from tests.support.live import ROOT, ServerProcess, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cli(args, env, stdin=None, timeout=30):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", *args],
+        cwd=ROOT,
+        env=full_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def env(tmp_path, database_url, app):
+    return {
+        "RM_INSTANCE_PATH": str(tmp_path / "cli-instance"),
+        "RM_DATABASE_URL": database_url,
+        "RM_SECRET_KEY": "k",
+        "RM_VERSION": "2.0.0",
+    }
+
+
+def test_db_upgrade_brings_an_empty_database_to_head(tmp_path):
+    url = f"sqlite:///{tmp_path}/fresh.sqlite3"
+    r = cli(["db", "upgrade"], {"RM_INSTANCE_PATH": str(tmp_path), "RM_DATABASE_URL": url})
+    assert r.returncode == 0, r.stderr
+    engine = sa.create_engine(url)
+    assert {"users", "hosts", "jobs", "alerts", "audit_events", "fleet_updates", "agent_releases"} <= set(
+        sa.inspect(engine).get_table_names()
+    )
+    with engine.connect() as c:
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+    engine.dispose()
+
+
+def test_users_create_reads_the_password_from_stdin(env):
+    r = cli(["users", "create", "alice", "--role", "admin", "--password-stdin"], env, stdin="correct-horse-1\n")
+    assert r.returncode == 0, r.stderr
+    db.session.rollback()
+    u = db.session.scalar(sa.select(User).where(User.username == "alice"))
+    assert u.role == "admin" and u.check_password("correct-horse-1")
+
+
+def test_users_create_refuses_a_short_password_and_a_duplicate(env):
+    r = cli(["users", "create", "bob", "--password-stdin"], env, stdin="short\n")
+    assert r.returncode != 0 and "at least 8 characters" in r.stderr
+    cli(["users", "create", "bob", "--password-stdin"], env, stdin="long-enough-1\n")
+    r = cli(["users", "create", "bob", "--password-stdin"], env, stdin="long-enough-1\n")
+    assert r.returncode != 0 and "already exists" in r.stderr
+
+
+def test_tokens_create_prints_a_token_that_the_api_accepts_once_stored_hashed(env):
+    cli(["users", "create", "ops", "--role", "admin", "--password-stdin"], env, stdin="long-enough-1\n")
+    r = cli(["tokens", "create", "--user", "ops"], env)
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip()
+    assert token.startswith("rmt_")
+    db.session.rollback()
+    assert ApiToken.lookup(token) is not None
+    assert db.session.scalar(sa.select(sa.func.count()).where(ApiToken.token_hash == token)) == 0
+
+
+def test_hosts_add_prints_the_agent_token_and_install_line(env):
+    r = cli(["hosts", "add", "web-9"], env)
+    assert r.returncode == 0, r.stderr
+    token = re.search(r"agent token: (\S+)", r.stdout).group(1)
+    assert re.search(
+        r"install: curl -fsSL http://127\.0\.0\.1:8081/agent/install\.sh \| sudo sh -s -- "
+        r"--server ws://127\.0\.0\.1:8081 --token " + re.escape(token),
+        r.stdout,
+    )
+    db.session.rollback()
+    host = Host.by_token(token)
+    assert host.name == "web-9"
+    assert "host.enrolled" in db.session.scalars(sa.select(AuditEvent.action)).all()
+
+
+def test_a_bad_environment_value_stops_start_up_with_a_message_naming_it(env):
+    r = cli(["serve"], {**env, "RM_UPDATE_TIMEOUT": "soon"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "restic-manager: config error: RM_UPDATE_TIMEOUT='soon': expected a number"
+
+
+def test_build_agent_builds_the_artifact_claiming_the_given_version(env, tmp_path):
+    out = tmp_path / "out"
+    r = cli(["build-agent", "--version", "9.9.9-smoke", "--out", str(out)], env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    path, size, digest = r.stdout.split()
+    assert os.path.getsize(path) == int(size) and len(digest) == 64
+    v = subprocess.run([sys.executable, path, "--version"], capture_output=True, text=True, timeout=30)
+    assert v.stdout.strip() == "9.9.9-smoke"
+
+
+def test_serve_runs_both_planes_and_stops_within_5_s_of_sigterm(tmp_path, database_url, app):
+    srv = ServerProcess(str(tmp_path / "srv"), database_url, "2.0.0").start()
+    try:
+        assert requests.get(srv.admin_url + "/login", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{srv.agent_port}/agent/health", timeout=5).json()["ok"]
+        t0 = time.monotonic()
+        code = srv.stop(signal.SIGTERM, timeout=10)
+        assert time.monotonic() - t0 < 5.0
+        assert code == 0
+    finally:
+        srv.kill()
+
+
+def test_serve_registers_the_release_for_its_own_version(tmp_path, database_url, app):
+    srv = ServerProcess(str(tmp_path / "srv"), database_url, "3.1.4").start()
+    try:
+        wait_until(
+            lambda: os.path.exists(os.path.join(srv.instance_dir, "releases", "restic-manager-agent-3.1.4.pyz")), 5
+        )
+    finally:
+        srv.stop()
+    from app.updates import releases
+
+    db.session.rollback()
+    rel = releases.find("3.1.4")
+    assert rel is not None and rel.size == os.path.getsize(rel.path)
+
+
+def test_users_set_password_changes_it_and_lifts_a_lockout(env):
+    cli(["users", "create", "carol", "--password-stdin"], env, stdin="first-pass-1\n")
+    db.session.rollback()
+    u = db.session.scalar(sa.select(User).where(User.username == "carol"))
+    u.failed_logins = 9
+    db.session.commit()
+    r = cli(["users", "set-password", "carol", "--password-stdin"], env, stdin="second-pass-2\n")
+    assert r.returncode == 0, r.stderr
+    db.session.rollback()
+    u = db.session.scalar(sa.select(User).where(User.username == "carol"))
+    assert u.check_password("second-pass-2") and u.failed_logins == 0
+
+
+def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
+    from tests.support.live import AdminSession
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    env.update(
+        {
+            "RM_INSTANCE_PATH": str(tmp_path / "demo"),
+            "RM_HTTP_ADDR": "127.0.0.1:0",
+            "RM_AGENT_ADDR": "127.0.0.1:0",
+            "RM_VERSION": "2.0.0",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "demo"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = []
+        while not any(line.strip().startswith("login:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"demo exited early: {lines}"
+            lines.append(line)
+        text = "".join(lines)
+        url = re.search(r"open:\s+(http://\S+)/", text).group(1)
+        password = re.search(r"login: admin / (\S+)", text).group(1)
+        admin = AdminSession(url).login("admin", password)
+
+        def demo_host():
+            hosts = admin.get_json("/api/hosts")["hosts"]
+            return hosts and hosts[0]["online"] and hosts[0]
+
+        host = wait_until(demo_host, 30, 0.1, "the demo agent online")
+        assert host["name"] == "demo-agent"
+        assert host["agent_version"] == "0.0.1+demo" and host["version_state"] == "behind"
+        assert "update" in host["capabilities"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

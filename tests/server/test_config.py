@@ -1,0 +1,72 @@
+"""Configuration: three layers, strict parsing, loud on bad values."""
+
+import pytest
+
+from app import create_app
+from app.config import ConfigError, from_env, parse_addr
+
+
+@pytest.mark.parametrize(
+    "var,value,fragment",
+    [
+        ("RM_UPDATE_TIMEOUT", "abc", "RM_UPDATE_TIMEOUT='abc': expected a number"),
+        ("RM_UPDATE_TIMEOUT", "0", "RM_UPDATE_TIMEOUT='0': must be at least 1.0"),
+        ("RM_UPDATE_TIMEOUT", "nan", "must be at least"),
+        ("RM_HTTP_ADDR", "8080", "RM_HTTP_ADDR='8080': expected HOST:PORT"),
+        ("RM_AGENT_ADDR", "127.0.0.1:http", "port 'http' is not a number"),
+        ("RM_AGENT_ADDR", "127.0.0.1:70000", "port must be 0-65535"),
+        ("RM_DATABASE_URL", "mysql://x", "only sqlite:/// and postgresql+psycopg://"),
+        ("RM_SESSION_COOKIE_SECURE", "maybe", "expected true/false"),
+        ("RM_SECRET_KEY", "  ", "RM_SECRET_KEY is set but empty"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable(var, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        from_env({var: value})
+    assert fragment in str(e.value)
+
+
+def test_environment_values_are_parsed_into_config():
+    cfg = from_env({"RM_UPDATE_TIMEOUT": "30", "RM_HTTP_ADDR": "0.0.0.0:9000", "RM_SESSION_COOKIE_SECURE": "yes"})
+    assert cfg == {"UPDATE_TIMEOUT": 30.0, "HTTP_ADDR": ("0.0.0.0", 9000), "SESSION_COOKIE_SECURE": True}
+
+
+def test_postgres_urls_use_psycopg3():
+    assert from_env({"RM_DATABASE_URL": "postgresql://u@h/db"})["SQLALCHEMY_DATABASE_URI"] == (
+        "postgresql+psycopg://u@h/db"
+    )
+
+
+def test_ipv6_addresses_parse():
+    assert parse_addr("X", "[::1]:8081") == ("::1", 8081)
+
+
+def test_layers_apply_in_order_defaults_env_then_test_config(tmp_path):
+    inst = tmp_path / "inst"
+    inst.mkdir()
+    (inst / "config.py").write_text("UPDATE_TIMEOUT = 10.0\nHEARTBEAT_S = 3.0\nFLEET_TICK_S = 7.0\n")
+    app = create_app(
+        {"INSTANCE_PATH": str(inst), "FLEET_TICK_S": 1.0},
+        environ={"RM_HEARTBEAT_S": "4", "RM_SECRET_KEY": "k"},
+    )
+    assert app.config["UPDATE_TIMEOUT"] == 10.0  # instance file over default
+    assert app.config["HEARTBEAT_S"] == 4.0  # environment over instance file
+    assert app.config["FLEET_TICK_S"] == 1.0  # test config over everything
+    assert app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite:///" + str(inst))
+
+
+def test_the_secret_key_is_generated_once_and_kept(tmp_path):
+    a = create_app({"INSTANCE_PATH": str(tmp_path)}, environ={})
+    b = create_app({"INSTANCE_PATH": str(tmp_path)}, environ={})
+    assert a.config["SECRET_KEY"] == b.config["SECRET_KEY"] and len(a.config["SECRET_KEY"]) == 64
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
+    from app.extensions import db
+
+    with db.engine.connect() as conn:
+        if conn.dialect.name != "sqlite":
+            pytest.skip("SQLite only")
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 15000
