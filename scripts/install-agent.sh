@@ -7,9 +7,11 @@ set -eu
 
 SERVER=""
 TOKEN=""
-STATE_DIR=/var/lib/restic-manager-agent
-CONF_DIR=/etc/restic-manager-agent
-UNIT=/etc/systemd/system/restic-manager-agent.service
+# The locations can be moved (packaging, tests); the unit file expects these defaults.
+STATE_DIR="${RM_AGENT_STATE_DIR:-/var/lib/restic-manager-agent}"
+CONF_DIR="${RM_AGENT_CONF_DIR:-/etc/restic-manager-agent}"
+UNIT="${RM_AGENT_UNIT_PATH:-/etc/systemd/system/restic-manager-agent.service}"
+SYSTEMCTL="${RM_AGENT_SYSTEMCTL:-systemctl}"
 
 die() { echo "install-agent: $*" >&2; exit 1; }
 
@@ -27,10 +29,10 @@ case "$SERVER" in
     wss://*) HTTP="https://${SERVER#wss://}" ;;
     *) die "--server must start with ws:// or wss://" ;;
 esac
-[ "$(id -u)" = 0 ] || die "run as root (sudo)"
+[ "$(id -u)" = 0 ] || [ -n "${RM_AGENT_STATE_DIR:-}" ] || die "run as root (sudo)"
 command -v python3 >/dev/null || die "python3 is required"
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "python3 3.11 or newer is required"
-command -v systemctl >/dev/null || die "systemd is required"
+command -v "$SYSTEMCTL" >/dev/null || die "systemd is required"
 
 mkdir -p "$STATE_DIR" "$CONF_DIR"
 chmod 750 "$STATE_DIR" "$CONF_DIR"
@@ -56,7 +58,7 @@ if [ -f /usr/share/restic-manager-agent/restic-manager-agent.service ]; then
 else
     curl -fsS -o "$UNIT" "$HTTP/agent/restic-manager-agent.service" || die "could not fetch the unit file"
 fi
-systemctl daemon-reload
-systemctl enable --now restic-manager-agent.service
-systemctl restart restic-manager-agent.service
+"$SYSTEMCTL" daemon-reload
+"$SYSTEMCTL" enable --now restic-manager-agent.service
+"$SYSTEMCTL" restart restic-manager-agent.service
 echo "restic-manager agent installed; status: systemctl status restic-manager-agent"

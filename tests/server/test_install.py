@@ -1,0 +1,97 @@
+"""The systemd unit and the install script a host runs to enrol."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+
+import pytest
+import requests
+
+from tests.support.live import ROOT, LiveServer
+
+UNIT = os.path.join(ROOT, "scripts", "systemd", "restic-manager-agent.service")
+INSTALL = os.path.join(ROOT, "scripts", "install-agent.sh")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def unit_service_section():
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(UNIT)
+    return cp["Service"]
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (scripts/test installs it)"
+)
+def test_the_unit_passes_systemd_analyze_verify():
+    r = subprocess.run(["systemd-analyze", "verify", UNIT], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+def test_the_unit_keeps_protect_system_strict_with_only_the_state_directory_writable():
+    svc = unit_service_section()
+    assert svc["ProtectSystem"] == "strict"
+    assert svc["StateDirectory"] == "restic-manager-agent"
+    assert "ReadWritePaths" not in svc
+    assert svc["Restart"] == "always"
+    assert "/var/lib/restic-manager-agent/restic-manager-agent.pyz" in svc["ExecStart"]
+
+
+def test_the_install_script_is_valid_posix_sh():
+    assert subprocess.run(["sh", "-n", INSTALL], timeout=10).returncode == 0
+
+
+def test_the_install_script_downloads_verifies_and_configures_the_agent(app, cast, tmp_path):
+    from app.updates import releases
+
+    app.config["BUILD_AGENT_ON_START"] = True
+    with LiveServer(app) as live:
+        rel = releases.current_release()
+        assert requests.get(live.agent_http_url + "/agent/install.sh", timeout=5).text.startswith("#!/bin/sh")
+        calls = tmp_path / "systemctl.log"
+        fake_systemctl = tmp_path / "systemctl"
+        fake_systemctl.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+        fake_systemctl.chmod(0o755)
+        env = {
+            **os.environ,
+            "RM_AGENT_STATE_DIR": str(tmp_path / "state"),
+            "RM_AGENT_CONF_DIR": str(tmp_path / "etc"),
+            "RM_AGENT_UNIT_PATH": str(tmp_path / "unit.service"),
+            "RM_AGENT_SYSTEMCTL": str(fake_systemctl),
+        }
+        script = requests.get(live.agent_http_url + "/agent/install.sh", timeout=5).text
+        r = subprocess.run(
+            ["sh", "-s", "--", "--server", live.agent_ws_url, "--token", cast.host_online_token],
+            input=script,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        program = tmp_path / "state" / "restic-manager-agent.pyz"
+        assert releases.sha256_of(str(program)) == rel.sha256
+        conf = (tmp_path / "etc" / "agent.toml").read_text()
+        assert f'token = "{cast.host_online_token}"' in conf and live.agent_ws_url in conf
+        assert (tmp_path / "etc" / "agent.toml").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "unit.service").read_text() == open(UNIT).read()
+        assert calls.read_text().splitlines() == [
+            "daemon-reload",
+            "enable --now restic-manager-agent.service",
+            "restart restic-manager-agent.service",
+        ]
+
+        r = subprocess.run(
+            ["sh", "-s", "--", "--server", live.agent_ws_url, "--token", "wrong"],
+            input=script,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode != 0 and "download failed" in r.stderr
