@@ -5,5 +5,7 @@ jobs need exactly one scheduler per deployment; `restic-manager serve` provides 
 """
 
 from app import create_app
+from app.serve import PlaneMiddleware
 
 app = create_app()
+app.wsgi_app = PlaneMiddleware(app.wsgi_app, "admin")
