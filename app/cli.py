@@ -31,7 +31,7 @@ def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
 
 def register_cli(app: Flask) -> None:
     from .extensions import db
-    from .models import ApiToken, AuditEvent, Host, User
+    from .models import ApiToken, AuditEvent, User
 
     @app.cli.command("serve")
     @click.option(
@@ -104,34 +104,76 @@ def register_cli(app: Flask) -> None:
     @with_appcontext
     def hosts_add(name):
         """Enrol a host; print its agent token and install one-liner (once)."""
-        from .agents import install_command
+        from .main.hosts import HostError, enrol
 
-        if db.session.scalar(sa.select(Host).where(Host.name == name)):
-            raise click.ClickException(f"host {name!r} already exists")
-        host, token = Host.enrol(name)
-        db.session.flush()
-        AuditEvent.record("cli", "host.enrolled", name, host_id=host.id)
-        db.session.commit()
-        click.echo(f"host {name} (id {host.id})")
-        click.echo(f"agent token: {token}")
-        click.echo(f"install: {install_command(token)}")
+        try:
+            enrolment = enrol(name, "cli")
+        except HostError as e:
+            raise click.ClickException(e.message) from None
+        click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
+        click.echo(f"agent token: {enrolment.token}")
+        click.echo(f"install: {enrolment.install_command}")
 
     @app.cli.command("build-agent")
     @click.option("--version", "version", default=None, help="Version to bake in (default: this build's).")
     @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+    @click.option("--sign-key", type=click.File("rb"), help="Ed25519 release key (PEM): write <artifact>.sig.")
     @click.option("--register", is_flag=True, help="Also register the artifact as a release in the database.")
     @with_appcontext
-    def build_agent_cmd(version, out_dir, register):
+    def build_agent_cmd(version, out_dir, sign_key, register):
         """Build the agent zipapp (reproducibly) and print its path, size and sha256."""
         from agent.build import build_agent
 
+        from .updates import releases
+
         version = version or current_app.config["SERVER_VERSION"]
         built = build_agent(version, out_dir)
+        if sign_key is not None:
+            releases.sign_file(built.path, version, built.platform, sign_key.read())
         click.echo(f"{built.path} {built.size} {built.sha256}")
         if register:
-            from .updates import releases
-
             releases.register(built.path, version, built.platform)
+
+    rel_group = click.Group("releases", help="Manage agent release artifacts.")
+    app.cli.add_command(rel_group)
+
+    @rel_group.command("add")
+    @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--version", "version", required=True)
+    @click.option("--platform", default=None, help="Artifact platform (default: py3-any).")
+    @with_appcontext
+    def releases_add(artifact, version, platform):
+        """Register a built (and signed: <artifact>.sig) artifact as a release."""
+        from .updates import releases
+
+        rel = releases.register(artifact, version, platform)
+        AuditEvent.record(
+            "cli", "release.registered", f"{rel.version}/{rel.platform}", sha256=rel.sha256, signed=bool(rel.signature)
+        )
+        db.session.commit()
+        click.echo(
+            f"registered {rel.version} {rel.platform} {rel.size} {rel.sha256} "
+            f"{'signed' if rel.signature else 'UNSIGNED'}"
+        )
+
+    @app.cli.command("release-key")
+    @click.option(
+        "--out",
+        "out_path",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="Where to write the private key (PEM, mode 0600). Keep it offline.",
+    )
+    def release_key_cmd(out_path):
+        """Generate an Ed25519 release key; print the public key to pin in agent configs."""
+        from agent.signing import generate_keypair
+
+        private_pem, public_b64 = generate_keypair()
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_pem)
+        click.echo(f"private key: {out_path}")
+        click.echo(f'release_public_key = "{public_b64}"')
 
     @app.cli.command("demo")
     @click.option(

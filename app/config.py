@@ -96,6 +96,9 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_SWITCH_INTERVAL": ("SWITCH_INTERVAL", lambda n, v: parse_float(n, v, 0.0001)),
     "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
     "RM_LOG_LEVEL": ("LOG_LEVEL", parse_str),
+    "RM_AGENT_MSG_RATE": ("AGENT_MSG_RATE", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_AGENT_MSG_BURST": ("AGENT_MSG_BURST", lambda n, v: parse_float(n, v, 1.0)),
+    "RM_RELEASE_SIGNING_KEY": ("RELEASE_SIGNING_KEY", parse_str),
     "RM_DOWNLOAD_RATE_KIB": ("DOWNLOAD_RATE_KIB", lambda n, v: parse_int(n, v, 0)),
 }
 
@@ -127,6 +130,9 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "FLEET_TICK_S": 5.0,
         "LOG_LEVEL": "INFO",
         "DOWNLOAD_RATE_KIB": 0,
+        "AGENT_MSG_RATE": 20.0,
+        "AGENT_MSG_BURST": 100.0,
+        "RELEASE_SIGNING_KEY": None,
         "RELEASES_DIR": os.path.join(instance_path, "releases"),
         "SCHEDULER_ENABLED": False,  # only `serve` runs the background jobs: one scheduler per deployment
         "BUILD_AGENT_ON_START": False,

@@ -70,6 +70,9 @@ class Servers:
         self.admin = waitress.create_server(
             PlaneMiddleware(app, "admin"), host=hhost, port=hport, threads=8, ident="restic-manager",
             clear_untrusted_proxy_headers=True,
+            # poll(), not select(): with thousands of agent sockets open, admin sockets get
+            # descriptors >= 1024 and select() kills the admin-plane thread (docs/capacity.md).
+            asyncore_use_poll=True,
         )
         self.scheduler = None
         self._want_scheduler = scheduler
@@ -100,9 +103,11 @@ class Servers:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        self.app.extensions["rm.connections"].close_all(1001, "server shutting down")
+        # Stop accepting first: agents reconnect within a second of the close below, and must be
+        # refused at once, not accepted by a dying server and reset later (docs/capacity.md).
         self.agent.shutdown()
         self.agent.server_close()
+        self.app.extensions["rm.connections"].close_all(1001, "server shutting down")
         self.admin.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)

@@ -135,20 +135,4 @@ def health():
     return jsonify({"ok": True, "server_version": current_app.config["SERVER_VERSION"]})
 
 
-def agent_base_url() -> str:
-    """Return the agent plane's base URL as hosts reach it (``RM_PUBLIC_AGENT_URL`` or the bind address)."""
-    public = current_app.config.get("PUBLIC_AGENT_URL")
-    if public:
-        return public.rstrip("/")
-    host, port = current_app.config["AGENT_ADDR"]
-    return f"http://{host}:{port}"
-
-
-def install_command(token: str) -> str:
-    """Return the one-line install command for a host with agent token ``token``."""
-    base = agent_base_url()
-    ws = "ws" + base[len("http"):] if base.startswith("http") else base
-    return f"curl -fsSL {base}/agent/install.sh | sudo sh -s -- --server {ws} --token {token}"
-
-
-__all__ = ["bp", "protocol", "install_command", "agent_base_url"]
+__all__ = ["bp", "protocol"]

@@ -79,9 +79,34 @@ def _await_hello(conn: Connection) -> protocol.Envelope | None:
     return env
 
 
+class RateLimiter:
+    """Token bucket: ``rate`` frames a second on average, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = burst
+        self.stamp = clock()
+        self.strikes = 0
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+#: Frames refused for rate before the connection is closed as abusive.
+MAX_RATE_STRIKES = 50
+
+
 def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> None:
     from ..updates import watcher
 
+    cfg = current_app.config
+    limiter = RateLimiter(cfg["AGENT_MSG_RATE"], cfg["AGENT_MSG_BURST"])
     last_touch = time.monotonic()
     while True:
         db.session.close()  # never wait on the socket inside a transaction: SQLite would stay locked
@@ -92,16 +117,20 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
             log.info("host %s silent for %.0f s; dropping its connection", conn.host_id, idle_timeout)
             conn.close(protocol.CLOSE_IDLE, "heartbeat timeout")
             return
+        if not limiter.allow():
+            limiter.strikes += 1
+            if limiter.strikes >= MAX_RATE_STRIKES:
+                log.warning("host %s keeps exceeding the frame rate; closing its connection", conn.host_id)
+                conn.close(protocol.CLOSE_POLICY, "message rate exceeded")
+                return
+            conn.send(protocol.error_frame("rate_limited", f"more than {cfg['AGENT_MSG_RATE']:g} frames/s; dropped"))
+            continue
         try:
             env = protocol.decode(raw)
         except protocol.ProtocolError as e:
             log.info("host %s sent a bad frame: %s", conn.host_id, e.message)
             conn.send(protocol.error_frame(e.code, e.message, e.ref))
             continue
-        now = time.monotonic()
-        if now - last_touch >= touch_every:
-            touch(conn.host_id)
-            last_touch = now
         t = env.type
         if t == "heartbeat":
             pass
@@ -117,6 +146,11 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
             log.warning("host %s reported error %s: %s", conn.host_id, env.data["code"], env.data["message"])
         else:
             conn.send(protocol.error_frame("unexpected_type", f"{t!r} is not sent by agents", env.id))
+        # After the frame is handled: a pong must not wait behind a database write.
+        now = time.monotonic()
+        if now - last_touch >= touch_every:
+            touch(conn.host_id)
+            last_touch = now
 
 
 def record_hello(host_id: int, data: dict) -> None:

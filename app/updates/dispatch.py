@@ -44,7 +44,7 @@ def running_update_job(host_id: int) -> Job | None:
     )
 
 
-def precheck(host: Host | None) -> UpdateRefusal | None:
+def precheck(host: Host | None, allow_downgrade: bool = False) -> UpdateRefusal | None:
     """Return why ``host`` cannot be updated now, or None if it can."""
     if host is None:
         return UpdateRefusal(404, "host_not_found", "no such host")
@@ -54,9 +54,12 @@ def precheck(host: Host | None) -> UpdateRefusal | None:
     state = host.version_state(target)
     if state == "current":
         return UpdateRefusal(409, "already_current", f"host {host.name} already runs {target}")
-    if state == "ahead":
+    if state == "ahead" and not allow_downgrade:
         return UpdateRefusal(
-            409, "already_current", f"host {host.name} runs {host.agent_version}, newer than the server's {target}"
+            409,
+            "already_current",
+            f"host {host.name} runs {host.agent_version}, newer than the server's {target}; "
+            "ask for allow_downgrade to roll it back",
         )
     if not host.can_update():
         return UpdateRefusal(
@@ -71,14 +74,16 @@ def precheck(host: Host | None) -> UpdateRefusal | None:
     return None
 
 
-def dispatch_update(host_id: int, actor: str, fleet_host_row_id: int | None = None) -> Job:
+def dispatch_update(
+    host_id: int, actor: str, fleet_host_row_id: int | None = None, allow_downgrade: bool = False
+) -> Job:
     """Start updating ``host_id`` to the server's version; raise :class:`UpdateRefusal` if it can't.
 
     The job, its audit event and (for a rollout) the fleet row are written in one transaction,
     so a crash can never leave a sent command without its job, nor a fleet row without its job.
     """
     host = db.session.get(Host, host_id)
-    refusal = precheck(host)
+    refusal = precheck(host, allow_downgrade)
     if refusal is not None:
         raise refusal
     release = releases.current_release()
@@ -105,6 +110,7 @@ def dispatch_update(host_id: int, actor: str, fleet_host_row_id: int | None = No
             "size": release.size,
             "url": releases.download_path(release),
             "timeout_s": timeout,
+            "allow_downgrade": allow_downgrade,
         },
     )
     db.session.add(job)
@@ -136,6 +142,8 @@ def dispatch_update(host_id: int, actor: str, fleet_host_row_id: int | None = No
     }
     if release.signature:
         data["signature"] = release.signature
+    if allow_downgrade:
+        data["allow_downgrade"] = True
     if not _connections().send(host.id, protocol.encode("command.update", data)):
         from . import watcher
 

@@ -33,10 +33,24 @@ def find(version: str, platform: str | None = None) -> AgentRelease | None:
     )
 
 
+def read_signature(path: str) -> str | None:
+    """Return the detached signature stored beside an artifact (``<artifact>.sig``), if any."""
+    try:
+        with open(path + ".sig") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def register(path: str, version: str, platform: str | None = None, signature: str | None = None) -> AgentRelease:
-    """Record the artifact at ``path`` as the release for (version, platform), replacing an older record."""
+    """Record the artifact at ``path`` as the release for (version, platform), replacing an older record.
+
+    The signature defaults to the ``<artifact>.sig`` file beside it: releases are signed where the
+    release key lives (ideally offline), never necessarily on this server.
+    """
     platform = platform or platform_tag()
     path = os.path.abspath(path)
+    signature = signature or read_signature(path)
     digest, size = sha256_of(path), os.path.getsize(path)
     rel = find(version, platform)
     if rel is None:
@@ -52,18 +66,41 @@ def register(path: str, version: str, platform: str | None = None, signature: st
     return rel
 
 
+def signing_key() -> bytes | None:
+    """The release signing key, when this server is configured to sign (dev and demo set-ups)."""
+    path = current_app.config.get("RELEASE_SIGNING_KEY")
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def sign_file(path: str, version: str, platform: str, key: bytes) -> str:
+    """Sign the artifact's manifest and write ``<artifact>.sig``; return the signature."""
+    from agent.signing import manifest_bytes, sign
+
+    sig = sign(key, manifest_bytes(version, platform, os.path.getsize(path), sha256_of(path)))
+    with open(path + ".sig", "w") as f:
+        f.write(sig + "\n")
+    return sig
+
+
 def ensure_current_release() -> AgentRelease:
-    """Build and register the artifact for the server's own version if it is missing."""
+    """Build (and sign, when a key is configured) the artifact for the server's own version if missing."""
     version = current_app.config["SERVER_VERSION"]
+    key = signing_key()
     rel = find(version)
     if rel is not None and os.path.isfile(rel.path) and os.path.getsize(rel.path) == rel.size:
+        if key and not rel.signature:
+            return register(rel.path, version, rel.platform, sign_file(rel.path, version, rel.platform, key))
         return rel
     from agent.build import build_agent
 
     out = current_app.config["RELEASES_DIR"]
     log.info("building agent release %s into %s", version, out)
     built = build_agent(version, out)
-    return register(built.path, version, built.platform)
+    signature = sign_file(built.path, version, built.platform, key) if key else None
+    return register(built.path, version, built.platform, signature)
 
 
 def current_release() -> AgentRelease | None:

@@ -177,3 +177,39 @@ def test_each_plane_answers_404_for_the_other_planes_routes(live, cast):
     assert requests.get(live.admin_url + "/ws/agent", timeout=5).status_code == 404
     assert requests.get(live.agent_http_url + "/agent/health", timeout=5).status_code == 200
     assert requests.get(live.admin_url + "/login", timeout=5).status_code == 200
+
+
+def test_a_flood_of_frames_is_rate_limited_and_then_closed(live, cast, app):
+    app.config["AGENT_MSG_RATE"] = 1.0
+    app.config["AGENT_MSG_BURST"] = 5.0
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    for _ in range(5):
+        ws.send(protocol.encode("heartbeat"))
+    ws.send(protocol.encode("heartbeat"))
+    env = recv(ws)
+    assert env.type == "error" and env.data["code"] == "rate_limited"
+    for _ in range(60):
+        if not ws.connected:
+            break
+        ws.send(protocol.encode("heartbeat"))
+    wait_until(lambda: not ws.connected, what="close for abuse")
+    assert ws.close_reason == protocol.CLOSE_POLICY
+
+
+def test_a_browser_origin_is_refused_on_the_agent_plane(live, cast):
+    with pytest.raises(simple_websocket.ConnectionError) as e:
+        simple_websocket.Client.connect(
+            live.agent_ws_url + "/ws/agent",
+            headers={"Authorization": f"Bearer {cast.host_offline_token}", "Origin": "https://evil.example"},
+        )
+    assert e.value.status_code == 403
+
+
+def test_every_agent_plane_route_sits_under_an_agent_prefix(app):
+    from app.serve import AGENT_PLANE_PREFIXES
+
+    for rule in app.url_map.iter_rules():
+        on_agent_plane = rule.endpoint.startswith("agentlink.")
+        assert rule.rule.startswith(AGENT_PLANE_PREFIXES) == on_agent_plane, rule.rule

@@ -195,6 +195,15 @@ def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
         assert host["name"] == "demo-agent"
         assert host["agent_version"] == "0.0.1+demo" and host["version_state"] == "behind"
         assert "update" in host["capabilities"]
+        # The demo's point: one click updates the agent (a signed release, verified by the agent).
+        r = admin.post_json(f"/api/hosts/{host['id']}/update")
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job"]["id"]
+        job = wait_until(
+            lambda: (j := admin.get_json(f"/api/jobs/{job_id}")["job"])["status"] != "running" and j, 30, 0.05,
+            "the demo update",
+        )
+        assert job["status"] == "succeeded", job
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:

@@ -33,8 +33,14 @@ class ScriptedAgent:
         )
         self.send(
             "hello",
-            agent_version=self.version, os="linux", arch="x86_64", hostname="scripted", python="3.11",
-            capabilities=self.capabilities, boot_id="scripted-boot", last_update=last_update,
+            agent_version=self.version,
+            os="linux",
+            arch="x86_64",
+            hostname="scripted",
+            python="3.11",
+            capabilities=self.capabilities,
+            boot_id="scripted-boot",
+            last_update=last_update,
         )
         ws = self.ws
         self._reader = threading.Thread(target=self._read, args=(ws,), daemon=True)

@@ -1,0 +1,241 @@
+"""JSON endpoints: parse, call the model or capability, serialize."""
+
+from __future__ import annotations
+
+from flask import abort, current_app, jsonify, request
+from flask_login import current_user
+
+from ..auth import actor_name, admin_required
+from ..errors import error_response
+from ..extensions import db
+from ..main import hosts
+from ..models import ApiToken, AuditEvent, FleetUpdate, Host, Job
+from ..timeutil import isoformat
+from . import bp
+
+PING_TIMEOUT_S = 5.0
+AUDIT_DEFAULT_LIMIT = 100
+AUDIT_MAX_LIMIT = 500
+
+
+def _version() -> str:
+    return current_app.config["SERVER_VERSION"]
+
+
+def _json_body() -> dict:
+    """The request's JSON object; 400 ``invalid_json`` for anything else (an empty body is ``{}``)."""
+    if not request.get_data(cache=True):
+        return {}
+    data = request.get_json(force=True, silent=True)
+    if not isinstance(data, dict):
+        abort(error_response(400, "invalid_json", "the request body must be a JSON object"))
+    return data
+
+
+def _host_or_404(host_id: int) -> Host:
+    host = db.session.get(Host, host_id)
+    if host is None:
+        abort(error_response(404, "host_not_found", f"no host with id {host_id}"))
+    return host
+
+
+def _int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        n = int(raw)
+    except ValueError:
+        abort(error_response(400, "invalid_parameter", f"{name} must be a whole number"))
+    if n < lo or (hi is not None and n > hi):
+        abort(error_response(400, "invalid_parameter", f"{name} must be between {lo} and {hi or 'any'}"))
+    return n
+
+
+def _token_dict(tok: ApiToken) -> dict:
+    return {
+        "id": tok.id,
+        "name": tok.name,
+        "prefix": tok.prefix,
+        "created_at": isoformat(tok.created_at),
+        "last_used_at": isoformat(tok.last_used_at),
+        "revoked": tok.revoked_at is not None,
+    }
+
+
+@bp.get("/version")
+def version():
+    return jsonify({"version": _version()})
+
+
+@bp.get("/hosts")
+def host_list():
+    updates = request.args.get("updates") or None
+    if updates not in (None, "behind"):
+        return error_response(400, "invalid_parameter", "updates only accepts 'behind'")
+    return jsonify({"hosts": [h.to_dict(_version()) for h in hosts.list_hosts(updates)]})
+
+
+@bp.post("/hosts")
+@admin_required
+def host_create():
+    body = _json_body()
+    try:
+        enrolment = hosts.enrol(body.get("name"), actor_name(), request.host)
+    except hosts.HostError as e:
+        return error_response(e.status, e.code, e.message)
+    return jsonify(
+        {
+            "host": enrolment.host.to_dict(_version()),
+            "token": enrolment.token,
+            "install_command": enrolment.install_command,
+        }
+    ), 201
+
+
+@bp.get("/hosts/<int:host_id>")
+def host_get(host_id: int):
+    host = _host_or_404(host_id)
+    job = hosts.latest_update_job(host.id)
+    return jsonify({"host": host.to_dict(_version()), "latest_update_job": job.to_dict() if job else None})
+
+
+@bp.delete("/hosts/<int:host_id>")
+@admin_required
+def host_delete(host_id: int):
+    host = _host_or_404(host_id)
+    hosts.delete(host, actor_name())
+    return "", 204
+
+
+@bp.post("/hosts/<int:host_id>/revoke")
+@admin_required
+def host_revoke(host_id: int):
+    host = _host_or_404(host_id)
+    if host.revoked_at is None:
+        hosts.revoke(host, actor_name())
+    return jsonify({"host": host.to_dict(_version())})
+
+
+@bp.post("/hosts/<int:host_id>/ping")
+@admin_required
+def host_ping(host_id: int):
+    host = _host_or_404(host_id)
+    conn = current_app.extensions["rm.connections"].get(host.id)
+    if conn is None:
+        return error_response(409, "host_offline", f"host {host.name} is not connected")
+    db.session.close()  # don't hold a database connection while waiting on the network
+    rtt = conn.ping(float(current_app.config.get("PING_TIMEOUT", PING_TIMEOUT_S)))
+    if rtt is None:
+        return error_response(504, "agent_timeout", f"host {host_id} did not answer the ping in time")
+    return jsonify({"rtt_ms": round(rtt * 1000.0, 3)})
+
+
+@bp.post("/hosts/<int:host_id>/update")
+@admin_required
+def host_update(host_id: int):
+    from ..updates import dispatch
+
+    _json_body()  # reject a malformed body even though no field is needed
+    try:
+        job = dispatch.dispatch_update(host_id, actor_name())
+    except dispatch.UpdateRefusal as r:
+        db.session.rollback()
+        return error_response(r.status, r.code, r.message)
+    return jsonify({"job": job.to_dict()}), 202
+
+
+@bp.get("/hosts/<int:host_id>/jobs")
+def host_jobs(host_id: int):
+    host = _host_or_404(host_id)
+    limit = _int_arg("limit", 50, 1, 500)
+    return jsonify({"jobs": [j.to_dict() for j in hosts.jobs_for(host.id, limit)]})
+
+
+@bp.get("/jobs/<job_id>")
+def job_get(job_id: str):
+    job = db.session.get(Job, job_id)
+    if job is None:
+        return error_response(404, "job_not_found", f"no job with id {job_id}")
+    return jsonify({"job": job.to_dict()})
+
+
+@bp.get("/alerts")
+def alert_list():
+    status = request.args.get("status", "open")
+    if status not in ("open", "resolved", "all"):
+        return error_response(400, "invalid_parameter", "status must be open, resolved or all")
+    return jsonify({"alerts": [a.to_dict() for a in hosts.alerts(status)]})
+
+
+@bp.get("/audit")
+def audit():
+    limit = _int_arg("limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)
+    before_id = _int_arg("before_id", None, 1)
+    events, next_before = hosts.audit_page(limit, before_id)
+    return jsonify({"events": [e.to_dict() for e in events], "next_before_id": next_before})
+
+
+@bp.post("/tokens")
+@admin_required
+def token_create():
+    body = _json_body()
+    name = body.get("name", "")
+    if not isinstance(name, str) or len(name) > 100:
+        return error_response(400, "invalid_name", "name must be a string of at most 100 characters")
+    tok, plain = ApiToken.issue(current_user, name.strip())
+    db.session.flush()
+    AuditEvent.record(current_user.username, "token.created", f"token {tok.prefix}", token_id=tok.id)
+    db.session.commit()
+    return jsonify({"token": plain, "api_token": _token_dict(tok)}), 201
+
+
+# --- fleet rolling updates --------------------------------------------------------------------
+
+
+def _fleet_refusal(r):
+    db.session.rollback()
+    return error_response(r.status, r.code, r.message)
+
+
+@bp.post("/fleet/update")
+@admin_required
+def fleet_start():
+    from ..updates import fleet
+
+    body = _json_body()
+    try:
+        fu = fleet.start(actor_name(), body.get("host_ids"))
+    except fleet.FleetRefusal as r:
+        return _fleet_refusal(r)
+    return jsonify({"fleet_update": fleet.to_dict(fu)}), 201
+
+
+@bp.get("/fleet-updates")
+def fleet_list():
+    from ..updates import fleet
+
+    limit = _int_arg("limit", 20, 1, 200)
+    return jsonify({"fleet_updates": [fleet.to_dict(fu) for fu in hosts.fleet_updates(limit)]})
+
+
+@bp.get("/fleet-updates/<int:fleet_id>")
+def fleet_get(fleet_id: int):
+    from ..updates import fleet
+
+    fu = db.session.get(FleetUpdate, fleet_id)
+    if fu is None:
+        return error_response(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
+    return jsonify({"fleet_update": fleet.to_dict(fu)})
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/cancel")
+@admin_required
+def fleet_cancel(fleet_id: int):
+    from ..updates import fleet
+
+    try:
+        fu = fleet.cancel(fleet_id, actor_name())
+    except fleet.FleetRefusal as r:
+        return _fleet_refusal(r)
+    return jsonify({"fleet_update": fleet.to_dict(fu)})

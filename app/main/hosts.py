@@ -1,0 +1,178 @@
+"""Host operations shared by the pages, the JSON API and the CLI: enrol, revoke, delete, reads.
+
+Revoking or deleting a host touches the database, the audit log and the live socket, so those
+operations live here once instead of in each view. Nothing here reads ``request``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.exc import IntegrityError
+
+from agent import protocol
+
+from ..extensions import db
+from ..models import Alert, AuditEvent, FleetUpdate, Host, Job
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+JOB_HISTORY_LIMIT = 20
+RESOLVED_ALERTS_LIMIT = 50
+
+
+class HostError(Exception):
+    """A refused host operation; ``status`` and ``code`` are what the API answers."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Enrolment:
+    host: Host
+    token: str
+    install_command: str
+
+
+def validate_name(name) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise HostError(400, "invalid_name", "host name must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    return name
+
+
+def agent_base_url(request_host: str | None = None) -> str:
+    """The agent plane's public HTTP base: ``PUBLIC_AGENT_URL`` or derived from ``AGENT_ADDR``."""
+    public = current_app.config.get("PUBLIC_AGENT_URL")
+    if public:
+        return public.rstrip("/")
+    host, port = current_app.config["AGENT_ADDR"]
+    if host in ("", "0.0.0.0", "::"):
+        # Bound to every address: the name the admin reached us by is the best guess.
+        host = (urlsplit("//" + request_host).hostname if request_host else None) or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def agent_ws_url(request_host: str | None = None) -> str:
+    base = agent_base_url(request_host)
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :]
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :]
+    return base
+
+
+def install_command(token: str, request_host: str | None = None) -> str:
+    base = agent_base_url(request_host)
+    return (
+        f"curl -fsSL {shlex.quote(base + '/agent/install.sh')} | sudo sh -s -- "
+        f"--server {shlex.quote(agent_ws_url(request_host))} --token {shlex.quote(token)}"
+    )
+
+
+def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
+    """Create a host and audit ``host.enrolled`` in one transaction; the token is returned once."""
+    name = validate_name(name)
+    if db.session.scalar(sa.select(Host.id).where(Host.name == name)) is not None:
+        raise HostError(409, "host_exists", f"a host named {name} already exists")
+    host, token = Host.enrol(name)
+    try:
+        db.session.flush()
+        AuditEvent.record(actor, "host.enrolled", host.name, host_id=host.id)
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()  # a concurrent enrolment took the name between the check and the insert
+        raise HostError(409, "host_exists", f"a host named {name} already exists") from None
+    return Enrolment(host, token, install_command(token, request_host))
+
+
+def revoke(host: Host, actor: str) -> None:
+    """Revoke the host's agent token and close its live connection at once."""
+    host.revoke()
+    AuditEvent.record(actor, "host.revoked", host.name, host_id=host.id)
+    db.session.commit()
+    # After the commit, so a reconnect racing the close is already refused by the token check.
+    current_app.extensions["rm.connections"].close(host.id, protocol.CLOSE_REVOKED, "token revoked")
+
+
+def delete(host: Host, actor: str) -> None:
+    """Delete the host (its jobs and alerts go with it) and close its live connection."""
+    host_id, name = host.id, host.name
+    db.session.delete(host)
+    AuditEvent.record(actor, "host.deleted", name, host_id=host_id)
+    db.session.commit()
+    current_app.extensions["rm.connections"].close(host_id, protocol.CLOSE_REVOKED, "host deleted")
+
+
+# --- reads shared by pages and API ----------------------------------------------------------
+
+
+def list_hosts(updates: str | None = None) -> list[Host]:
+    """All hosts by name; ``updates="behind"`` keeps only agents older than the server."""
+    hosts = db.session.scalars(sa.select(Host).order_by(Host.name)).all()
+    if updates == "behind":
+        version = current_app.config["SERVER_VERSION"]
+        hosts = [h for h in hosts if h.version_state(version) == "behind"]
+    return list(hosts)
+
+
+def jobs_for(host_id: int, limit: int = JOB_HISTORY_LIMIT) -> list[Job]:
+    return list(
+        db.session.scalars(
+            sa.select(Job).where(Job.host_id == host_id).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        )
+    )
+
+
+def latest_update_job(host_id: int) -> Job | None:
+    return db.session.scalar(
+        sa.select(Job).where(Job.host_id == host_id, Job.kind == "update").order_by(Job.created_at.desc()).limit(1)
+    )
+
+
+def alerts(status: str = "open", limit: int = RESOLVED_ALERTS_LIMIT) -> list[Alert]:
+    q = sa.select(Alert)
+    if status == "open":
+        q = q.where(Alert.resolved_at.is_(None)).order_by(Alert.last_seen.desc())
+    elif status == "resolved":
+        q = q.where(Alert.resolved_at.is_not(None)).order_by(Alert.resolved_at.desc()).limit(limit)
+    else:
+        q = q.order_by(Alert.last_seen.desc()).limit(limit * 4)
+    return list(db.session.scalars(q))
+
+
+def audit_page(limit: int, before_id: int | None = None) -> tuple[list[AuditEvent], int | None]:
+    """Newest first; return the page and the ``before_id`` of the next (older) page, if any."""
+    q = sa.select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
+    if before_id is not None:
+        q = q.where(AuditEvent.id < before_id)
+    rows = list(db.session.scalars(q))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].id if more and rows else None)
+
+
+def dashboard_counts() -> dict:
+    hosts = db.session.scalars(sa.select(Host)).all()
+    version = current_app.config["SERVER_VERSION"]
+    return {
+        "hosts_total": len(hosts),
+        "hosts_online": sum(1 for h in hosts if h.connected),
+        "hosts_behind": sum(1 for h in hosts if h.version_state(version) == "behind"),
+        "alerts_open": db.session.scalar(sa.select(sa.func.count(Alert.id)).where(Alert.resolved_at.is_(None))),
+        "updates_running": db.session.scalar(
+            sa.select(sa.func.count(Job.id)).where(Job.kind == "update", Job.status == "running")
+        ),
+    }
+
+
+def fleet_updates(limit: int = 20) -> list[FleetUpdate]:
+    """Rollouts, newest first."""
+    return list(db.session.scalars(sa.select(FleetUpdate).order_by(FleetUpdate.id.desc()).limit(limit)))

@@ -1,0 +1,162 @@
+"""Page views: parse the request, call the host/update capability, render a page or a fragment."""
+
+from __future__ import annotations
+
+from flask import abort, current_app, flash, make_response, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+
+from ..auth import actor_name, admin_required
+from ..auth.forms import EmptyForm
+from ..extensions import db
+from ..models import Host
+from . import bp, hosts
+from .forms import AddHostForm
+
+AUDIT_PAGE_SIZE = 50
+
+
+def is_htmx() -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _host_or_404(host_id: int) -> Host:
+    host = db.session.get(Host, host_id)
+    if host is None:
+        abort(404, f"There is no host with id {host_id}.")
+    return host
+
+
+def _hx_redirect(location: str):
+    """Tell htmx to navigate the whole page (a plain redirect would be swapped into the target)."""
+    resp = make_response("", 204)
+    resp.headers["HX-Redirect"] = location
+    return resp
+
+
+def _precheck(host: Host):
+    from ..updates import dispatch  # the update capability; imported late to keep import order simple
+
+    return dispatch.precheck(host)
+
+
+def _update_status_context(host: Host, message: str | None = None) -> dict:
+    return {
+        "host": host,
+        "job": hosts.latest_update_job(host.id),
+        "jobs": hosts.jobs_for(host.id),
+        "refusal": _precheck(host) if current_user.is_admin else None,
+        "message": message,
+        "button": EmptyForm(),
+    }
+
+
+@bp.route("/")
+@login_required
+def dashboard():
+    return render_template("main/dashboard.html", counts=hosts.dashboard_counts(), alerts=hosts.alerts("open")[:5])
+
+
+@bp.route("/hosts")
+@login_required
+def host_list():
+    updates = request.args.get("updates")
+    if updates not in (None, "", "behind"):
+        abort(400, "The updates filter only knows 'behind'.")
+    return render_template("hosts/list.html", hosts=hosts.list_hosts(updates or None), updates=updates)
+
+
+@bp.route("/hosts/new", methods=["GET", "POST"])
+@admin_required
+def host_new():
+    form = AddHostForm()
+    if form.validate_on_submit():
+        try:
+            enrolment = hosts.enrol(form.name.data.strip(), actor_name(), request.host)
+        except hosts.HostError as e:
+            form.name.errors = [*form.name.errors, e.message]
+            return render_template("hosts/new.html", form=form), e.status
+        # Rendered, not redirected: the agent token exists only in this response.
+        return render_template("hosts/enrolled.html", host=enrolment.host, enrolment=enrolment), 201
+    status = 400 if request.method == "POST" else 200
+    return render_template("hosts/new.html", form=form), status
+
+
+@bp.route("/hosts/<int:host_id>")
+@login_required
+def host_detail(host_id: int):
+    host = _host_or_404(host_id)
+    return render_template("hosts/detail.html", **_update_status_context(host))
+
+
+@bp.route("/hosts/<int:host_id>/update-status")
+@login_required
+def update_status(host_id: int):
+    host = _host_or_404(host_id)
+    ctx = _update_status_context(host)
+    if is_htmx():
+        return render_template("hosts/_update_status.html", oob_history=True, **ctx)
+    return render_template("hosts/detail.html", **ctx)
+
+
+@bp.route("/hosts/<int:host_id>/update", methods=["POST"])
+@admin_required
+def host_update(host_id: int):
+    from ..updates import dispatch
+
+    host = _host_or_404(host_id)
+    try:
+        job = dispatch.dispatch_update(host.id, actor_name())
+    except dispatch.UpdateRefusal as refusal:
+        db.session.rollback()
+        if is_htmx():
+            ctx = _update_status_context(host, message=refusal.message)
+            return render_template("hosts/_update_status.html", **ctx), refusal.status
+        flash(refusal.message, "error")
+        return redirect(url_for("main.host_detail", host_id=host_id), code=303)
+    target = url_for("main.host_detail", host_id=host_id)
+    if job.status == "running":
+        flash(f"Update of {host.name} to {job.target_version} dispatched.", "info")
+    else:
+        flash(f"Update of {host.name} failed: {job.error}", "error")
+    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+
+
+@bp.route("/hosts/<int:host_id>/revoke", methods=["POST"])
+@admin_required
+def host_revoke(host_id: int):
+    host = _host_or_404(host_id)
+    if host.revoked_at is None:
+        hosts.revoke(host, actor_name())
+        flash(f"The agent token of {host.name} is revoked; its connection was closed.", "info")
+    target = url_for("main.host_detail", host_id=host_id)
+    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+
+
+@bp.route("/hosts/<int:host_id>/delete", methods=["POST"])
+@admin_required
+def host_delete(host_id: int):
+    host = _host_or_404(host_id)
+    name = host.name
+    hosts.delete(host, actor_name())
+    flash(f"Host {name} deleted.", "info")
+    target = url_for("main.host_list")
+    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+
+
+@bp.route("/alerts")
+@login_required
+def alert_list():
+    return render_template("main/alerts.html", open_alerts=hosts.alerts("open"), resolved=hosts.alerts("resolved"))
+
+
+@bp.route("/audit")
+@login_required
+def audit():
+    before_id = request.args.get("before_id", type=int)
+    events, next_before = hosts.audit_page(AUDIT_PAGE_SIZE, before_id)
+    return render_template("main/audit.html", events=events, next_before=next_before, before_id=before_id)
+
+
+@bp.app_context_processor
+def _inject_forms():
+    return {"logout_form": EmptyForm, "app_name": current_app.config.get("APP_NAME", "restic-manager")}

@@ -1,0 +1,189 @@
+"""The pages in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+A real server (waitress admin plane + werkzeug agent plane, in this process, on ephemeral ports)
+and a real agent process connected to it; the browser logs in, finds the host online, opens its
+page, and revokes its token through the HTMX form (confirm dialog, CSRF header, HX-Redirect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from app.extensions import db
+from app.models import Host, Job
+from app.updates import releases
+from tests.conftest import OLD_VERSION, SERVER_VERSION
+from tests.support.live import AgentProcess, LiveServer, built_agent, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
+]
+
+
+def _host_online(host_id: int) -> bool:
+    db.session.expire_all()
+    host = db.session.get(Host, host_id)
+    return bool(host and host.connected)
+
+
+@contextlib.contextmanager
+def _live_demo(app, tmp_path_factory, tmp_path, scheduler: bool):
+    """A live server offering the server's version, with one real agent at an older version as demo-1."""
+    host, token = Host.enrol("demo-1")
+    db.session.commit()
+    app.config.update(HEARTBEAT_S=0.5, HEARTBEAT_TIMEOUT=5.0, BUILD_AGENT_ON_START=False, FLEET_TICK_S=0.5)
+    builds = str(tmp_path_factory.getbasetemp() / "agent-builds")
+    program = built_agent(OLD_VERSION, builds)
+    releases.register(built_agent(SERVER_VERSION, builds), SERVER_VERSION)
+    with LiveServer(app, scheduler=scheduler) as server:
+        agent = AgentProcess(str(tmp_path / "agent"), program, server.agent_ws_url, token).start()
+        try:
+            wait_until(lambda: _host_online(host.id), timeout=20, what="the demo agent to come online")
+            yield server, host.id
+        finally:
+            agent.stop()
+
+
+@pytest.fixture
+def live_demo(app, cast, tmp_path_factory, tmp_path):
+    with _live_demo(app, tmp_path_factory, tmp_path, scheduler=False) as live:
+        yield live
+
+
+@pytest.fixture
+def live_demo_scheduled(app, cast, tmp_path_factory, tmp_path):
+    """The same, with the background scheduler running (fleet ticks, timeout sweeps)."""
+    with _live_demo(app, tmp_path_factory, tmp_path, scheduler=True) as live:
+        yield live
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_an_admin_logs_in_sees_the_host_online_and_revokes_it_from_its_page(live_demo, browser, tmp_path):
+    server, host_id = live_demo
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.set_default_timeout(10_000)
+
+    page.goto(server.admin_url + "/hosts")
+    assert "/login" in page.url  # anonymous users are sent to log in
+    page.fill("#username", "admin")
+    page.fill("#password", "admin-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(server.admin_url + "/hosts")
+
+    row = page.locator('tr[data-host="demo-1"]')
+    assert row.locator(".chip-online").inner_text() == "online"
+    assert "behind" in row.locator(".chip-behind").inner_text()
+    page.screenshot(path=str(tmp_path / "hosts.png"), full_page=True)
+
+    row.locator("a").click()
+    page.wait_for_url(f"{server.admin_url}/hosts/{host_id}")
+    assert page.locator("h1").inner_text().startswith("demo-1")
+    assert page.locator("#update-button").is_enabled()
+    assert page.locator("footer").inner_text().endswith(server.app.config["SERVER_VERSION"])
+    assert page.evaluate("typeof window.htmx") == "object"  # loaded from /static under the CSP
+    page.screenshot(path=str(tmp_path / "host.png"), full_page=True)
+
+    # The HTMX form: hx-confirm dialog, X-CSRFToken from hx-headers, HX-Redirect back to the page.
+    page.once("dialog", lambda d: d.accept())
+    page.click("text=Revoke agent token")
+    page.wait_for_selector(".chip-revoked")
+    assert "revoked" in page.locator(".flash-info").inner_text()
+    wait_until(lambda: not _host_online(host_id), timeout=10, what="the revoked agent to be dropped")
+    page.screenshot(path=str(tmp_path / "revoked.png"), full_page=True)
+
+    assert problems == [], problems  # no CSP violations, no script errors
+
+
+def _login(page, base_url: str) -> None:
+    page.goto(base_url + "/login")
+    page.fill("#username", "admin")
+    page.fill("#password", "admin-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(base_url + "/")
+
+
+def test_an_admin_presses_update_and_watches_the_job_finish_live(live_demo, browser, tmp_path):
+    server, host_id = live_demo
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(20_000)
+    _login(page, server.admin_url)
+    page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+    page.click("#tile-behind")  # the dashboard tile leads to the filtered list
+    page.wait_for_url(server.admin_url + "/hosts?updates=behind")
+    page.click('tr[data-host="demo-1"] a')
+    page.click("#update-button")  # hx-post; 204 + HX-Redirect reloads the page with the polling panel
+    # The panel polls every second; it turns terminal when the agent says hello at the new version.
+    page.wait_for_selector('#update-status[data-job-status="succeeded"]')
+    panel = page.locator("#update-status").inner_text()
+    assert f"Agent came back at {SERVER_VERSION}" in panel
+    assert page.locator("#update-status").get_attribute("hx-trigger") is None  # polling stopped
+    assert "succeeded" in page.locator("#job-history").inner_text()  # history swapped out of band
+    assert f"{SERVER_VERSION} · current" in page.locator("#host-status").inner_text()
+    page.screenshot(path=str(tmp_path / "updated.png"), full_page=True)
+
+    db.session.expire_all()
+    [job] = db.session.scalars(db.select(Job).where(Job.host_id == host_id)).all()
+    assert job.status == "succeeded" and db.session.get(Host, host_id).agent_version == SERVER_VERSION
+    assert problems == [], problems
+
+
+def test_an_admin_starts_a_fleet_update_and_watches_it_finish(live_demo_scheduled, browser, tmp_path, cast):
+    server, host_id = live_demo_scheduled
+    cast.host_behind.agent_version = SERVER_VERSION  # the cast's offline app-1 would halt the rollout
+    db.session.commit()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(30_000)
+    _login(page, server.admin_url)
+
+    page.click("text=Fleet update")
+    page.wait_for_url(server.admin_url + "/settings/fleet-update")
+    assert "1 host behind" in page.locator("#fleet-status").inner_text()
+    page.once("dialog", lambda d: d.accept())
+    page.click("#fleet-start")
+    page.wait_for_selector('#fleet-status[data-fleet-status="succeeded"]')
+    assert page.locator('#fleet-status tr[data-host="demo-1"] .chip-row-succeeded').count() == 1
+    assert "1 / 1 done" in page.locator("#fleet-status").inner_text()
+    assert "succeeded" in page.locator("#fleet-history").inner_text()
+    page.screenshot(path=str(tmp_path / "fleet.png"), full_page=True)
+
+    db.session.expire_all()
+    assert db.session.get(Host, host_id).agent_version == SERVER_VERSION
+    assert problems == [], problems

@@ -1,0 +1,156 @@
+"""Fleet rolling update: the JSON API and the /settings/fleet-update page.
+
+The rollout's state machine is the update module's (tested there); these tests cover the
+endpoints: start, read, list, cancel, their refusals, roles, and the HTMX page.
+"""
+
+import pytest
+
+from app.extensions import db
+from app.models import FleetUpdate, FleetUpdateHost
+from tests.web.helpers import HX, audit_actions, bearer, error_code
+
+
+def _fleet(fleet_id):
+    db.session.expire_all()
+    return db.session.get(FleetUpdate, fleet_id)
+
+
+@pytest.fixture
+def started(client, cast, admin_token):
+    r = client.post("/api/fleet/update", json={}, headers=bearer(admin_token))
+    assert r.status_code == 201
+    return r.get_json()["fleet_update"]
+
+
+# --- API ---------------------------------------------------------------------------------------
+
+
+def test_the_api_starts_a_rollout_over_every_behind_host(started, cast):
+    assert started["status"] == "running" and started["target_version"] == "2.0.0"
+    assert [(h["name"], h["status"]) for h in started["hosts"]] == [("app-1", "pending")]
+    assert _fleet(started["id"]).status == "running"
+    assert "fleet.update_started" in audit_actions()
+
+
+def test_the_api_rolls_explicit_host_ids_in_the_given_order(client, cast, admin_token):
+    ids = [cast.host_online.id, cast.host_behind.id]
+    r = client.post("/api/fleet/update", json={"host_ids": ids}, headers=bearer(admin_token))
+    assert r.status_code == 201
+    rows = db.session.scalars(db.select(FleetUpdateHost).order_by(FleetUpdateHost.position)).all()
+    assert [row.host_id for row in rows] == ids
+
+
+def test_a_second_rollout_is_409_while_one_runs(started, client, admin_token):
+    r = client.post("/api/fleet/update", json={}, headers=bearer(admin_token))
+    assert r.status_code == 409 and error_code(r) == "fleet_update_running"
+
+
+def test_nothing_behind_is_422(client, cast, admin_token):
+    cast.host_behind.agent_version = "2.0.0"
+    db.session.commit()
+    r = client.post("/api/fleet/update", headers=bearer(admin_token))
+    assert r.status_code == 422 and error_code(r) == "no_hosts_to_update"
+
+
+def test_unknown_host_ids_are_422(client, cast, admin_token):
+    r = client.post("/api/fleet/update", json={"host_ids": [cast.host_behind.id, 9999]}, headers=bearer(admin_token))
+    assert r.status_code == 422 and error_code(r) == "unknown_host_ids"
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_start_refuses_viewers_bad_json_and_get(client, cast, admin_token, viewer_token):
+    r = client.post("/api/fleet/update", json={}, headers=bearer(viewer_token))
+    assert r.status_code == 403 and error_code(r) == "forbidden"
+    r = client.post("/api/fleet/update", data="[", content_type="application/json", headers=bearer(admin_token))
+    assert r.status_code == 400 and error_code(r) == "invalid_json"
+    assert client.get("/api/fleet/update", headers=bearer(admin_token)).status_code == 405
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_a_rollout_reads_back_by_id_and_in_the_history(started, client, viewer_token):
+    got = client.get(f"/api/fleet-updates/{started['id']}", headers=bearer(viewer_token)).get_json()
+    assert got["fleet_update"]["id"] == started["id"] and got["fleet_update"]["total"] == 1
+    history = client.get("/api/fleet-updates", headers=bearer(viewer_token)).get_json()["fleet_updates"]
+    assert [f["id"] for f in history] == [started["id"]]
+
+
+def test_an_unknown_rollout_is_404(client, cast, admin_token):
+    r = client.get("/api/fleet-updates/9999", headers=bearer(admin_token))
+    assert r.status_code == 404 and error_code(r) == "fleet_update_not_found"
+    r = client.post("/api/fleet-updates/9999/cancel", headers=bearer(admin_token))
+    assert r.status_code == 404 and error_code(r) == "fleet_update_not_found"
+
+
+def test_cancel_stops_the_rollout_and_audits(started, client, admin_token):
+    r = client.post(f"/api/fleet-updates/{started['id']}/cancel", headers=bearer(admin_token))
+    assert r.status_code == 200 and r.get_json()["fleet_update"]["status"] == "cancelled"
+    assert _fleet(started["id"]).status == "cancelled"
+    assert "fleet.update_cancelled" in audit_actions()
+    r = client.post(f"/api/fleet-updates/{started['id']}/cancel", headers=bearer(admin_token))
+    assert r.status_code == 409 and error_code(r) == "fleet_update_not_running"
+
+
+def test_cancel_refuses_viewers_and_get(started, client, admin_token, viewer_token):
+    assert client.post(f"/api/fleet-updates/{started['id']}/cancel", headers=bearer(viewer_token)).status_code == 403
+    assert client.get(f"/api/fleet-updates/{started['id']}/cancel", headers=bearer(admin_token)).status_code == 405
+    assert _fleet(started["id"]).status == "running"
+
+
+# --- page --------------------------------------------------------------------------------------
+
+
+def test_the_idle_page_shows_how_many_hosts_are_behind_and_a_start_button(as_admin, cast):
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    assert "1 host behind 2.0.0: app-1." in html
+    assert 'id="fleet-start"' in html and 'id="fleet-start" disabled' not in html
+    assert "No fleet update has run yet." in html
+
+
+def test_viewers_cannot_open_or_use_the_page(as_viewer, cast):
+    assert as_viewer.get("/settings/fleet-update").status_code == 403
+    assert as_viewer.post("/settings/fleet-update/start", headers=HX).status_code == 403
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_the_htmx_start_button_starts_a_rollout_and_redirects(as_admin, cast):
+    r = as_admin.post("/settings/fleet-update/start", headers=HX)
+    assert r.status_code == 204 and r.headers["HX-Redirect"] == "/settings/fleet-update"
+    [fu] = db.session.scalars(db.select(FleetUpdate)).all()
+    assert fu.status == "running" and fu.created_by == "admin"
+
+
+def test_a_plain_form_start_answers_303(as_admin, cast):
+    r = as_admin.post("/settings/fleet-update/start")
+    assert r.status_code == 303 and r.headers["Location"] == "/settings/fleet-update"
+
+
+def test_a_running_rollout_polls_and_offers_cancel(as_admin, cast):
+    as_admin.post("/settings/fleet-update/start")
+    r = as_admin.get("/settings/fleet-update/status", headers=HX)
+    html = r.get_data(as_text=True)
+    assert "<html" not in html and 'hx-trigger="every 1s"' in html
+    assert 'id="fleet-cancel"' in html and 'data-host="app-1"' in html and "<progress" in html
+    assert 'id="fleet-history" hx-swap-oob="true"' in html
+
+
+def test_starting_with_nothing_behind_answers_the_partial_with_422(as_admin, cast):
+    cast.host_behind.agent_version = "2.0.0"
+    db.session.commit()
+    r = as_admin.post("/settings/fleet-update/start", headers=HX)
+    assert r.status_code == 422 and b"no host is behind" in r.data and b'id="fleet-status"' in r.data
+
+
+def test_cancel_from_the_page_stops_the_rollout_and_polling(as_admin, cast):
+    as_admin.post("/settings/fleet-update/start")
+    fu = db.session.scalar(db.select(FleetUpdate))
+    r = as_admin.post(f"/settings/fleet-update/{fu.id}/cancel", headers=HX)
+    assert r.status_code == 204 and r.headers["HX-Redirect"] == "/settings/fleet-update"
+    assert _fleet(fu.id).status == "cancelled"
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert "hx-trigger" not in html and 'data-fleet-status="cancelled"' in html
+
+
+def test_cancel_of_a_missing_rollout_is_404_and_get_is_405(as_admin, cast):
+    assert as_admin.post("/settings/fleet-update/9999/cancel").status_code == 404
+    assert as_admin.get("/settings/fleet-update/1/cancel").status_code == 405

@@ -1,0 +1,56 @@
+"""/hosts/new: an admin adds a host and sees its token and install command once."""
+
+from app.extensions import db
+from app.models import AuditEvent, Host
+
+
+def test_the_add_host_form_renders_for_admins(as_admin):
+    r = as_admin.get("/hosts/new")
+    assert r.status_code == 200 and b'name="name"' in r.data
+
+
+def test_it_adds_a_host_and_shows_the_token_and_install_command_once(as_admin, app):
+    r = as_admin.post("/hosts/new", data={"name": "mail-1"})
+    assert r.status_code == 201
+    html = r.get_data(as_text=True)
+    token = html.split('id="agent-token">')[1].split("<")[0]
+    assert token.startswith("rma_")
+    assert (
+        "curl -fsSL http://127.0.0.1:8081/agent/install.sh | sudo sh -s -- "
+        f"--server ws://127.0.0.1:8081 --token {token}"
+    ) in html
+    db.session.expire_all()
+    host = Host.by_token(token)
+    assert host is not None and host.name == "mail-1"
+    ev = db.session.scalar(db.select(AuditEvent).where(AuditEvent.action == "host.enrolled"))
+    assert ev.target == "mail-1" and ev.actor == "admin"
+    # the token is never shown again
+    assert token not in as_admin.get(f"/hosts/{host.id}").get_data(as_text=True)
+
+
+def test_the_install_command_uses_the_public_agent_url_when_configured(as_admin, app):
+    app.config["PUBLIC_AGENT_URL"] = "https://agents.example.org/"
+    html = as_admin.post("/hosts/new", data={"name": "mail-2"}).get_data(as_text=True)
+    assert "curl -fsSL https://agents.example.org/agent/install.sh" in html
+    assert "--server wss://agents.example.org --token" in html
+
+
+def test_it_rejects_an_invalid_name(as_admin):
+    r = as_admin.post("/hosts/new", data={"name": "bad name!"})
+    assert r.status_code == 400
+    assert db.session.scalar(db.select(Host).where(Host.name == "bad name!")) is None
+
+
+def test_it_rejects_a_duplicate_name(as_admin, cast):
+    r = as_admin.post("/hosts/new", data={"name": "web-1"})
+    assert r.status_code == 409 and b"already exists" in r.data
+
+
+def test_viewers_cannot_add_hosts(as_viewer):
+    assert as_viewer.get("/hosts/new").status_code == 403
+    assert as_viewer.post("/hosts/new", data={"name": "x"}).status_code == 403
+    assert db.session.scalar(db.select(Host).where(Host.name == "x")) is None
+
+
+def test_add_host_refuses_other_methods(as_admin):
+    assert as_admin.delete("/hosts/new").status_code == 405
