@@ -136,9 +136,12 @@ def host_ping(host_id: int):
 def host_update(host_id: int):
     from ..updates import dispatch
 
-    _json_body()  # reject a malformed body even though no field is needed
+    body = _json_body()
+    allow_downgrade = body.get("allow_downgrade", False)
+    if not isinstance(allow_downgrade, bool):
+        return error_response(400, "invalid_field", "allow_downgrade must be true or false")
     try:
-        job = dispatch.dispatch_update(host_id, actor_name())
+        job = dispatch.dispatch_update(host_id, actor_name(), allow_downgrade=allow_downgrade)
     except dispatch.UpdateRefusal as r:
         db.session.rollback()
         return error_response(r.status, r.code, r.message)

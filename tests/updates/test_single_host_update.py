@@ -214,3 +214,25 @@ def test_the_in_flight_registry_is_rebuilt_from_the_jobs_table(cast, agent_for):
     fresh = InFlightRegistry()
     entry = fresh.get(cast.host_behind.id)
     assert entry.job_id == job.id and entry.target_version == SERVER_VERSION and not entry.restarting
+
+
+def test_an_agent_ahead_of_the_server_is_only_downgraded_when_asked(cast, agent_for, release):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, "3.0.0")
+    with pytest.raises(dispatch.UpdateRefusal) as e:
+        dispatch.dispatch_update(cast.host_behind.id, "admin")
+    assert e.value.code == "already_current" and "allow_downgrade" in e.value.message
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin", allow_downgrade=True)
+    cmd = agent.expect("command.update")
+    assert cmd.data["allow_downgrade"] is True and cmd.data["job_id"] == job.id
+
+
+def test_the_api_passes_allow_downgrade_and_rejects_a_non_boolean(cast, agent_for, app):
+    agent_for(cast.host_behind, cast.host_behind_token, "3.0.0")
+    client = app.test_client()
+    client.post("/login", data={"username": "admin", "password": "admin-pass-123"})
+    r = client.post(f"/api/hosts/{cast.host_behind.id}/update", json={"allow_downgrade": "yes"})
+    assert r.status_code == 400 and r.json["error"]["code"] == "invalid_field"
+    r = client.post(f"/api/hosts/{cast.host_behind.id}/update", json={})
+    assert r.status_code == 409 and r.json["error"]["code"] == "already_current"
+    r = client.post(f"/api/hosts/{cast.host_behind.id}/update", json={"allow_downgrade": True})
+    assert r.status_code == 202 and r.json["job"]["status"] == "running"
