@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="The restic-manager agent service.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (required)")
     parser.add_argument("--version", action="store_true", help="print the agent version and exit")
+    parser.add_argument(
+        "--install-guard",
+        metavar="DIR",
+        help="write the start-up guard script (systemd ExecStartPre=) into DIR and exit",
+    )
     return parser
 
 
@@ -26,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.version:
         print(get_version())
+        return EX_OK
+    if args.install_guard:
+        from agent.recovery import install_guard
+
+        try:
+            print(install_guard(args.install_guard))
+        except OSError as exc:
+            print(f"{PROG}: cannot install the guard: {exc}", file=sys.stderr)
+            return EX_SOFTWARE
         return EX_OK
     if not args.config:
         _parser().error("the following arguments are required: --config")

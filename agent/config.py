@@ -11,9 +11,21 @@ from urllib.parse import urlsplit
 from agent import program_path
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_BACKOFF_MAX_S = 30.0
+DEFAULT_BACKOFF_MAX_S = 10.0
 
-_KNOWN_KEYS = ("server_url", "token", "heartbeat_s", "backoff_max_s", "state_dir", "log_level")
+DEFAULT_PROBATION_S = 60.0
+
+_KNOWN_KEYS = (
+    "server_url",
+    "token",
+    "heartbeat_s",
+    "backoff_max_s",
+    "state_dir",
+    "log_level",
+    "release_public_key",
+    "allow_unsigned_updates",
+    "probation_s",
+)
 
 
 class ConfigError(Exception):
@@ -29,6 +41,14 @@ class AgentConfig:
     backoff_max_s: float
     state_dir: str
     log_level: str
+    release_public_key: str | None = None  # base64 raw ed25519 key pinned at install
+    allow_unsigned_updates: bool = False  # lab opt-out: accept unsigned releases when no key is pinned
+    probation_s: float = DEFAULT_PROBATION_S  # a new program must reach the server within this
+
+    @property
+    def updates_allowed(self) -> bool:
+        """True when the config lets this agent accept an update at all (a key, or the opt-out)."""
+        return bool(self.release_public_key) or self.allow_unsigned_updates
 
     @property
     def ws_url(self) -> str:
@@ -104,6 +124,20 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
         if log_level not in LOG_LEVELS:
             raise fail(f"'log_level' must be one of {', '.join(LOG_LEVELS)}, got {raw['log_level']!r}")
 
+    release_public_key = None
+    if "release_public_key" in raw:
+        from agent.signing import public_key_is_valid
+
+        release_public_key = _string(raw, "release_public_key", fail)
+        if not public_key_is_valid(release_public_key):
+            raise fail("'release_public_key' must be the base64 of a 32-byte ed25519 public key")
+    allow_unsigned = raw.get("allow_unsigned_updates", False)
+    if not isinstance(allow_unsigned, bool):
+        raise fail(f"'allow_unsigned_updates' must be true or false, got {allow_unsigned!r}")
+    probation_s = DEFAULT_PROBATION_S
+    if "probation_s" in raw:
+        probation_s = _number(raw, "probation_s", fail, low=0.5, high=86400)
+
     return AgentConfig(
         path=path,
         server_url=server_url.rstrip("/"),
@@ -112,6 +146,9 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
         backoff_max_s=backoff_max_s,
         state_dir=os.path.abspath(state_dir),
         log_level=log_level,
+        release_public_key=release_public_key,
+        allow_unsigned_updates=allow_unsigned,
+        probation_s=probation_s,
     )
 
 

@@ -12,6 +12,8 @@ EX_SOFTWARE = 70
 EX_CONFIG = 78
 #: After swapping in a new program the agent exits 0 so that ``Restart=always`` starts the new file.
 EX_UPDATE_RESTART = 0
+#: After rolling back to the previous program (probation failed) the agent exits 0 for the same reason.
+EX_ROLLBACK_RESTART = 0
 
 
 class StopFlag:

@@ -75,6 +75,14 @@ def parse_db_url(name: str, value: str) -> str:
     return value
 
 
+def parse_public_key(name: str, value: str) -> str:
+    from agent.signing import public_key_is_valid
+
+    if not public_key_is_valid(value.strip()):
+        raise ConfigError(f"{name}: not the base64 of a 32-byte Ed25519 public key")
+    return value.strip()
+
+
 # env var -> (config key, parser)
 ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_DATABASE_URL": ("SQLALCHEMY_DATABASE_URI", parse_db_url),
@@ -95,10 +103,12 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_THREAD_STACK_KIB": ("THREAD_STACK_KIB", lambda n, v: parse_int(n, v, 0, 65536)),
     "RM_SWITCH_INTERVAL": ("SWITCH_INTERVAL", lambda n, v: parse_float(n, v, 0.0001)),
     "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
+    "RM_FLEET_OFFLINE_GRACE_S": ("FLEET_OFFLINE_GRACE_S", lambda n, v: parse_float(n, v, 0.0)),
     "RM_LOG_LEVEL": ("LOG_LEVEL", parse_str),
     "RM_AGENT_MSG_RATE": ("AGENT_MSG_RATE", lambda n, v: parse_float(n, v, 0.1)),
     "RM_AGENT_MSG_BURST": ("AGENT_MSG_BURST", lambda n, v: parse_float(n, v, 1.0)),
     "RM_RELEASE_SIGNING_KEY": ("RELEASE_SIGNING_KEY", parse_str),
+    "RM_RELEASE_PUBLIC_KEY": ("RELEASE_PUBLIC_KEY", parse_public_key),
     "RM_DOWNLOAD_RATE_KIB": ("DOWNLOAD_RATE_KIB", lambda n, v: parse_int(n, v, 0)),
 }
 
@@ -128,11 +138,13 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "THREAD_STACK_KIB": 512,
         "SWITCH_INTERVAL": None,  # sys.setswitchinterval for serve; None keeps Python's 0.005 s
         "FLEET_TICK_S": 5.0,
+        "FLEET_OFFLINE_GRACE_S": 30.0,
         "LOG_LEVEL": "INFO",
         "DOWNLOAD_RATE_KIB": 0,
         "AGENT_MSG_RATE": 20.0,
         "AGENT_MSG_BURST": 100.0,
         "RELEASE_SIGNING_KEY": None,
+        "RELEASE_PUBLIC_KEY": None,
         "RELEASES_DIR": os.path.join(instance_path, "releases"),
         "SCHEDULER_ENABLED": False,  # only `serve` runs the background jobs: one scheduler per deployment
         "BUILD_AGENT_ON_START": False,

@@ -39,7 +39,26 @@ def _ensure_admin() -> str:
     return f"login: admin / {password}   (shown once; change it with `restic-manager users set-password admin`)"
 
 
-def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int) -> str:
+def _ensure_demo_key(app: Flask) -> str:
+    """Use (or create) a demo release key in the instance folder; return the public key to pin.
+
+    A real deployment keeps its release key offline and signs with ``build-agent --sign-key``;
+    the demo signs on the server so that one command shows the whole signed update.
+    """
+    from agent.signing import generate_keypair, public_key_from_private
+
+    path = app.config.get("RELEASE_SIGNING_KEY") or os.path.join(app.instance_path, "demo-release-key.pem")
+    if not os.path.exists(path):
+        pem, _ = generate_keypair()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+    app.config["RELEASE_SIGNING_KEY"] = path
+    with open(path, "rb") as f:
+        return public_key_from_private(f.read())
+
+
+def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int, public_key: str) -> str:
     """Enrol (or re-key) the demo host and write its agent config; return the config path."""
     from .models import AuditEvent, Host
 
@@ -56,7 +75,9 @@ def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int) -> str:
     os.makedirs(agent_dir, exist_ok=True)
     path = os.path.join(agent_dir, "agent.toml")
     with open(path, "w") as f:
-        f.write(f'server_url = "ws://{host_addr}:{agent_port}"\ntoken = "{token}"\n')
+        f.write(
+            f'server_url = "ws://{host_addr}:{agent_port}"\ntoken = "{token}"\nrelease_public_key = "{public_key}"\n'
+        )
     os.chmod(path, 0o600)
     return path
 
@@ -79,11 +100,13 @@ def run_demo(app: Flask, agent_version: str) -> int:
         built = build_agent(agent_version, agent_dir)
         os.replace(built.path, program)
 
+    public_key = _ensure_demo_key(app)
+    app.config["BUILD_AGENT_ON_START"] = True
     tune_threads(app.config["THREAD_STACK_KIB"])
     servers = Servers(app)
     servers.start()
     with app.app_context():
-        config_path = _ensure_demo_host(app, agent_dir, servers.agent_port)
+        config_path = _ensure_demo_host(app, agent_dir, servers.agent_port, public_key)
         db.session.remove()
     agent = Supervisor(
         [sys.executable, program, "--config", config_path], cwd=agent_dir, log_path=os.path.join(agent_dir, "agent.log")

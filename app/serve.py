@@ -18,6 +18,7 @@ from flask import Flask
 from werkzeug.serving import ThreadedWSGIServer
 
 from .extensions import db
+from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def prepare(app: Flask) -> None:
     db.session.execute(sa.update(Host).where(Host.connected.is_(True)).values(connected=False))
     db.session.commit()
     app.extensions["rm.inflight"].reload()
+    app.extensions["rm.started_at"] = utcnow()
     if app.config.get("BUILD_AGENT_ON_START", True):
         rel = releases.ensure_current_release()
         log.info("agent release %s (%s, %d bytes, sha256 %s)", rel.version, rel.platform, rel.size, rel.sha256)

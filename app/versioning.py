@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from packaging.version import InvalidVersion, Version
-
-from agent.version import get_version
+from agent.version import compare_versions, get_version
 
 
 def server_version(config) -> str:
@@ -13,8 +11,8 @@ def server_version(config) -> str:
 
 
 def is_newer(a: str, b: str) -> bool:
-    """Return True when version ``a`` sorts after ``b`` (PEP 440; plain string order otherwise)."""
-    try:
-        return Version(a) > Version(b)
-    except InvalidVersion:
-        return a > b
+    """Return True when version ``a`` sorts after ``b`` (PEP 440; plain string order otherwise).
+
+    The agent's comparison, so that server and agent agree on what a downgrade is.
+    """
+    return compare_versions(a, b) > 0

@@ -1,12 +1,18 @@
 #!/bin/sh
 # Install the restic-manager agent on a Linux host with systemd.
 #   curl -fsSL http://SERVER:8081/agent/install.sh | sudo sh -s -- --server ws://SERVER:8081 --token TOKEN
-# Downloads the server's current agent (checking its sha256), writes the config, installs and
-# starts the systemd unit. Re-running it upgrades the unit and the program in place.
+# Downloads the server's current agent (checking its sha256), installs the start-up guard, writes
+# the config (pinning the release public key), installs and starts the systemd unit. Re-running
+# it upgrades the unit and the program in place.
+#   --release-key KEY   base64 ed25519 release public key to pin (default: the server's
+#                       X-Release-Public-Key header on the download, if it sends one)
+#   --allow-unsigned    accept unsigned self-updates when no key is pinned (labs only)
 set -eu
 
 SERVER=""
 TOKEN=""
+RELEASE_KEY=""
+ALLOW_UNSIGNED=""
 # The locations can be moved (packaging, tests); the unit file expects these defaults.
 STATE_DIR="${RM_AGENT_STATE_DIR:-/var/lib/restic-manager-agent}"
 CONF_DIR="${RM_AGENT_CONF_DIR:-/etc/restic-manager-agent}"
@@ -19,6 +25,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --server) SERVER="${2:-}"; shift 2 ;;
         --token) TOKEN="${2:-}"; shift 2 ;;
+        --release-key) RELEASE_KEY="${2:-}"; shift 2 ;;
+        --allow-unsigned) ALLOW_UNSIGNED=1; shift ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -42,9 +50,16 @@ curl -fsS -D "$headers" -H "Authorization: Bearer $TOKEN" -o "$tmp" "$HTTP/agent
     || die "download failed (wrong token or server unreachable?)"
 want=$(tr -d '\r' < "$headers" | awk 'tolower($1)=="x-checksum-sha256:" {print $2}')
 got=$(sha256sum "$tmp" | cut -d' ' -f1)
+[ -n "$RELEASE_KEY" ] || RELEASE_KEY=$(tr -d '\r' < "$headers" | awk 'tolower($1)=="x-release-public-key:" {print $2}')
 rm -f "$headers"
 [ -n "$want" ] && [ "$want" = "$got" ] || { rm -f "$tmp"; die "checksum mismatch (want $want, got $got)"; }
+case "$RELEASE_KEY" in
+    *[!A-Za-z0-9+/=]*) rm -f "$tmp"; die "--release-key must be base64" ;;
+esac
 mv -f "$tmp" "$STATE_DIR/restic-manager-agent.pyz"
+# the guard runs before every start (ExecStartPre=): it rolls back a new program that cannot start
+python3 "$STATE_DIR/restic-manager-agent.pyz" --install-guard "$STATE_DIR" >/dev/null \
+    || die "could not install the start-up guard"
 
 umask 077
 cat > "$CONF_DIR/agent.toml" <<CONF
@@ -52,6 +67,15 @@ server_url = "$SERVER"
 token = "$TOKEN"
 state_dir = "$STATE_DIR"
 CONF
+if [ -n "$RELEASE_KEY" ]; then
+    echo "release_public_key = \"$RELEASE_KEY\"" >> "$CONF_DIR/agent.toml"
+elif [ -n "$ALLOW_UNSIGNED" ]; then
+    echo "allow_unsigned_updates = true" >> "$CONF_DIR/agent.toml"
+    echo "install-agent: WARNING: unsigned self-updates allowed (no release key pinned)" >&2
+else
+    echo "install-agent: no release key pinned: this agent will not update itself" \
+        "(re-run with --release-key KEY, or --allow-unsigned in a lab)" >&2
+fi
 
 if [ -f /usr/share/restic-manager-agent/restic-manager-agent.service ]; then
     cp /usr/share/restic-manager-agent/restic-manager-agent.service "$UNIT"

@@ -7,6 +7,11 @@ in: on POSIX by one ``os.replace`` (see :mod:`agent.updater.posix`), on Windows 
 helper script that waits for this process to exit (see :mod:`agent.updater.windows`). The previous
 program is kept as ``<program>.old``. Any failure before the swap raises :class:`UpdateError` with
 a reason meant for the operator, removes the partial ``.new`` and leaves the running program alone.
+
+Before anything is downloaded, the command's manifest (version, platform, size, sha256) must carry
+a valid ed25519 signature by the release key pinned in the config (:mod:`agent.signing`); the
+downloaded file must then match that signed size and sha256. Just before the final rename a
+probation marker is written, so the new program can commit or roll back (:mod:`agent.recovery`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from agent import platform_tag
+from agent import platform_tag, recovery, signing
+from agent.recovery import failpoint, fsync_dir
+from agent.version import compare_versions
 
 log = logging.getLogger("agent.updater")
 
@@ -55,6 +62,7 @@ class UpdateCommand:
     size: int
     signature: str | None = None
     platform: str | None = None
+    allow_downgrade: bool = False
 
     @classmethod
     def from_data(cls, data: dict) -> UpdateCommand:
@@ -67,7 +75,13 @@ class UpdateCommand:
             size=data["size"],
             signature=data.get("signature"),
             platform=data.get("platform"),
+            allow_downgrade=data.get("allow_downgrade") is True,
         )
+
+    @property
+    def manifest(self) -> bytes:
+        """The bytes the release signature covers (the platform defaults to ``py3-any``)."""
+        return signing.manifest_bytes(self.version, self.platform or platform_tag(), self.size, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,8 @@ def write_state(state_dir: str, state: dict) -> None:
 def last_update_for_hello(state_dir: str, running_version: str) -> dict | None:
     """Return the ``last_update`` a hello should carry: the unreported outcome, or None."""
     state = read_state(state_dir)
-    if not state or state.get("reported"):
-        return None
+    if not state or state.get("reported") or state.get("outcome") == recovery.OUTCOME_STARTED:
+        return None  # "started" is an update still running (or one start-up repair will settle)
     outcome, error = state.get("outcome"), state.get("error")
     if outcome == "swapped" and state.get("version") != running_version:
         # the service manager started something other than what we swapped in
@@ -160,17 +174,6 @@ def mark_reported(state_dir: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def fsync_dir(path: str) -> None:
-    """Flush a directory entry to disk so a rename survives a power cut (no-op where unsupported)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -186,7 +189,7 @@ def _remove(path: str) -> None:
         pass
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
@@ -210,6 +213,8 @@ class Updater:
         os_name: str = os.name,
         spawn: Callable | None = None,
         pid: int | None = None,
+        release_public_key: str | None = None,
+        allow_unsigned: bool = False,
     ):
         self.program = os.path.abspath(program)
         self.state_dir = state_dir
@@ -222,6 +227,8 @@ class Updater:
         self.os_name = os_name
         self.spawn = spawn
         self.pid = pid if pid is not None else os.getpid()
+        self.release_public_key = release_public_key
+        self.allow_unsigned = allow_unsigned
         self._cancelled: Callable[[], bool] = lambda: False
 
     @property
@@ -235,26 +242,50 @@ class Updater:
         :raise UpdateError: on any failure before the swap; the program is untouched.
         """
         self._cancelled = cancelled
+        self._check(cmd)  # refusals leave no trace but the update.result
+        started = {
+            "job_id": cmd.job_id,
+            "version": cmd.version,
+            "from_version": self.current_version,
+            "outcome": recovery.OUTCOME_STARTED,
+            "error": None,
+            "reported": False,
+            "at": now_iso(),
+        }
         try:
-            self._check(cmd)
+            # if the agent dies from here on, start-up repair turns "started" into "failed"
+            write_state(self.state_dir, started)
             self._download(cmd, progress)
             progress("verifying", cmd.size, cmd.size)
             self._verify(cmd)
+            failpoint("after_download", self.state_dir)
             progress("staging", cmd.size, cmd.size)
             self._swap(cmd)
-        except UpdateError:
+        except (UpdateError, OSError) as exc:
             _remove(self.staged)
-            raise
-        except OSError as exc:
-            _remove(self.staged)
-            raise UpdateError(f"update failed: {exc}") from exc
+            error = str(exc) if isinstance(exc, UpdateError) else f"update failed: {exc}"
+            try:
+                write_state(self.state_dir, {**started, "outcome": "failed", "error": error, "at": now_iso()})
+            except OSError as state_exc:
+                log.warning("cannot record the failed update: %s", state_exc)
+            if isinstance(exc, UpdateError):
+                raise
+            raise UpdateError(error) from exc
         progress("restarting", cmd.size, cmd.size)
 
     def _check(self, cmd: UpdateCommand) -> None:
         if not can_self_update(self.program):
             raise UpdateError(f"cannot self-update: {os.path.dirname(self.program)} is not writable")
-        if cmd.platform and cmd.platform != platform_tag():
+        if not recovery.SAFE_VERSION_RE.match(cmd.version):
+            raise UpdateError(f"invalid version {cmd.version!r}: use letters, digits and . + _ -")
+        if (cmd.platform or platform_tag()) != platform_tag():
             raise UpdateError(f"artifact platform {cmd.platform!r} does not match this agent's {platform_tag()!r}")
+        self._check_signature(cmd)
+        if compare_versions(cmd.version, self.current_version) < 0 and not cmd.allow_downgrade:
+            raise UpdateError(
+                f"refusing a downgrade: version {cmd.version} is older than the running {self.current_version} "
+                "(the operator must ask for a downgrade explicitly)"
+            )
         if not _SHA256_RE.match(cmd.sha256):
             raise UpdateError(f"invalid sha256 {cmd.sha256!r}: expected 64 hex digits")
         if not 0 < cmd.size <= MAX_ARTIFACT_BYTES:
@@ -265,6 +296,26 @@ class Updater:
         free = self.disk_usage(directory).free
         if free < need:
             raise UpdateError(f"not enough free space in {directory}: need {need} bytes, {free} available")
+
+    def _check_signature(self, cmd: UpdateCommand) -> None:
+        """Verify the signed manifest before a single byte is downloaded."""
+        if self.release_public_key:
+            if not cmd.signature:
+                raise UpdateError(
+                    "unsigned release refused: this agent pins a release key and the update has no signature"
+                )
+            if not signing.verify(self.release_public_key, cmd.manifest, cmd.signature):
+                raise UpdateError(
+                    f"bad release signature: the signature does not match version {cmd.version} "
+                    f"({cmd.platform or platform_tag()}, {cmd.size} bytes, sha256 {cmd.sha256}) "
+                    "under the pinned release key"
+                )
+        elif not self.allow_unsigned:
+            raise UpdateError("unsigned release refused: no release key is pinned and allow_unsigned_updates is off")
+        else:
+            log.warning(
+                "accepting an UNVERIFIED release %s: no release key is pinned (allow_unsigned_updates)", cmd.version
+            )
 
     def _download(self, cmd: UpdateCommand, progress: Progress) -> None:
         url = resolve_url(self.server_url, cmd.url)
@@ -366,7 +417,7 @@ class Updater:
             "outcome": "swapped",
             "error": None,
             "reported": False,
-            "at": _now_iso(),
+            "at": now_iso(),
         }
         # Import before the swap: once the archive is replaced, zipimport would read the new file
         # with the old file's offsets, so nothing may be imported from the program after it.
@@ -383,9 +434,23 @@ class Updater:
         else:
             from agent.updater import posix
 
-            posix.swap(self.program, self.staged)
+            posix.keep_old(self.program)
+            failpoint("after_old", self.state_dir)
+            # the marker exists before the new program can: whatever starts next knows it is on probation
+            marker = recovery.new_marker(cmd.job_id, self.current_version, cmd.version, cmd.sha256)
+            try:
+                recovery.write_marker(self.state_dir, marker)
+            except OSError as exc:
+                raise UpdateError(f"cannot write the probation marker: {exc}") from exc
+            failpoint("between_renames", self.state_dir)
+            try:
+                posix.replace(self.program, self.staged)
+            except UpdateError:
+                recovery.remove_marker(self.state_dir)
+                raise
+            failpoint("after_swap", self.state_dir)
             # past the swap there is no going back: a failure to record the state must not stop the
-            # restart (the server still sees the new version in the next hello)
+            # restart (the marker tells the new program what happened)
             try:
                 write_state(self.state_dir, state)
             except OSError as exc:

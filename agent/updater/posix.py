@@ -6,14 +6,14 @@ import logging
 import os
 import shutil
 
-from agent.updater import UpdateError, fsync_dir
+from agent.recovery import fsync_dir
+from agent.updater import UpdateError
 
 log = logging.getLogger("agent.updater")
 
 
-def swap(program: str, staged: str) -> None:
-    """Replace ``program`` with the verified ``staged`` file, keeping the previous one as ``.old``."""
-    directory = os.path.dirname(program)
+def keep_old(program: str) -> None:
+    """Copy ``program`` to ``.old`` through ``.old.tmp``, so ``.old`` is always whole."""
     old, old_tmp = program + ".old", program + ".old.tmp"
     try:
         # copy, not rename: the program path must exist at every instant, and .old must be whole
@@ -28,6 +28,11 @@ def swap(program: str, staged: str) -> None:
         except FileNotFoundError:
             pass
         raise UpdateError(f"cannot keep the current program as {old}: {exc}") from exc
+
+
+def replace(program: str, staged: str) -> None:
+    """One atomic rename of the verified ``staged`` file over ``program``, then fsync the directory."""
+    directory = os.path.dirname(program)
     try:
         os.replace(staged, program)
     except OSError as exc:
@@ -36,3 +41,9 @@ def swap(program: str, staged: str) -> None:
         fsync_dir(directory)
     except OSError as exc:  # the rename happened; durability is best effort from here on
         log.warning("cannot fsync %s after the swap: %s", directory, exc)
+
+
+def swap(program: str, staged: str) -> None:
+    """Replace ``program`` with the verified ``staged`` file, keeping the previous one as ``.old``."""
+    keep_old(program)
+    replace(program, staged)

@@ -90,6 +90,11 @@ def download(version: str):
             max_age=0,
         )
     resp.headers["X-Checksum-Sha256"] = release.sha256
+    from ..updates.releases import public_key
+
+    key = public_key()
+    if key:
+        resp.headers["X-Release-Public-Key"] = key
     resp.headers["X-Agent-Version"] = release.version
     if release.signature:
         resp.headers["X-Agent-Signature"] = release.signature

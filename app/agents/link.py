@@ -42,13 +42,12 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     try:
         record_hello(host_id, data)
         conn.send(
-            protocol.encode(
-                "welcome", {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"]}
-            )
+            protocol.encode("welcome", {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"]})
         )
-        from ..updates import watcher
+        from ..updates import fleet, watcher
 
         watcher.on_hello(host_id, data)
+        fleet.host_connected(host_id)
         _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"], touch_every=max(1.0, cfg["HEARTBEAT_S"] / 2))
     except ConnectionClosed:
         pass

@@ -49,14 +49,9 @@ def fleet_start():
     try:
         fu = fleet.start(actor_name())
     except fleet.FleetRefusal as refusal:
-        db.session.rollback()
-        if is_htmx():
-            return render_template("fleet/_status.html", **_context(message=refusal.message)), refusal.status
-        flash(refusal.message, "error")
-        return redirect(url_for("main.fleet_update"), code=303)
+        return _refused(refusal)
     flash(f"Fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s).", "info")
-    target = url_for("main.fleet_update")
-    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+    return _back_to_page()
 
 
 @bp.route("/settings/fleet-update/<int:fleet_id>/cancel", methods=["POST"])
@@ -69,11 +64,20 @@ def fleet_cancel(fleet_id: int):
     try:
         fleet.cancel(fleet_id, actor_name())
     except fleet.FleetRefusal as refusal:
-        db.session.rollback()
-        if is_htmx():
-            return render_template("fleet/_status.html", **_context(message=refusal.message)), refusal.status
-        flash(refusal.message, "error")
-        return redirect(url_for("main.fleet_update"), code=303)
+        return _refused(refusal)
     flash(f"Fleet update {fleet_id} cancelled; the host being updated finishes its own job.", "info")
+    return _back_to_page()
+
+
+def _refused(refusal):
+    """Show a refused start or cancel: in place for HTMX, as a flash message otherwise."""
+    db.session.rollback()
+    if is_htmx():
+        return render_template("fleet/_status.html", **_context(message=refusal.message)), refusal.status
+    flash(refusal.message, "error")
+    return redirect(url_for("main.fleet_update"), code=303)
+
+
+def _back_to_page():
     target = url_for("main.fleet_update")
     return _hx_redirect(target) if is_htmx() else redirect(target, code=303)

@@ -71,10 +71,14 @@ def agent_ws_url(request_host: str | None = None) -> str:
 
 def install_command(token: str, request_host: str | None = None) -> str:
     base = agent_base_url(request_host)
-    return (
+    cmd = (
         f"curl -fsSL {shlex.quote(base + '/agent/install.sh')} | sudo sh -s -- "
         f"--server {shlex.quote(agent_ws_url(request_host))} --token {shlex.quote(token)}"
     )
+    from ..updates.releases import public_key
+
+    key = public_key()
+    return f"{cmd} --release-key {shlex.quote(key)}" if key else cmd
 
 
 def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:

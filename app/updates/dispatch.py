@@ -114,17 +114,17 @@ def dispatch_update(
         },
     )
     db.session.add(job)
-    db.session.flush()
-    AuditEvent.record(
-        actor, "host.update_dispatched", host.name, host_id=host.id, job_id=job.id, version=release.version
-    )
-    if fleet_host_row_id is not None:
-        db.session.execute(
-            sa.update(FleetUpdateHost)
-            .where(FleetUpdateHost.id == fleet_host_row_id)
-            .values(status="running", job_id=job.id, started_at=now)
-        )
     try:
+        db.session.flush()
+        AuditEvent.record(
+            actor, "host.update_dispatched", host.name, host_id=host.id, job_id=job.id, version=release.version
+        )
+        if fleet_host_row_id is not None:
+            db.session.execute(
+                sa.update(FleetUpdateHost)
+                .where(FleetUpdateHost.id == fleet_host_row_id)
+                .values(status="running", job_id=job.id, started_at=now)
+            )
         db.session.commit()
     except IntegrityError:
         # The partial unique index refused a second running update job for this host.

@@ -170,8 +170,7 @@ def tick() -> bool:
     if nxt is None:
         _succeed(fu)
         return True
-    _advance(fu, nxt)
-    return True
+    return _advance(fu, nxt)
 
 
 def _settle_finished_rows() -> bool:
@@ -197,28 +196,55 @@ def _settle_finished_rows() -> bool:
     return False
 
 
-def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> None:
+_waiting_for: int | None = None
+
+
+def host_connected(host_id: int) -> None:
+    """Called on every agent hello: wake the rollout if it is waiting for this host to come back."""
+    if _waiting_for == host_id:
+        wake()
+
+
+def _offline_grace_left(host: Host) -> float:
+    """Seconds this offline host still gets to reconnect before the rollout halts at it.
+
+    After a server restart every host is offline until its agent reconnects (with backoff), so
+    the grace counts from the later of the host's last sighting and this server's start.
+    """
+    started = current_app.extensions.get("rm.started_at")
+    since = max(t for t in (host.last_seen, started) if t is not None) if (host.last_seen or started) else utcnow()
+    return float(current_app.config["FLEET_OFFLINE_GRACE_S"]) - (utcnow() - since).total_seconds()
+
+
+def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
+    global _waiting_for
     host = row.host
     now = utcnow()
     if host.agent_version == fu.target_version:
         _finish_row(row, "skipped", None)
-        return
+        return True
     if not host.connected or not current_app.extensions["rm.connections"].is_connected(host.id):
+        if _offline_grace_left(host) > 0:
+            _waiting_for = host.id  # its hello wakes us; the periodic tick re-checks the grace
+            db.session.rollback()
+            return False
         _finish_row(row, "failed", f"host {host.name} is offline")
         _halt(fu, row)
-        return
+        return True
+    _waiting_for = None
     try:
         dispatch.dispatch_update(host.id, f"fleet:{fu.id}", fleet_host_row_id=row.id)
     except dispatch.UpdateRefusal as refusal:
         db.session.rollback()
         if refusal.code == "already_current":
             _finish_row(row, "skipped", refusal.message)
-            return
+            return True
         row = db.session.get(FleetUpdateHost, row.id)
         _finish_row(row, "failed", refusal.message)
         _halt(fu, row)
-        return
+        return True
     log.info("fleet update %s: dispatched host %s (%s)", fu.id, host.name, now)
+    return True
 
 
 def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:

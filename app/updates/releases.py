@@ -75,6 +75,19 @@ def signing_key() -> bytes | None:
         return f.read()
 
 
+def public_key() -> str | None:
+    """The release public key agents should pin: ``RM_RELEASE_PUBLIC_KEY``, or derived from the signing key."""
+    configured = current_app.config.get("RELEASE_PUBLIC_KEY")
+    if configured:
+        return configured
+    key = signing_key()
+    if key is None:
+        return None
+    from agent.signing import public_key_from_private
+
+    return public_key_from_private(key)
+
+
 def sign_file(path: str, version: str, platform: str, key: bytes) -> str:
     """Sign the artifact's manifest and write ``<artifact>.sig``; return the signature."""
     from agent.signing import manifest_bytes, sign

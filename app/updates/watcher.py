@@ -86,9 +86,15 @@ def on_hello(host_id: int, data: dict) -> None:
         Alert.resolve("update_failed", str(host_id))
         db.session.commit()
     entry = inflight().get(host_id)
+    last = data.get("last_update") or {}
+    if (
+        last.get("outcome") in ("failed", "rolled_back")
+        and last.get("job_id")
+        and (entry is None or entry.job_id != last["job_id"])
+    ):
+        _correct_success(last["job_id"], host_id, last)
     if entry is None:
         return
-    last = data.get("last_update") or {}
     if version == entry.target_version:
         succeed_job(entry.job_id, host_id, version)
     elif last.get("job_id") == entry.job_id and last.get("outcome") not in (None, "swapped", "committed"):
@@ -100,6 +106,36 @@ def on_hello(host_id: int, data: dict) -> None:
         )
     # Otherwise the link merely blipped before the swap; the agent's own report or the
     # deadline decides the job.
+
+
+def _correct_success(job_id: str, host_id: int, last: dict) -> None:
+    """A job already counted a success was rolled back on the host afterwards: say so.
+
+    The new program said hello (success), then lost the link before it could commit, and its
+    probation window restored the previous program. The record must not keep claiming success.
+    """
+    reason = f"rolled back after its hello at the target: {last.get('error') or last.get('outcome')}"
+    res = db.session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.host_id == host_id, Job.status == "succeeded")
+        .values(status="failed", error=reason[:2000], updated_at=utcnow())
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        return
+    job = db.session.get(Job, job_id)
+    name = _host_name(host_id)
+    AuditEvent.record(
+        "system", "host.update_failed", name, host_id=host_id, job_id=job_id, version=job.target_version, error=reason
+    )
+    Alert.raise_or_touch(
+        "update_failed",
+        str(host_id),
+        f"Agent update of {name} to {job.target_version} failed: {reason}",
+        host_id=host_id,
+    )
+    db.session.commit()
+    log.warning("update job %s for host %s: %s", job_id, name, reason)
 
 
 def on_progress(host_id: int, data: dict) -> None:

@@ -8,6 +8,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 
 import pytest
 import simple_websocket
@@ -229,7 +230,14 @@ def make_config(tmp_path):
     """Return a factory building an AgentConfig whose state_dir is the test's temp dir."""
 
     def make(server_url="ws://127.0.0.1:9", **overrides):
-        raw = {"server_url": server_url, "token": "tok", "state_dir": str(tmp_path), "backoff_max_s": 1}
+        # unsigned updates allowed unless a test pins a key: most tests are about other things
+        raw = {
+            "server_url": server_url,
+            "token": "tok",
+            "state_dir": str(tmp_path),
+            "backoff_max_s": 1,
+            "allow_unsigned_updates": True,
+        }
         raw.update(overrides)
         return parse_config(raw, str(tmp_path / "agent.toml"))
 
@@ -272,3 +280,181 @@ def run_agent():
     for runner in started:
         runner.agent.request_stop()
         runner.thread.join(3)
+
+
+@pytest.fixture(scope="session")
+def release_key():
+    """A throwaway release key pair: (PKCS8 PEM private key, base64 raw public key)."""
+    from agent.signing import generate_keypair
+
+    return generate_keypair()
+
+
+@pytest.fixture(scope="session")
+def agent_builds(tmp_path_factory, release_key):
+    """Real zipapps 1.0.0 and 2.0.0, built once per session and signed with ``release_key``."""
+    from agent.build import build_agent
+
+    out = tmp_path_factory.mktemp("agent-builds")
+    return {v: build_agent(v, str(out / v), sign_key=release_key[0]) for v in ("1.0.0", "2.0.0")}
+
+
+class ZipappHost:
+    """One host directory running a real agent zipapp the way the systemd unit does.
+
+    The supervised command is ``sh guard DIR && exec python3 -I program --config FILE``: the
+    sh guard runs before every start (ExecStartPre=), then the program replaces the shell.
+    """
+
+    def __init__(self, root, program_src: str, server_url: str, public_key: str | None, **config):
+        import shutil
+
+        from agent.recovery import install_guard
+
+        self.home = root / "home"
+        self.home.mkdir()
+        self.program = self.home / "restic-manager-agent.pyz"
+        shutil.copyfile(program_src, self.program)
+        self.guard = install_guard(str(self.home))
+        self.config = self.home / "agent.toml"
+        lines = [f'server_url = "{server_url}"', 'token = "tok"', 'log_level = "DEBUG"', "backoff_max_s = 0.5"]
+        if public_key:
+            lines.append(f'release_public_key = "{public_key}"')
+        for key, value in config.items():
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.supervisor = None
+
+    def start(self, **env_overrides):
+        from app.supervisor import Supervisor
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RM_"))}
+        env.update(env_overrides)
+        script = 'sh "$1" "$2" && exec "$3" -I "$4" --config "$5"'
+        args = [self.guard, str(self.home), sys.executable, str(self.program), str(self.config)]
+        cmd = ["sh", "-c", script, "agent", *args]
+        self.supervisor = Supervisor(cmd, cwd=str(self.home), env=env).start()
+        return self
+
+    def stop(self):
+        if self.supervisor is not None:
+            self.supervisor.stop()
+
+    def log(self) -> str:
+        return self.supervisor.log_text() if self.supervisor else ""
+
+    def installed_version(self) -> str:
+        import subprocess
+
+        out = subprocess.run(
+            [sys.executable, "-I", str(self.program), "--version"], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def state(self) -> dict | None:
+        from agent.updater import read_state
+
+        return read_state(str(self.home))
+
+    def leftovers(self) -> list[str]:
+        names = ("restic-manager-agent.pyz.new", "restic-manager-agent.pyz.old.tmp", "probation.json.tmp")
+        return [n for n in names if (self.home / n).exists()]
+
+
+@pytest.fixture
+def zipapp_host(tmp_path):
+    """Return a factory for :class:`ZipappHost`; every host's supervisor is stopped at teardown."""
+    hosts = []
+
+    def make(*args, **kwargs):
+        host = ZipappHost(tmp_path, *args, **kwargs)
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        host.stop()
+
+
+class UpdatePeer:
+    """A fake agent plane that dispatches one ``command.update`` to the first 1.0.0 agent it sees.
+
+    ``welcome_if(hello_data)`` decides whether a hello is welcomed (a hello that is not is held
+    open without an answer: the server "never sees" that agent). Every hello, progress and
+    result goes to ``events``.
+    """
+
+    def __init__(self, peer_factory, command: dict | None, welcome_if=lambda hello: True):
+        self.command = command
+        self.welcome_if = welcome_if
+        self.events: queue.Queue = queue.Queue()
+        self.hellos: list[dict] = []
+        self.reports: list[tuple[str, dict]] = []  # every update.progress / update.result, in order
+        self.dispatched = False
+        self.server = peer_factory(self._handle)
+        self.url = self.server.url
+
+    def _handle(self, conn):
+        hello = conn.recv_type("hello")
+        self.hellos.append(hello.data)
+        self.events.put(("hello", hello.data))
+        if not self.welcome_if(hello.data):
+            while True:  # hold the link open without a welcome until the agent gives up
+                conn.ws.receive(timeout=60)
+        conn.welcome(heartbeat_s=0.2, server_version="2.0.0")
+        if self.command and not self.dispatched and hello.data["agent_version"] == "1.0.0":
+            self.dispatched = True
+            conn.send("command.update", self.command)
+        while True:
+            env = conn.recv(timeout=60)
+            if env.type in ("update.progress", "update.result"):
+                self.reports.append((env.type, env.data))
+                self.events.put((env.type, env.data))
+
+    def phases(self) -> list[str]:
+        out: list[str] = []
+        for kind, data in self.reports:
+            if kind == "update.progress" and (not out or out[-1] != data["phase"]):
+                out.append(data["phase"])
+        return out
+
+    def results(self) -> list[dict]:
+        return [data for kind, data in self.reports if kind == "update.result"]
+
+    def next_hello(self, timeout: float = 20.0, host=None) -> dict:
+        """Return the next hello's data, skipping progress and result events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                kind, data = self.events.get(timeout=max(0.01, remaining))
+            except queue.Empty:
+                log = host.log() if host is not None else ""
+                raise AssertionError(f"no hello within {timeout} s; agent log:\n{log[-6000:]}") from None
+            if kind == "hello":
+                return data
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def update_command(build, job_id: str = "job-1", **overrides) -> dict:
+    """The ``command.update`` data for a BuildResult, carrying its signature."""
+    data = {
+        "job_id": job_id,
+        "version": build.version,
+        "url": "http://127.0.0.1:9/unset",
+        "sha256": build.sha256,
+        "size": build.size,
+        "platform": build.platform,
+        "signature": build.signature,
+    }
+    data.update(overrides)
+    return {k: v for k, v in data.items() if v is not None}

@@ -65,6 +65,15 @@ def test_it_announces_update_only_when_it_can_replace_its_program(make_config, t
     assert new_agent(make_config(), program=str(tmp_path / "missing.pyz")).hello_data()["capabilities"] == []
 
 
+def test_it_announces_update_only_with_a_pinned_key_or_the_unsigned_opt_out(make_config, tmp_path, release_key):
+    program = tmp_path / "restic-manager-agent.pyz"
+    program.write_bytes(b"x")
+    pinned = make_config(allow_unsigned_updates=False, release_public_key=release_key[1])
+    assert new_agent(pinned, program=str(program)).hello_data()["capabilities"] == ["update"]
+    neither = make_config(allow_unsigned_updates=False)
+    assert new_agent(neither, program=str(program)).hello_data()["capabilities"] == []
+
+
 def test_it_sends_heartbeats_at_the_interval_from_welcome(peer, make_config, run_agent):
     beats = queue.Queue()
 
@@ -240,6 +249,7 @@ def test_an_update_over_the_link_swaps_reports_and_exits_for_restart(
 ):
     files = artifact_server(NEW)
     frames = queue.Queue()
+    all_read = threading.Event()
 
     def handler(conn):
         hello = conn.recv_type("hello")
@@ -250,12 +260,15 @@ def test_an_update_over_the_link_swaps_reports_and_exits_for_restart(
             env = conn.recv(timeout=5)
             frames.put(env)
             if env.type == "update.progress" and env.data["phase"] == "restarting":
+                all_read.set()
                 return
 
     server = peer(handler)
     agent = new_agent(make_config(server.url), program=str(program))
     runner = run_agent(agent)
     assert runner.wait(10) == EX_UPDATE_RESTART
+    # the agent exits as soon as its close is answered; the handler may still be reading frames
+    assert all_read.wait(5)
     assert program.read_bytes() == NEW
     assert (program.parent / "restic-manager-agent.pyz.old").read_bytes() == b"old program"
     seen = []
@@ -277,8 +290,13 @@ def test_an_update_over_the_link_swaps_reports_and_exits_for_restart(
     restarted = run_agent(new_agent(make_config(server2.url), program=str(program), version="2.0.0"))
     last = hellos.get(timeout=5).data["last_update"]
     assert last == {"job_id": "job-1", "outcome": "swapped", "error": None, "from_version": "1.0.0", "version": "2.0.0"}
+    # the welcome (sent right after that hello) commits the new program and marks the report seen
+    deadline = time.monotonic() + 5
+    while not read_state(str(program.parent)).get("reported") and time.monotonic() < deadline:
+        time.sleep(0.02)
     restarted.stop()
-    assert read_state(str(program.parent))["reported"] is True
+    state = read_state(str(program.parent))
+    assert state["reported"] is True and state["outcome"] == "committed"
 
 
 def test_a_failed_update_is_reported_and_the_agent_keeps_running(

@@ -24,7 +24,7 @@ def test_it_loads_a_minimal_config(tmp_path):
     assert cfg.ws_url == "ws://127.0.0.1:8081/ws/agent"
     assert cfg.token == "abc"
     assert cfg.heartbeat_s is None
-    assert cfg.backoff_max_s == 30
+    assert cfg.backoff_max_s == 10
     assert cfg.log_level == "INFO"
     # run from source, the state lives beside the config file
     assert cfg.state_dir == str(tmp_path)

@@ -45,3 +45,17 @@ def test_importing_the_protocol_does_not_pull_in_the_websocket_stack():
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_agent_verifies_releases_without_the_cryptography_package():
+    # cryptography is for the build side (signing); the agent's verifier is pure Python
+    code = "import sys, agent.client, agent.signing, agent.recovery; print('cryptography' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(AGENT_DIR),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"

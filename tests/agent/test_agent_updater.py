@@ -8,6 +8,7 @@ from collections import namedtuple
 import pytest
 
 import agent.updater.posix as posix
+from agent import signing
 from agent.updater import (
     Timeouts,
     UpdateCommand,
@@ -27,6 +28,7 @@ def read_json(path):
 
 
 NEW = os.urandom(200_000)
+KEY_PEM, KEY_PUB = signing.generate_keypair()
 Usage = namedtuple("Usage", "total used free")
 
 
@@ -38,17 +40,16 @@ def program(tmp_path):
     return path
 
 
-def command(url, body=NEW, sha256=None, size=None, job_id="job-1"):
-    return UpdateCommand(
-        job_id=job_id,
-        version="2.0.0",
-        url=url,
-        sha256=sha256 or hashlib.sha256(body).hexdigest(),
-        size=len(body) if size is None else size,
-    )
+def command(url, body=NEW, sha256=None, size=None, job_id="job-1", version="2.0.0", **kw):
+    """An update command whose manifest is signed with the test release key."""
+    sha256 = sha256 or hashlib.sha256(body).hexdigest()
+    size = len(body) if size is None else size
+    kw.setdefault("signature", signing.sign(KEY_PEM, signing.manifest_bytes(version, "py3-any", size, sha256)))
+    return UpdateCommand(job_id=job_id, version=version, url=url, sha256=sha256, size=size, **kw)
 
 
 def make_updater(program, token="tok", server_url="ws://127.0.0.1:9", **kw):
+    kw.setdefault("release_public_key", KEY_PUB)
     return Updater(str(program), str(program.parent), server_url, token, "1.0.0", **kw)
 
 
@@ -68,11 +69,17 @@ class Recorder:
         return out
 
 
-def assert_untouched(program):
+def assert_untouched(program, failed=True):
+    """The program is intact, nothing is staged, and a failure after the checks is on record."""
     assert program.read_bytes() == OLD
     assert not os.path.exists(str(program) + ".new")
     assert not os.path.exists(str(program) + ".old")
-    assert read_state(str(program.parent)) is None
+    assert not os.path.exists(program.parent / "probation.json")
+    state = read_state(str(program.parent))
+    if failed:
+        assert state["outcome"] == "failed" and state["error"] and state["job_id"] == "job-1"
+    else:
+        assert state is None
 
 
 def test_it_downloads_verifies_and_swaps_keeping_the_old_program(program, artifact_server, monkeypatch):
@@ -183,7 +190,7 @@ def test_it_checks_free_space_before_downloading(program, artifact_server):
     with pytest.raises(UpdateError, match=r"not enough free space in .*: need \d+ bytes, 1000 available"):
         updater.run(command(server.url()), Recorder())
     assert server.requests == []
-    assert_untouched(program)
+    assert_untouched(program, failed=False)
 
 
 @pytest.mark.parametrize(
@@ -193,11 +200,11 @@ def test_it_checks_free_space_before_downloading(program, artifact_server):
 def test_it_refuses_a_malformed_command(program, kwargs, message):
     with pytest.raises(UpdateError, match=message):
         make_updater(program).run(command("http://127.0.0.1:9/x", **kwargs), Recorder())
-    assert_untouched(program)
+    assert_untouched(program, failed=False)
 
 
 def test_it_refuses_an_artifact_for_another_platform(program):
-    cmd = UpdateCommand("j", "2.0.0", "/x", "0" * 64, 10, platform="linux-x86_64")
+    cmd = command("/x", platform="linux-x86_64")
     with pytest.raises(UpdateError, match="does not match this agent's 'py3-any'"):
         make_updater(program).run(cmd, Recorder())
 

@@ -66,6 +66,7 @@ def test_the_windows_updater_stages_then_hands_over_to_the_helper(tmp_path, arti
         os_name="nt",
         pid=4242,
         spawn=lambda argv, **kw: calls.append(argv),
+        allow_unsigned=True,
     )
     cmd = UpdateCommand("job-w", "2.0.0", server.url(), hashlib.sha256(body).hexdigest(), len(body))
     phases = []
@@ -88,9 +89,12 @@ def test_a_failed_windows_hand_over_removes_the_staged_file_and_state(tmp_path, 
     def spawn(argv, **kw):
         raise OSError("no")
 
-    updater = Updater(str(program), str(tmp_path), "ws://h", "tok", "1.0.0", os_name="nt", spawn=spawn)
+    updater = Updater(
+        str(program), str(tmp_path), "ws://h", "tok", "1.0.0", os_name="nt", spawn=spawn, allow_unsigned=True
+    )
     cmd = UpdateCommand("job-w", "2.0.0", server.url(), hashlib.sha256(body).hexdigest(), len(body))
     with pytest.raises(UpdateError, match="cannot start the update helper"):
         updater.run(cmd, lambda *a: None)
     assert not (tmp_path / "restic-manager-agent.pyz.new").exists()
-    assert read_state(str(tmp_path)) is None
+    state = read_state(str(tmp_path))  # the hand-over failed: on record for the next hello
+    assert state["outcome"] == "failed" and "cannot start the update helper" in state["error"]

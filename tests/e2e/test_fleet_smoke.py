@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.extensions import db
-from app.models import ApiToken, Host, User
 from tests.support.faultproxy import FaultProxy
-from tests.support.live import AgentProcess, ServerProcess, built_agent, wait_until
+from tests.support.live import AgentProcess, ServerProcess, built_agent, seed_fleet, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -33,20 +31,14 @@ class Api:
 
 @pytest.fixture
 def fleet(app, tmp_path, tmp_path_factory, database_url):
-    admin = User(username="admin", role="admin")
-    admin.set_password("admin-pass-123")
-    db.session.add(admin)
-    hosts = [Host.enrol(f"node-{i}") for i in (1, 2, 3)]
-    _, api_token = ApiToken.issue(admin, "e2e")
-    db.session.commit()
-    ids = [h.id for h, _ in hosts]
+    ids, tokens, api_token = seed_fleet([f"node-{i}" for i in (1, 2, 3)])
 
     server = ServerProcess(str(tmp_path / "server"), database_url, B).start()
     proxy = FaultProxy(server.agent_port, mode="corrupt", after_bytes=1000).start()
     src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
     agents = []
     try:
-        for i, (_, token) in enumerate(hosts):
+        for i, token in enumerate(tokens):
             url = proxy.ws_url if i == 1 else server.agent_ws_url  # node-2 downloads through the bad link
             agents.append(AgentProcess(str(tmp_path / f"agent{i}"), src, url, token).start())
         api = Api(server.admin_url, api_token)

@@ -7,9 +7,7 @@ import signal
 import pytest
 import requests
 
-from app.extensions import db
-from app.models import ApiToken, Host, User
-from tests.support.live import AgentProcess, ServerProcess, built_agent, wait_until
+from tests.support.live import AgentProcess, ServerProcess, built_agent, seed_fleet, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -18,20 +16,14 @@ A, B = "1.0.0", "2.0.0"
 
 @pytest.fixture
 def fleet3(app, tmp_path, tmp_path_factory, database_url):
-    admin = User(username="admin", role="admin")
-    admin.set_password("admin-pass-123")
-    db.session.add(admin)
-    hosts = [Host.enrol(f"node-{i}") for i in (1, 2, 3)]
-    _, api_token = ApiToken.issue(admin, "faults")
-    db.session.commit()
-    ids = [h.id for h, _ in hosts]
+    ids, tokens, api_token = seed_fleet([f"node-{i}" for i in (1, 2, 3)])
     server = ServerProcess(str(tmp_path / "server"), database_url, B, extra_env={"RM_UPDATE_TIMEOUT": "20"})
     server.start()
     src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
     # A slow service manager (1 s RestartSec) leaves a wide window in which a host is "restarting".
     agents = [
         AgentProcess(str(tmp_path / f"agent{i}"), src, server.agent_ws_url, token, restart_sec=1.0).start()
-        for i, (_, token) in enumerate(hosts)
+        for i, token in enumerate(tokens)
     ]
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {api_token}"

@@ -17,6 +17,30 @@ from app.supervisor import Supervisor
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+_release_key: tuple[str, str] | None = None
+_release_key_lock = threading.Lock()
+
+
+def release_key() -> tuple[str, str]:
+    """The test run's release signing key: (private key PEM path, base64 public key to pin)."""
+    global _release_key
+    from agent.signing import generate_keypair
+
+    with _release_key_lock:
+        if _release_key is None:
+            import atexit
+            import tempfile
+
+            d = tempfile.mkdtemp(prefix="rm-release-key-")
+            atexit.register(shutil.rmtree, d, True)
+            pem, public = generate_keypair()
+            path = os.path.join(d, "release-key.pem")
+            with open(path, "wb") as f:
+                f.write(pem)
+            _release_key = (path, public)
+        return _release_key
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail loudly after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -37,6 +61,8 @@ class LiveServer:
 
         app.config["HTTP_ADDR"] = ("127.0.0.1", 0)
         app.config["AGENT_ADDR"] = ("127.0.0.1", 0)
+        app.config.setdefault("RELEASE_SIGNING_KEY", None)
+        app.config["RELEASE_SIGNING_KEY"] = app.config["RELEASE_SIGNING_KEY"] or release_key()[0]
         self.app = app
         self.servers = Servers(app, scheduler=scheduler)
 
@@ -79,6 +105,7 @@ class ServerProcess:
             "RM_HEARTBEAT_S": "1",
             "RM_HEARTBEAT_TIMEOUT": "5",
             "RM_LOG_LEVEL": "INFO",
+            "RM_RELEASE_SIGNING_KEY": release_key()[0],
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
@@ -94,7 +121,10 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", self.ready_file],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
 
@@ -143,13 +173,16 @@ _build_lock = threading.Lock()
 
 
 def built_agent(version: str, cache_dir: str) -> str:
-    """Build (once per version per run) the agent zipapp claiming ``version``; return its path."""
+    """Build (once per version per run) the agent zipapp claiming ``version``, signed with the run's
+    release key (``<artifact>.sig`` beside it, as a release process leaves it); return its path."""
     from agent.build import build_agent
 
     with _build_lock:
         path = _build_cache.get(version)
         if path is None or not os.path.exists(path):
-            path = build_agent(version, os.path.join(cache_dir, version)).path
+            with open(release_key()[0], "rb") as f:
+                built = build_agent(version, os.path.join(cache_dir, version), sign_key=f.read())
+            path = built.path
             _build_cache[version] = path
         return path
 
@@ -157,18 +190,32 @@ def built_agent(version: str, cache_dir: str) -> str:
 class AgentProcess:
     """A real agent zipapp in its own directory, kept running by a test supervisor."""
 
-    def __init__(self, workdir: str, program_src: str, server_ws_url: str, token: str, extra_config: str = ""):
+    def __init__(
+        self,
+        workdir: str,
+        program_src: str,
+        server_ws_url: str,
+        token: str,
+        extra_config: str = "",
+        restart_sec: float = 0.05,
+    ):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.program = os.path.join(workdir, "restic-manager-agent.pyz")
         shutil.copyfile(program_src, self.program)
         self.config = os.path.join(workdir, "agent.toml")
         with open(self.config, "w") as f:
-            f.write(f'server_url = "{server_ws_url}"\ntoken = "{token}"\nbackoff_max_s = 1\n{extra_config}')
+            f.write(
+                f'server_url = "{server_ws_url}"\ntoken = "{token}"\nbackoff_max_s = 1\n'
+                f'release_public_key = "{release_key()[1]}"\n{extra_config}'
+            )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
         self.supervisor = Supervisor(
-            [sys.executable, self.program, "--config", self.config], cwd=workdir, env=env,
+            [sys.executable, self.program, "--config", self.config],
+            cwd=workdir,
+            env=env,
             log_path=os.path.join(workdir, "agent.log"),
+            restart_sec=restart_sec,
         )
 
     def start(self) -> AgentProcess:
@@ -185,6 +232,20 @@ class AgentProcess:
     def program_bytes(self) -> bytes:
         with open(self.program, "rb") as f:
             return f.read()
+
+
+def seed_fleet(host_names, password: str = "admin-pass-123"):
+    """Create user ``admin`` (with an API token) and enrol ``host_names``; return (ids, agent tokens, API token)."""
+    from app.extensions import db
+    from app.models import ApiToken, Host, User
+
+    admin = User(username="admin", role="admin")
+    admin.set_password(password)
+    db.session.add(admin)
+    hosts = [Host.enrol(name) for name in host_names]
+    _, api_token = ApiToken.issue(admin, "tests")
+    db.session.commit()
+    return [h.id for h, _ in hosts], [t for _, t in hosts], api_token
 
 
 class AdminSession:

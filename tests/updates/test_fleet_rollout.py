@@ -109,12 +109,28 @@ def test_a_timed_out_host_halts_the_rollout_with_an_alert(cast, agent_for, clock
     assert fleet_actions()[-1] == "fleet.update_halted"
 
 
-def test_an_offline_host_halts_the_rollout(cast, agent_for):
-    fu = fleet.start("admin", host_ids=[cast.host_behind.id])  # app-1 has no agent connected
+def test_an_offline_host_halts_the_rollout_once_its_grace_to_reconnect_is_over(cast, agent_for, clock):
+    fid = fleet.start("admin", host_ids=[cast.host_behind.id]).id  # app-1 has no agent connected
     drive()
-    r = rollout(fu.id)
+    assert rollout(fid)["status"] == "running"  # it may just be reconnecting after a restart
+    clock.advance(31)
+    drive()
+    r = rollout(fid)
     assert r["status"] == "halted" and "offline" in r["halt_reason"]
-    assert statuses(fu.id) == ["failed"]
+    assert statuses(fid) == ["failed"]
+
+
+def test_a_host_that_reconnects_within_the_grace_is_updated(cast, agent_for, clock):
+    fid = fleet.start("admin", host_ids=[cast.host_behind.id]).id
+    drive()
+    clock.advance(10)
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    drive()
+    assert statuses(fid) == ["running"]
+    job = finish_update(agent)
+    wait_until(lambda: job_status(job) == "succeeded", what="done")
+    drive()
+    assert rollout(fid)["status"] == "succeeded"
 
 
 def test_hosts_already_at_the_target_are_skipped(cast, agent_for):
@@ -215,8 +231,10 @@ def test_no_behind_hosts_is_422(cast, app):
     assert (e.value.status, e.value.code) == (422, "no_hosts_to_update")
 
 
-def test_a_later_successful_rollout_resolves_the_halt_alert(cast, agent_for):
+def test_a_later_successful_rollout_resolves_the_halt_alert(cast, agent_for, clock):
     fu = fleet.start("admin", host_ids=[cast.host_behind.id])
+    drive()
+    clock.advance(31)
     drive()
     assert rollout(fu.id)["status"] == "halted" and len(open_halt_alerts()) == 1
     a1 = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)

@@ -236,3 +236,21 @@ def test_the_api_passes_allow_downgrade_and_rejects_a_non_boolean(cast, agent_fo
     assert r.status_code == 409 and r.json["error"]["code"] == "already_current"
     r = client.post(f"/api/hosts/{cast.host_behind.id}/update", json={"allow_downgrade": True})
     assert r.status_code == 202 and r.json["job"]["status"] == "running"
+
+
+def test_a_rollback_after_the_success_hello_turns_the_job_into_a_failure(cast, agent_for):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.disconnect()
+    agent.connect(version=SERVER_VERSION, last_update={"job_id": job.id, "outcome": "swapped", "error": None})
+    wait_until(lambda: job_row(job.id).status == "succeeded", what="succeeded")
+    agent.disconnect()
+    agent.connect(
+        version=OLD_VERSION,
+        last_update={"job_id": job.id, "outcome": "rolled_back", "error": "new version never committed"},
+    )
+    wait_until(lambda: job_row(job.id).status == "failed", what="corrected to failed")
+    assert "rolled back after its hello at the target: new version never committed" in job_row(job.id).error
+    assert len(open_alerts()) == 1
+    assert actions(cast.host_behind.name)[-1] == "host.update_failed"
