@@ -196,10 +196,12 @@ def test_no_welcome_in_time_means_reconnect(peer, make_config, run_agent):
 
 def test_stop_closes_the_link_promptly(peer, make_config, run_agent):
     closed = queue.Queue()
+    welcomed = threading.Event()
 
     def handler(conn):
         conn.recv_type("hello")
         conn.welcome()
+        welcomed.set()
         try:
             while conn.ws.receive(timeout=5) is not None:
                 pass
@@ -208,7 +210,7 @@ def test_stop_closes_the_link_promptly(peer, make_config, run_agent):
 
     server = peer(handler)
     runner = run_agent(new_agent(make_config(server.url)))
-    assert server_connected(server)
+    assert welcomed.wait(5)  # stop only once the link is up, so the close is what is measured
     assert runner.stop(timeout=2) == EX_OK
     assert closed.get(timeout=2) == protocol.CLOSE_NORMAL
 

@@ -225,3 +225,61 @@ def test_an_agent_that_comes_back_at_the_old_version_fails_the_job_at_once(serve
     assert f"at version {A}" in job["error"] and B in job["error"], job["error"]
     wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
     assert db.session.scalar(sa.select(Host.agent_version).where(Host.id == host_id)) == A
+
+
+def _serve_signed_artifact(srv, body: bytes) -> None:
+    """Make the server offer ``body`` as release B, correctly signed: it verifies, then misbehaves."""
+    from app.updates import releases
+    from tests.support.live import release_key
+
+    with open(release_path(srv), "wb") as f:
+        f.write(body)
+    with open(release_key()[0], "rb") as f:
+        releases.sign_file(release_path(srv), B, "py3-any", f.read())
+    db.session.rollback()
+    releases.register(release_path(srv), B)
+
+
+def test_a_new_program_that_crash_loops_is_rolled_back_and_the_job_fails_with_the_reason(server, agent, fleet_db):
+    host_id, _ = fleet_db
+    srv = server()
+    ag = agent(srv)
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    old_bytes = ag.program_bytes()
+    _serve_signed_artifact(srv, b"#!/usr/bin/env python3\nimport sys\nsys.exit(3)\n")
+
+    press_update(admin, host_id)
+    job = terminal_job(admin, host_id, timeout=60)
+    assert job["status"] == "failed"
+    assert "crash-looped" in job["error"], job["error"]
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="the restored program online at A")
+    assert ag.program_bytes() == old_bytes
+    assert [a["kind"] for a in open_alerts(admin)] == ["update_failed"]
+
+
+def test_a_new_program_that_never_reaches_the_server_is_rolled_back(server, fleet_db, tmp_path, tmp_path_factory):
+    from tests.support.faultproxy import FaultProxy
+
+    host_id, token = fleet_db
+    srv = server()
+    proxy = FaultProxy(srv.agent_port).start()
+    src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
+    ag = AgentProcess(str(tmp_path / "cutoff"), src, proxy.ws_url, token, "probation_s = 2\n").start()
+    try:
+        admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+        wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+        old_bytes = ag.program_bytes()
+        press_update(admin, host_id)
+        wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "restarting", 20, 0.01, "restarting")
+        proxy.set_mode("refuse")  # the new program starts but cannot reach the server
+        wait_until(lambda: "never reached the server" in ag.log(), 20, 0.1, "the probation rollback")
+        proxy.set_mode("pass")
+        job = terminal_job(admin, host_id, timeout=30)
+        assert job["status"] == "failed"
+        assert "never reached the server within 2 s" in job["error"], job["error"]
+        wait_until(lambda: online_at(admin, host_id, A), 20, what="the restored program online at A")
+        assert ag.program_bytes() == old_bytes
+    finally:
+        ag.stop()
+        proxy.stop()

@@ -3,7 +3,7 @@
 An agent configured with the proxy's address as its server talks to the real server through it.
 WebSocket traffic is forwarded untouched; on a connection whose request is an artifact download
 (``GET /agent/download/...``) the proxy can flip a byte of the body, cut the connection part way,
-or stall — the faults a real network or a broken mirror produces.
+or stall — the faults a real network or a broken mirror produces. ``refuse`` cuts the host off.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-MODES = ("pass", "corrupt", "cut", "stall")
+MODES = ("pass", "corrupt", "cut", "stall", "refuse")
 
 
 class FaultProxy:
@@ -67,6 +67,9 @@ class FaultProxy:
                 continue
             except OSError:
                 return
+            if self.mode == "refuse":  # the host is cut off: every connection dies at once
+                _shut(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
             except OSError:

@@ -210,8 +210,13 @@ class AgentProcess:
                 f'release_public_key = "{release_key()[1]}"\n{extra_config}'
             )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+        from agent.recovery import install_guard
+
+        # As the systemd unit runs it: the guard before every start (ExecStartPre=), then the program.
+        guard = install_guard(workdir)
+        script = 'sh "$1" "$2" && exec "$3" "$4" --config "$5"'
         self.supervisor = Supervisor(
-            [sys.executable, self.program, "--config", self.config],
+            ["sh", "-c", script, "agent", guard, workdir, sys.executable, self.program, self.config],
             cwd=workdir,
             env=env,
             log_path=os.path.join(workdir, "agent.log"),
