@@ -159,18 +159,29 @@ def tick() -> bool:
     fu = running()
     if fu is None:
         return settled
-    rows = list(fu.hosts)
-    if any(r.status == "running" for r in rows):
+    # Ask the database for the one row that decides the step rather than loading every row of
+    # the rollout: loading N ORM rows twice per host made a rollout O(N^2) (docs/benchmarks.md).
+    if _first_row(fu.id, "running") is not None:
         return settled  # wait for the in-flight host's job
-    failed = next((r for r in rows if r.status == "failed"), None)
+    failed = _first_row(fu.id, "failed")
     if failed is not None:
         _halt(fu, failed)
         return True
-    nxt = next((r for r in rows if r.status == "pending"), None)
+    nxt = _first_row(fu.id, "pending")
     if nxt is None:
         _succeed(fu)
         return True
     return _advance(fu, nxt)
+
+
+def _first_row(fleet_id: int, status: str) -> FleetUpdateHost | None:
+    """The rollout's first row (by position) in ``status``, or None."""
+    return db.session.scalar(
+        sa.select(FleetUpdateHost)
+        .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == status)
+        .order_by(FleetUpdateHost.position)
+        .limit(1)
+    )
 
 
 def _settle_finished_rows() -> bool:

@@ -137,10 +137,15 @@ def cli(env: dict, *args: str, timeout: float = 120.0) -> str:
 
 
 class Server:
-    """``restic-manager serve --no-build`` in its own process group, like tests/support/live.py's ServerProcess."""
+    """``restic-manager serve --no-build`` in its own process group, like tests/support/live.py's ServerProcess.
 
-    def __init__(self, env: dict, log_path: str):
+    ``build=True`` drops ``--no-build``: the server builds (and, with RM_RELEASE_SIGNING_KEY, signs)
+    the agent artifact for its own version before it listens.
+    """
+
+    def __init__(self, env: dict, log_path: str, build: bool = False):
         self.env = env
+        self.build = build
         self.log_path = log_path
         self.ready_file = log_path + ".ready"
         self.proc: subprocess.Popen | None = None
@@ -152,8 +157,8 @@ class Server:
         env = {**self.env, **env_overrides}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from app.cli import main; main()", "serve", "--no-build",
-                 "--ready-file", self.ready_file],
+                [sys.executable, "-c", "from app.cli import main; main()", "serve",
+                 *(() if self.build else ("--no-build",)), "--ready-file", self.ready_file],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

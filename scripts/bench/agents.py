@@ -85,7 +85,15 @@ class _Agent:
 
 
 class LoadGen:
-    """N agents multiplexed on one epoll loop; answers status/mark/stop commands on stdin/stdout."""
+    """N agents multiplexed on one epoll loop; answers status/mark/stop commands on stdin/stdout.
+
+    Other benchmarks subclass it (scripts/bench/fleet_rollout.py): ``agent_class``, ``_hello``
+    and the ``_on_welcome`` / ``_on_envelope`` / ``_on_custom_timer`` / ``_handle_command`` hooks.
+    """
+
+    agent_class = _Agent
+    #: timer kinds handled here; any other kind goes to ``_on_custom_timer``
+    BUILTIN_TIMERS = frozenset(("connect", "heartbeat", "connect_deadline", "welcome_deadline"))
 
     def __init__(self, port: int, tokens: list[str], backoff_cap: float, max_runtime: float):
         from wsproto import ConnectionType, WSConnection
@@ -116,7 +124,7 @@ class LoadGen:
         self.stable_s = STABLE_CONNECTION_S
         self.addr = ("127.0.0.1", port)
         self.host_header = f"127.0.0.1:{port}"
-        self.agents = [_Agent(i, t, Backoff(BACKOFF_BASE_S, backoff_cap)) for i, t in enumerate(tokens)]
+        self.agents = [self.agent_class(i, t, Backoff(BACKOFF_BASE_S, backoff_cap)) for i, t in enumerate(tokens)]
         self.n = len(tokens)
         self.sel = selectors.EpollSelector()
         self.timers: list = []
@@ -165,8 +173,11 @@ class LoadGen:
     def _send_env(self, a, type_, data=None):
         return a.ws is not None and self._send(a, a.ws.send(self.Text(data=self.p.encode(type_, data))))
 
-    def _drop(self, a, why: str) -> None:
-        """The link is gone: release the socket and schedule the reconnect exactly like agent.client."""
+    def _drop(self, a, why: str, reconnect_in: float | None = None) -> None:
+        """The link is gone: release the socket and schedule the reconnect exactly like agent.client.
+
+        ``reconnect_in`` overrides the backoff (a simulated restart reconnects after its restart delay).
+        """
         now = time.monotonic()
         if a.sock is not None:
             try:
@@ -186,7 +197,7 @@ class LoadGen:
             return
         if welcomed or now - a.started >= self.stable_s:
             a.backoff.reset()
-        self._timer(now + a.backoff.next_delay(), a, "connect")
+        self._timer(now + (a.backoff.next_delay() if reconnect_in is None else reconnect_in), a, "connect")
 
     def _connect(self, a) -> None:
         now = time.monotonic()
@@ -300,6 +311,20 @@ class LoadGen:
                 self.mark_welcomes.append(now - self.mark_t)
                 if self.online == self.n and self.t_all_after_mark is None and self.mark_min_online < self.n:
                     self.t_all_after_mark = now
+            self._on_welcome(a, env, now)
+        else:
+            self._on_envelope(a, env)
+
+    # ---------------------------------------------------------------- hooks for subclasses
+
+    def _on_welcome(self, a, env, now: float) -> None:
+        """A welcome arrived on ``a``'s link (``a`` is online)."""
+
+    def _on_envelope(self, a, env) -> None:
+        """Any other envelope from the server (e.g. ``command.update``); ignored here."""
+
+    def _on_custom_timer(self, a, kind: str) -> None:
+        """A timer of a kind not in ``BUILTIN_TIMERS`` fired for ``a`` (same connection generation)."""
 
     def _on_timer(self, idx, gen, kind) -> None:
         a = self.agents[idx]
@@ -316,6 +341,8 @@ class LoadGen:
             self._drop(a, "timeouts")
         elif kind == "welcome_deadline" and a.state == "hello":
             self._drop(a, "timeouts")
+        elif kind not in self.BUILTIN_TIMERS:
+            self._on_custom_timer(a, kind)
 
     # ---------------------------------------------------------------- control
 
@@ -331,15 +358,21 @@ class LoadGen:
             },
         }
 
-    def _command(self, line: str) -> None:
-        cmd = line.strip()
+    def _handle_command(self, cmd: str) -> dict:
+        """Act on one command line from the parent; return extra fields for the reply."""
         if cmd == "mark":
             self.mark_t = time.monotonic()
             self.mark_min_online = self.online
             self.mark_welcomes, self.t_all_after_mark = [], None
         elif cmd == "stop":
             self.stopping = True
+        return {}
+
+    def _command(self, line: str) -> None:
+        cmd = line.strip()
+        extra = self._handle_command(cmd)
         reply = self.status()
+        reply.update(extra)
         reply["cmd"] = cmd
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
@@ -401,13 +434,19 @@ def load_worker(args) -> int:
 
 
 class LoadProcess:
-    """The parent's handle on the load process: a line protocol over its stdin/stdout."""
+    """The parent's handle on the load process: a line protocol over its stdin/stdout.
 
-    def __init__(self, port: int, tokens_path: str, backoff_cap: float, max_runtime: float, log_path: str):
+    ``script`` (default: this file) is run with ``--load-worker`` and the arguments below, plus
+    ``extra_args``; another benchmark passes its own file to run its LoadGen subclass.
+    """
+
+    def __init__(self, port: int, tokens_path: str, backoff_cap: float, max_runtime: float, log_path: str,
+                 script: str | None = None, extra_args: tuple[str, ...] = ()):
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--load-worker", "--port", str(port), "--tokens", tokens_path,
-             "--backoff-cap", str(backoff_cap), "--max-runtime", str(max_runtime)],
+            [sys.executable, os.path.abspath(script or __file__), "--load-worker", "--port", str(port),
+             "--tokens", tokens_path, "--backoff-cap", str(backoff_cap), "--max-runtime", str(max_runtime),
+             *extra_args],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
         )
 
