@@ -7,8 +7,9 @@ In one run, against a real ``restic-manager serve`` (RM_VERSION=B, 127.0.0.1, ep
 fresh migrated SQLite instance) and a real agent zipapp (built from this tree as version A) kept
 running by ``app.supervisor.Supervisor`` (what systemd's ``Restart=always`` does):
 
-(a) restart-and-reconnect, ``--reps`` times (alternating with (b)): SIGKILL the agent process (the supervisor restarts it
-    after ``--restart-sec``) and time kill -> the server has recorded the new connection's hello.
+(a) restart-and-reconnect, ``--reps`` times (alternating with (b)): SIGKILL the agent process
+    (the supervisor restarts it after ``--restart-sec``) and time kill -> the server has recorded
+    the new connection's hello.
 (b) full update, ``--reps`` times: ``POST /api/hosts/<id>/update`` with an admin API token, then
     time dispatch -> the job is ``succeeded``. Before each rep (not timed) the agent is reset to A:
     supervisor stopped, the A build copied back, ``.old``/state removed, supervisor started, online.
@@ -480,7 +481,8 @@ def main(argv=None) -> int:
                 log(f"[bench] ({tag}) rep {i + 1}: server {rep['server_s'] * 1000:.0f} ms, "
                     f"observed {rep['observed_s'] * 1000:.0f} ms")
     except Exception:
-        for name, text in (("agent", bench.agent and bench.agent.log()), ("server", bench.server and bench.server.log())):
+        logs = (("agent", bench.agent and bench.agent.log()), ("server", bench.server and bench.server.log()))
+        for name, text in logs:
             if text:
                 log(f"[bench] {name} log tail:\n{text[-3000:]}")
         raise
@@ -506,7 +508,8 @@ def main(argv=None) -> int:
     result["ratio_server"] = result["b_server"]["median"] / result["a_server"]["median"]
     result["ratio_observed"] = result["b_observed"]["median"] / result["a_observed"]["median"]
     result["target_met"] = all(
-        result[f"ratio_{k}"] <= TARGET_RATIO and result[f"b_{k}"]["median"] <= TARGET_B_S for k in ("server", "observed")
+        result[f"ratio_{k}"] <= TARGET_RATIO and result[f"b_{k}"]["median"] <= TARGET_B_S
+        for k in ("server", "observed")
     )
     if args.json:
         print(json.dumps(result, indent=2))
