@@ -86,6 +86,25 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 
 KNOWN_TYPES = frozenset(SCHEMAS)
 
+#: Longest envelope id accepted; real ids are UUIDs. Bounds what an error or pong echoes back.
+MAX_ID_CHARS = 256
+#: Longest ``error`` message sent: a reply must never outgrow the frame limit its peer enforces.
+MAX_ERROR_MESSAGE_CHARS = 1024
+#: Integers are counts and sizes: non-negative and storable as a 64-bit BIGINT.
+MAX_INT = 2**63 - 1
+#: What the server stores from a hello fits its columns; longer values are refused, not cut.
+_MAX_LEN = {
+    ("hello", "agent_version"): 128,
+    ("hello", "os"): 64,
+    ("hello", "arch"): 64,
+    ("hello", "hostname"): 255,
+    ("hello", "python"): 32,
+    ("hello", "boot_id"): 64,
+    ("hello", "platform"): 64,
+}
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_CHARS = 64
+
 # Extra value checks beyond the type, keyed by (envelope type, field).
 _ENUMS = {
     ("update.progress", "phase"): UPDATE_PHASES,
@@ -123,7 +142,11 @@ def encode(type_: str, data: dict | None = None, id_: str | None = None) -> str:
 
 
 def error_frame(code: str, message: str, ref: str | None = None) -> str:
-    return encode("error", {"code": code, "message": message, "ref": ref})
+    """An ``error`` envelope, bounded in size whatever the offending frame held."""
+    if ref is not None:
+        ref = ref[:MAX_ID_CHARS].replace("\x00", "\\x00")
+    message = message[:MAX_ERROR_MESSAGE_CHARS].replace("\x00", "\\x00")
+    return encode("error", {"code": code.replace("\x00", "\\x00"), "message": message, "ref": ref})
 
 
 def decode(frame: str | bytes) -> Envelope:
@@ -151,6 +174,10 @@ def decode(frame: str | bytes) -> Envelope:
     id_ = obj.get("id", "")
     if not isinstance(id_, str):
         raise ProtocolError("invalid_field", "envelope field 'id' must be a string", field="id")
+    if len(id_) > MAX_ID_CHARS:
+        raise ProtocolError(
+            "invalid_field", f"envelope field 'id' is longer than {MAX_ID_CHARS} characters", field="id"
+        )
     data = obj.get("data", {})
     if data is None:
         data = {}
@@ -182,6 +209,11 @@ def validate(env: Envelope) -> None:
             raise ProtocolError(
                 "invalid_field", f"{env.type}: field 'data.{name}' must be {want}", field=f"data.{name}", ref=env.id
             )
+        problem = _value_problem(env.type, name, value)
+        if problem:
+            raise ProtocolError(
+                "invalid_field", f"{env.type}: field 'data.{name}' {problem}", field=f"data.{name}", ref=env.id
+            )
         allowed = _ENUMS.get((env.type, name))
         if allowed and value not in allowed:
             raise ProtocolError(
@@ -190,10 +222,27 @@ def validate(env: Envelope) -> None:
                 field=f"data.{name}",
                 ref=env.id,
             )
-    if env.type == "hello" and not all(isinstance(c, str) for c in env.data["capabilities"]):
+    caps = env.data["capabilities"] if env.type == "hello" else []
+    if not all(isinstance(c, str) and "\x00" not in c and len(c) <= MAX_CAPABILITY_CHARS for c in caps) or (
+        len(caps) > MAX_CAPABILITIES
+    ):
         raise ProtocolError(
             "invalid_field",
-            "hello: 'data.capabilities' must be a list of strings",
+            f"hello: 'data.capabilities' must be a list of at most {MAX_CAPABILITIES} strings "
+            f"of at most {MAX_CAPABILITY_CHARS} characters",
             field="data.capabilities",
             ref=env.id,
         )
+
+
+def _value_problem(type_: str, name: str, value) -> str | None:
+    """Say what is wrong with a well-typed value that still cannot be used, or None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        limit = _MAX_LEN.get((type_, name))
+        if limit is not None and len(value) > limit:
+            return f"is longer than {limit} characters"
+    elif isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_INT:
+        return "must be a whole number from 0 to 2^63-1"
+    return None

@@ -153,19 +153,19 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
 
 
 def record_hello(host_id: int, data: dict) -> None:
-    """Store what the agent said about itself and mark it online."""
+    """Store what the agent said about itself and mark it online (the protocol bounds every field)."""
     db.session.execute(
         sa.update(Host)
         .where(Host.id == host_id)
         .values(
             agent_version=data["agent_version"],
-            os=data["os"][:64],
-            arch=data["arch"][:64],
-            hostname=data["hostname"][:255],
-            python=data["python"][:32],
-            platform=(data.get("platform") or "")[:64] or None,
-            capabilities=[c for c in data["capabilities"] if isinstance(c, str)][:32],
-            boot_id=data["boot_id"][:64],
+            os=data["os"],
+            arch=data["arch"],
+            hostname=data["hostname"],
+            python=data["python"],
+            platform=data.get("platform") or None,
+            capabilities=data["capabilities"],
+            boot_id=data["boot_id"],
             connected=True,
             last_seen=utcnow(),
         )

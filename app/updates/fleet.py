@@ -297,6 +297,28 @@ def _succeed(fu: FleetUpdate) -> None:
     log.info("fleet update %s succeeded", fu.id)
 
 
+def correct_host_row(job_id: str, reason: str) -> None:
+    """Carry a job corrected from succeeded to failed onto its rollout (in the caller's transaction).
+
+    A running rollout then halts at its next tick; one that already finished is marked halted
+    now, with the alert, because its record must not claim a host it left on the old version.
+    """
+    row = db.session.scalar(
+        sa.select(FleetUpdateHost).where(FleetUpdateHost.job_id == job_id, FleetUpdateHost.status == "succeeded")
+    )
+    if row is None:
+        return
+    row.status, row.error = "failed", reason
+    fu = row.fleet_update
+    if fu.status == "succeeded":
+        name = row.host.name if row.host else str(row.host_id)
+        fu.status, fu.halt_reason = "halted", f"host {name}: {reason}"
+        AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=fu.halt_reason)
+        Alert.raise_or_touch(
+            "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {fu.halt_reason}"
+        )
+
+
 # --- serialization -----------------------------------------------------------------------------
 
 

@@ -134,21 +134,26 @@ def _correct_success(job_id: str, host_id: int, last: dict) -> None:
         f"Agent update of {name} to {job.target_version} failed: {reason}",
         host_id=host_id,
     )
+    from . import fleet
+
+    fleet.correct_host_row(job_id, reason)
     db.session.commit()
     log.warning("update job %s for host %s: %s", job_id, name, reason)
+    _wake_fleet()
 
 
 def on_progress(host_id: int, data: dict) -> None:
     job_id = data["job_id"]
     phase = data["phase"]
+    done, total = data["bytes_done"], data["bytes_total"]  # the protocol bounds them to BIGINT
     res = db.session.execute(
         sa.update(Job)
         .where(Job.id == job_id, Job.host_id == host_id, Job.status == "running")
-        .values(phase=phase, bytes_done=data["bytes_done"], bytes_total=data["bytes_total"], updated_at=utcnow())
+        .values(phase=phase, bytes_done=done, bytes_total=total, updated_at=utcnow())
     )
     db.session.commit()
     if res.rowcount:
-        log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, data["bytes_done"], data["bytes_total"])
+        log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, done, total)
     if res.rowcount and phase == "restarting":
         inflight().mark_restarting(host_id, job_id)
 

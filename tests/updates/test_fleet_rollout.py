@@ -245,3 +245,20 @@ def test_a_later_successful_rollout_resolves_the_halt_alert(cast, agent_for, clo
     drive()
     assert rollout(fu2.id)["status"] == "succeeded"
     assert open_halt_alerts() == []
+
+
+def test_a_host_rolled_back_after_its_success_marks_a_finished_rollout_halted(cast, agent_for):
+    a1 = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    fid = fleet.start("admin", host_ids=[cast.host_behind.id]).id
+    drive()
+    job = finish_update(a1)
+    wait_until(lambda: job_status(job) == "succeeded", what="done")
+    drive()
+    assert rollout(fid)["status"] == "succeeded"
+    a1.disconnect()
+    a1.connect(version=OLD_VERSION, last_update={"job_id": job, "outcome": "rolled_back", "error": "never committed"})
+    wait_until(lambda: rollout(fid)["status"] == "halted", what="the rollout record corrected")
+    r = rollout(fid)
+    assert statuses(fid) == ["failed"] and "never committed" in r["halt_reason"]
+    assert len(open_halt_alerts()) == 1
+    assert fleet_actions()[-1] == "fleet.update_halted"

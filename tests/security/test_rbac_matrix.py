@@ -1,0 +1,674 @@
+"""The RBAC matrix: every route of both planes x every kind of caller, over real HTTP.
+
+The real two-plane server runs in this process (waitress for the admin plane, werkzeug for the
+agent plane, both behind ``PlaneMiddleware``) and each caller sends real requests with
+``requests``. Every route in ``app.url_map`` must have a row in ``MATRIX`` (a new route without
+one fails ``test_every_route_has_an_rbac_expectation``), and each row says what every principal
+gets on the route's own plane; on the other plane every principal must get the middleware's 404.
+
+Principals:
+
+- ``anonymous``     no credentials; it holds an anonymous session (from ``GET /login``) and sends
+                    its CSRF token, so CSRF never hides the authorization answer;
+- ``viewer``, ``admin``  a logged-in browser session sending ``X-CSRFToken`` (read from the page's
+                    ``<meta name="csrf-token">``) on every request;
+- ``viewer_token``, ``admin_token``  ``Authorization: Bearer <API token>`` and no cookies;
+- ``agent_token``   ``Authorization: Bearer <agent token>`` on both planes, no cookies.
+
+What the table pins down (the interesting cells):
+
+- pages answer anonymous callers with 302 to ``/login``; bearer callers count as anonymous on pages
+  (API tokens authenticate ``/api`` only), and page POSTs from a cookie-less bearer client fail
+  Flask-WTF's CSRF check with 400 before any view runs;
+- ``/api`` answers anonymous and agent-token callers 401 (JSON), viewers 403 (JSON) on mutations and
+  200 on reads, whether they come with a session or an API token;
+- ``/agent/download/<version>`` needs an agent token: every other caller, admin included, gets 401;
+  the install script, unit file and health check are public;
+- ``/ws/agent``: a plain (non-WebSocket) GET is answered 400 by URL routing (the rule is a
+  WebSocket rule) before the agent-token check runs, so it is 400 for everyone and never reaches the
+  socket handler; a real upgrade handshake is 101 with an agent token and 401 for everyone else.
+
+Objects in paths are real (cast hosts, a job, a fleet update), so a 404 never masks an
+authorization answer; a route that changes or destroys something gets a fresh object per
+principal, and the test checks the side effect happened exactly when the matrix says the caller is
+allowed (a 403 must also mean nothing changed).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import ApiToken, FleetUpdate, Host, Job, User
+from app.serve import AGENT_PLANE_PREFIXES
+from app.updates import fleet
+from tests.conftest import OLD_VERSION, SERVER_VERSION, Cast
+from tests.support.live import LiveServer, wait_until
+from tests.support.scripted import ScriptedAgent
+
+pytestmark = pytest.mark.timeout(60)
+
+PRINCIPALS = ("anonymous", "viewer", "admin", "viewer_token", "admin_token", "agent_token")
+BEARER_PRINCIPALS = ("viewer_token", "admin_token", "agent_token")
+WS_HANDSHAKE = "WS"  # pseudo-method: a real WebSocket upgrade request on a GET route
+
+
+@dataclass(frozen=True)
+class Redirect:
+    status: int
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.status}->{self.path}"
+
+
+Expect = int | Redirect
+
+TO_LOGIN = Redirect(302, "/login")
+TO_DASHBOARD = Redirect(302, "/")
+CSRF = 400  # page POST without a session: Flask-WTF refuses it before the view (and its role check)
+
+
+def expect(
+    anonymous: Expect, viewer: Expect, admin: Expect, viewer_token: Expect, admin_token: Expect, agent_token: Expect
+) -> dict[str, Expect]:
+    return dict(zip(PRINCIPALS, (anonymous, viewer, admin, viewer_token, admin_token, agent_token), strict=True))
+
+
+PAGE = expect(TO_LOGIN, 200, 200, TO_LOGIN, TO_LOGIN, TO_LOGIN)
+ADMIN_PAGE = expect(TO_LOGIN, 403, 200, TO_LOGIN, TO_LOGIN, TO_LOGIN)
+PUBLIC = expect(200, 200, 200, 200, 200, 200)
+API_READ = expect(401, 200, 200, 200, 200, 401)
+
+
+def admin_form(ok: Expect) -> dict[str, Expect]:
+    """An admin-only page POST (CSRF-protected form or HTMX action)."""
+    return expect(TO_LOGIN, 403, ok, CSRF, CSRF, CSRF)
+
+
+def api_admin(ok: int) -> dict[str, Expect]:
+    return expect(401, 403, ok, 403, ok, 401)
+
+
+def agent_only(ok: int) -> dict[str, Expect]:
+    return expect(401, 401, 401, 401, 401, ok)
+
+
+# --- the world: real objects and throwaways ----------------------------------------------------
+
+_names = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}-{os.getpid()}"
+
+
+@dataclass
+class Target:
+    """One request: the path, a body, and what a side-effect check needs to know."""
+
+    path: str
+    form: dict | None = None
+    json: dict | None = None
+    ctx: object = None
+
+
+class World:
+    """The cast, tokens, a job, a fleet update, a live server and a connected agent."""
+
+    def __init__(self, app):
+        self.app = app
+        self.cast = Cast()
+        self.host_id = self.cast.host_online.id
+        self.agent_token = self.cast.host_online_token
+        self.tokens = {}
+        for who, user in (("viewer_token", self.cast.viewer), ("admin_token", self.cast.admin)):
+            _, self.tokens[who] = ApiToken.issue(user, "rbac")
+        job = Job(
+            host_id=self.cast.host_offline.id,
+            kind="update",
+            status="failed",
+            phase="dispatched",
+            actor="admin",
+            params={"version": SERVER_VERSION, "from_version": OLD_VERSION},
+            error="timed out",
+        )
+        db.session.add(job)
+        db.session.commit()
+        self.job_id = job.id
+        fu = fleet.start("admin", host_ids=[self.cast.host_behind.id])
+        fleet.cancel(fu.id, "admin")
+        self.fleet_id = fu.id
+        self.behind_id, self.admin_id = self.cast.host_behind.id, self.cast.admin.id
+        self.agents: list[ScriptedAgent] = []
+        self.live: LiveServer | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self.live = LiveServer(self.app).__enter__()
+        # The cast's online host, really online: pings get answered.
+        self.connect_agent(self.host_id, self.agent_token, SERVER_VERSION)
+
+    def stop(self) -> None:
+        for a in self.agents:
+            a.disconnect()
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def connect_agent(self, host_id: int, token: str, version: str) -> None:
+        agent = ScriptedAgent(self.live.agent_ws_url, token, version)
+        agent.connect()
+        self.agents.append(agent)
+        wait_until(lambda: self.app.extensions["rm.connections"].is_connected(host_id), what="agent registered")
+
+    def base(self, plane: str) -> str:
+        return self.live.admin_url if plane == "admin" else self.live.agent_http_url
+
+    # -- throwaway objects (one per principal, for routes that change what they touch)
+
+    def new_host(self) -> int:
+        db.session.remove()
+        host, _ = Host.enrol(unique("rbac"))
+        db.session.commit()
+        return host.id
+
+    def new_online_behind_host(self) -> int:
+        db.session.remove()
+        host, token = Host.enrol(unique("rbac-behind"))
+        db.session.commit()
+        self.connect_agent(host.id, token, OLD_VERSION)
+        return host.id
+
+    def new_admin_token(self) -> int:
+        db.session.remove()
+        tok, _ = ApiToken.issue(db.session.get(User, self.admin_id), unique("rbac"))
+        db.session.commit()
+        return tok.id
+
+    def no_rollout(self) -> None:
+        db.session.remove()
+        fu = fleet.running()
+        if fu is not None:
+            fleet.cancel(fu.id, "rbac-setup")
+
+    def new_rollout(self) -> int:
+        self.no_rollout()
+        return fleet.start("rbac-setup", host_ids=[self.behind_id]).id
+
+    # -- side effects, read fresh from the database
+
+    def row(self, model, key):
+        db.session.remove()
+        return db.session.get(model, key)
+
+    def has_running_job(self, host_id: int) -> bool:
+        db.session.remove()
+        q = sa.select(Job.id).where(Job.host_id == host_id, Job.status == "running")
+        return db.session.scalar(q) is not None
+
+    def host_named(self, name: str) -> bool:
+        db.session.remove()
+        return db.session.scalar(sa.select(Host.id).where(Host.name == name)) is not None
+
+    def token_named(self, name: str) -> bool:
+        db.session.remove()
+        return db.session.scalar(sa.select(ApiToken.id).where(ApiToken.name == name)) is not None
+
+    def rollout_running(self) -> bool:
+        db.session.remove()
+        return fleet.running() is not None
+
+
+# --- the matrix --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    endpoint: str
+    method: str
+    plane: str
+    expect: dict[str, Expect]
+    target: Callable[[World], Target]
+    #: The status of an allowed mutation; with ``effect``, the side effect must happen iff it is seen.
+    ok: Expect | None = None
+    effect: Callable[[World, Target], bool] | None = None
+    #: Log in afresh for this route (it changes the session itself: login, logout).
+    fresh_principal: bool = False
+    note: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.endpoint, self.method)
+
+
+def path(p: str) -> Callable[[World], Target]:
+    return lambda w: Target(p.format(w=w))
+
+
+def _form_target(p: str, prefix: str) -> Callable[[World], Target]:
+    def make(w):
+        name = unique(prefix)
+        return Target(p, form={"name": name}, ctx=name)
+
+    return make
+
+
+def _json_target(p: str, prefix: str) -> Callable[[World], Target]:
+    def make(w):
+        name = unique(prefix)
+        return Target(p, json={"name": name}, ctx=name)
+
+    return make
+
+
+def _host_target(p: str, make_host: str, **body) -> Callable[[World], Target]:
+    def make(w):
+        host_id = getattr(w, make_host)()
+        return Target(p.format(id=host_id), ctx=host_id, **body)
+
+    return make
+
+
+def _rollout_target(p: str, **body) -> Callable[[World], Target]:
+    def make(w):
+        fid = w.new_rollout()
+        return Target(p.format(id=fid), ctx=fid, **body)
+
+    return make
+
+
+def _fresh_fleet_target(p: str, **body) -> Callable[[World], Target]:
+    def make(w):
+        w.no_rollout()
+        return Target(p, **body)
+
+    return make
+
+
+def _token_target(w):
+    tid = w.new_admin_token()
+    return Target(f"/settings/tokens/{tid}/revoke", ctx=tid)
+
+
+def _login_target(w):
+    return Target("/login", form={"username": "viewer", "password": "viewer-pass-123"})
+
+
+# fmt: off  (a table reads best one row per call)
+MATRIX: list[Case] = [
+    # --- admin plane: pages ---
+    Case("main.dashboard", "GET", "admin", PAGE, path("/")),
+    Case("main.host_list", "GET", "admin", PAGE, path("/hosts")),
+    Case("main.host_detail", "GET", "admin", PAGE, path("/hosts/{w.host_id}")),
+    Case("main.update_status", "GET", "admin", PAGE, path("/hosts/{w.host_id}/update-status")),
+    Case("main.alert_list", "GET", "admin", PAGE, path("/alerts")),
+    Case("main.audit", "GET", "admin", PAGE, path("/audit")),
+    Case("main.host_new", "GET", "admin", ADMIN_PAGE, path("/hosts/new")),
+    Case(
+        "main.host_new",
+        "POST",
+        "admin",
+        admin_form(201),
+        _form_target("/hosts/new", "rbac-page"),
+        ok=201,
+        effect=lambda w, t: w.host_named(t.ctx),
+    ),
+    Case(
+        "main.host_update",
+        "POST",
+        "admin",
+        admin_form(303),
+        _host_target("/hosts/{id}/update", "new_online_behind_host"),
+        ok=303,
+        effect=lambda w, t: w.has_running_job(t.ctx),
+    ),
+    Case(
+        "main.host_revoke",
+        "POST",
+        "admin",
+        admin_form(303),
+        _host_target("/hosts/{id}/revoke", "new_host"),
+        ok=303,
+        effect=lambda w, t: w.row(Host, t.ctx).revoked_at is not None,
+    ),
+    Case(
+        "main.host_delete",
+        "POST",
+        "admin",
+        admin_form(303),
+        _host_target("/hosts/{id}/delete", "new_host"),
+        ok=303,
+        effect=lambda w, t: w.row(Host, t.ctx) is None,
+    ),
+    Case("main.fleet_update", "GET", "admin", ADMIN_PAGE, path("/settings/fleet-update")),
+    Case("main.fleet_status", "GET", "admin", ADMIN_PAGE, path("/settings/fleet-update/status")),
+    Case(
+        "main.fleet_start",
+        "POST",
+        "admin",
+        admin_form(303),
+        _fresh_fleet_target("/settings/fleet-update/start"),
+        ok=303,
+        effect=lambda w, t: w.rollout_running(),
+    ),
+    Case(
+        "main.fleet_cancel",
+        "POST",
+        "admin",
+        admin_form(303),
+        _rollout_target("/settings/fleet-update/{id}/cancel"),
+        ok=303,
+        effect=lambda w, t: w.row(FleetUpdate, t.ctx).status == "cancelled",
+    ),
+    Case(
+        "auth.login",
+        "GET",
+        "admin",
+        expect(200, TO_DASHBOARD, TO_DASHBOARD, 200, 200, 200),
+        path("/login"),
+        note="logged-in users are sent on to the dashboard; bearer callers are anonymous on pages",
+    ),
+    Case(
+        "auth.login",
+        "POST",
+        "admin",
+        expect(TO_DASHBOARD, TO_DASHBOARD, TO_DASHBOARD, CSRF, CSRF, CSRF),
+        _login_target,
+        fresh_principal=True,
+        note="anonymous: valid viewer credentials log in; logged-in users are redirected without a new login",
+    ),
+    Case(
+        "auth.logout",
+        "POST",
+        "admin",
+        expect(TO_LOGIN, TO_LOGIN, TO_LOGIN, CSRF, CSRF, CSRF),
+        path("/logout"),
+        fresh_principal=True,
+    ),
+    Case("auth.tokens", "GET", "admin", ADMIN_PAGE, path("/settings/tokens")),
+    Case(
+        "auth.tokens",
+        "POST",
+        "admin",
+        admin_form(200),
+        _form_target("/settings/tokens", "rbac-token"),
+        ok=200,
+        effect=lambda w, t: w.token_named(t.ctx),
+    ),
+    Case(
+        "auth.revoke_token",
+        "POST",
+        "admin",
+        admin_form(303),
+        _token_target,
+        ok=303,
+        effect=lambda w, t: w.row(ApiToken, t.ctx).revoked_at is not None,
+    ),
+    Case("static", "GET", "admin", PUBLIC, path("/static/htmx.min.js")),
+    # --- admin plane: JSON API ---
+    Case("api.version", "GET", "admin", API_READ, path("/api/version")),
+    Case("api.host_list", "GET", "admin", API_READ, path("/api/hosts")),
+    Case(
+        "api.host_create",
+        "POST",
+        "admin",
+        api_admin(201),
+        _json_target("/api/hosts", "rbac-api"),
+        ok=201,
+        effect=lambda w, t: w.host_named(t.ctx),
+    ),
+    Case("api.host_get", "GET", "admin", API_READ, path("/api/hosts/{w.host_id}")),
+    Case(
+        "api.host_delete",
+        "DELETE",
+        "admin",
+        api_admin(204),
+        _host_target("/api/hosts/{id}", "new_host"),
+        ok=204,
+        effect=lambda w, t: w.row(Host, t.ctx) is None,
+    ),
+    Case("api.host_jobs", "GET", "admin", API_READ, path("/api/hosts/{w.host_id}/jobs")),
+    Case("api.host_ping", "POST", "admin", api_admin(200), path("/api/hosts/{w.host_id}/ping")),
+    Case(
+        "api.host_revoke",
+        "POST",
+        "admin",
+        api_admin(200),
+        _host_target("/api/hosts/{id}/revoke", "new_host"),
+        ok=200,
+        effect=lambda w, t: w.row(Host, t.ctx).revoked_at is not None,
+    ),
+    Case(
+        "api.host_update",
+        "POST",
+        "admin",
+        api_admin(202),
+        _host_target("/api/hosts/{id}/update", "new_online_behind_host", json={}),
+        ok=202,
+        effect=lambda w, t: w.has_running_job(t.ctx),
+    ),
+    Case("api.job_get", "GET", "admin", API_READ, path("/api/jobs/{w.job_id}")),
+    Case("api.alert_list", "GET", "admin", API_READ, path("/api/alerts")),
+    Case("api.audit", "GET", "admin", API_READ, path("/api/audit")),
+    Case(
+        "api.token_create",
+        "POST",
+        "admin",
+        api_admin(201),
+        _json_target("/api/tokens", "rbac-apitoken"),
+        ok=201,
+        effect=lambda w, t: w.token_named(t.ctx),
+    ),
+    Case(
+        "api.fleet_start",
+        "POST",
+        "admin",
+        api_admin(201),
+        _fresh_fleet_target("/api/fleet/update", json={}),
+        ok=201,
+        effect=lambda w, t: w.rollout_running(),
+    ),
+    Case("api.fleet_list", "GET", "admin", API_READ, path("/api/fleet-updates")),
+    Case("api.fleet_get", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}")),
+    Case(
+        "api.fleet_cancel",
+        "POST",
+        "admin",
+        api_admin(200),
+        _rollout_target("/api/fleet-updates/{id}/cancel", json={}),
+        ok=200,
+        effect=lambda w, t: w.row(FleetUpdate, t.ctx).status == "cancelled",
+    ),
+    # --- agent plane ---
+    Case("agentlink.download", "GET", "agent", agent_only(200), path("/agent/download/current")),
+    Case("agentlink.install_script", "GET", "agent", PUBLIC, path("/agent/install.sh")),
+    Case("agentlink.unit_file", "GET", "agent", PUBLIC, path("/agent/restic-manager-agent.service")),
+    Case("agentlink.health", "GET", "agent", PUBLIC, path("/agent/health")),
+    Case(
+        "agentlink.agent_socket",
+        "GET",
+        "agent",
+        expect(400, 400, 400, 400, 400, 400),
+        path("/ws/agent"),
+        note="a WebSocket rule: routing refuses a plain GET (400) before the token check runs",
+    ),
+    Case(
+        "agentlink.agent_socket",
+        WS_HANDSHAKE,
+        "agent",
+        agent_only(101),
+        path("/ws/agent"),
+        note="the upgrade handshake: 101 only with an agent token, 401 before the handshake otherwise",
+    ),
+]
+# fmt: on
+
+
+# --- principals --------------------------------------------------------------------------------
+
+_META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
+_FORM_CSRF = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
+
+
+class Principal:
+    def __init__(self, name: str, world: World):
+        self.name = name
+        self.http = requests.Session()
+        self.headers: dict[str, str] = {}
+        admin = world.live.admin_url
+        if name in BEARER_PRINCIPALS:
+            token = world.agent_token if name == "agent_token" else world.tokens[name]
+            self.headers["Authorization"] = f"Bearer {token}"
+            return
+        page = self.http.get(admin + "/login", timeout=10)
+        if name in ("viewer", "admin"):
+            form_token = _FORM_CSRF.search(page.text).group(1)
+            r = self.http.post(
+                admin + "/login",
+                data={"username": name, "password": f"{name}-pass-123", "csrf_token": form_token},
+                allow_redirects=False,
+                timeout=10,
+            )
+            assert r.status_code == 302, f"{name} could not log in: {r.status_code}"
+            page = self.http.get(admin + "/", timeout=10)
+            assert page.status_code == 200
+        self.headers["X-CSRFToken"] = _META_CSRF.search(page.text).group(1)
+
+    def send(self, base: str, method: str, target: Target) -> requests.Response:
+        if self.name in BEARER_PRINCIPALS:
+            self.http.cookies.clear()  # a script: never a cookie, whatever a response set
+        headers = dict(self.headers)
+        if method == WS_HANDSHAKE:
+            headers.update(
+                {
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+                }
+            )
+            method = "GET"
+        resp = self.http.request(
+            method,
+            base + target.path,
+            data=target.form,
+            json=target.json,
+            headers=headers,
+            allow_redirects=False,
+            timeout=15,
+            stream=True,
+        )
+        if resp.status_code != 101:
+            resp.content  # noqa: B018 - read the body so the connection is reusable
+        resp.close()
+        return resp
+
+
+@pytest.fixture(scope="module")
+def world(module_app):
+    w = World(module_app)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def principals(world):
+    return {name: Principal(name, world) for name in PRINCIPALS}
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def _route_keys(app) -> set[tuple[str, str]]:
+    return {
+        (rule.endpoint, method) for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+
+
+def test_every_route_has_an_rbac_expectation(module_app):
+    table = {c.key for c in MATRIX if c.method != WS_HANDSHAKE}
+    assert len(table) == len([c for c in MATRIX if c.method != WS_HANDSHAKE]), "duplicate rows in MATRIX"
+    routes = _route_keys(module_app)
+    missing = sorted(routes - table)
+    stale = sorted(table - routes)
+    assert not missing, "\n".join(f"route {e} {m} has no RBAC expectation" for e, m in missing)
+    assert not stale, "\n".join(f"MATRIX row {e} {m} names no route" for e, m in stale)
+
+
+def test_each_row_declares_the_plane_the_middleware_serves_it_on(module_app):
+    rules = {rule.endpoint: rule.rule for rule in module_app.url_map.iter_rules()}
+    for case in MATRIX:
+        on_agent_plane = rules[case.endpoint].startswith(AGENT_PLANE_PREFIXES)
+        assert case.plane == ("agent" if on_agent_plane else "admin"), case.key
+        assert set(case.expect) == set(PRINCIPALS), case.key
+        if case.effect is not None:
+            assert case.ok is not None and case.ok in case.expect.values(), case.key
+
+
+def _matches(resp: requests.Response, exp: Expect) -> bool:
+    if isinstance(exp, Redirect):
+        return resp.status_code == exp.status and urlsplit(resp.headers.get("Location", "")).path == exp.path
+    return resp.status_code == exp
+
+
+def _shape_problems(case: Case, resp: requests.Response) -> list[str]:
+    """The JSON error shape where the contract promises one."""
+    status = resp.status_code
+    wants_json = case.target.__name__ != "_login_target" and (
+        case.plane == "agent" or resp.request.path_url.startswith("/api")
+    )
+    if status not in (401, 403) or not wants_json:
+        return []
+    try:
+        code = resp.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{status} without the JSON error shape: {resp.text[:120]!r}"]
+    allowed = {401: {"unauthorized", "missing_token", "invalid_token"}, 403: {"forbidden"}}[status]
+    return [] if code in allowed else [f"{status} with error code {code!r}"]
+
+
+def _describe(resp: requests.Response) -> str:
+    loc = resp.headers.get("Location")
+    return f"{resp.status_code}" + (f"->{urlsplit(loc).path}" if loc else "")
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[f"{c.endpoint} {c.method}" for c in MATRIX])
+def test_rbac_matrix(case, world, principals):
+    wrong_plane = "agent" if case.plane == "admin" else "admin"
+    problems = []
+    for name in PRINCIPALS:
+        who = Principal(name, world) if case.fresh_principal else principals[name]
+        target = case.target(world)
+
+        # The other plane never serves this route, for anybody, and nothing happens.
+        resp = who.send(world.base(wrong_plane), case.method, target)
+        if resp.status_code != 404 or resp.json().get("error", {}).get("code") != "not_found":
+            problems.append(f"{name}: on the {wrong_plane} plane got {_describe(resp)}, expected 404 not_found")
+        if case.effect is not None and case.effect(world, target):
+            problems.append(f"{name}: the {wrong_plane}-plane request had an effect")
+
+        resp = who.send(world.base(case.plane), case.method, target)
+        exp = case.expect[name]
+        if not _matches(resp, exp):
+            problems.append(f"{name}: got {_describe(resp)}, expected {exp}  ({resp.text[:100]!r})")
+        problems += [f"{name}: {p}" for p in _shape_problems(case, resp)]
+        if case.effect is not None:
+            allowed = exp == case.ok
+            happened = case.effect(world, target)
+            if happened != allowed:
+                problems.append(f"{name}: side effect {'happened' if happened else 'missing'} (allowed={allowed})")
+    assert not problems, f"{case.endpoint} {case.method} ({case.note or case.plane}):\n" + "\n".join(problems)
