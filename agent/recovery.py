@@ -96,17 +96,30 @@ def marker_path(state_dir: str) -> str:
     return os.path.join(state_dir, MARKER_FILE)
 
 
+def read_json_object(path: str) -> dict | None:
+    """Return the JSON object stored at ``path``, None when the file is absent.
+
+    :raise ValueError: the file cannot be read or does not hold a JSON object.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
 def read_marker(state_dir: str) -> dict | None:
     """Return the probation marker, None when absent; an unreadable marker is returned as ``{}``."""
     try:
-        with open(marker_path(state_dir), encoding="utf-8") as fh:
-            marker = json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
+        return read_json_object(marker_path(state_dir))
+    except ValueError as exc:
         log.error("unreadable probation marker %s: %s", marker_path(state_dir), exc)
         return {}
-    return marker if isinstance(marker, dict) else {}
 
 
 def write_marker(state_dir: str, marker: dict) -> None:

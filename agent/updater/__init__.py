@@ -120,14 +120,10 @@ def state_path(state_dir: str) -> str:
 def read_state(state_dir: str) -> dict | None:
     """Return the update state file's content, or None when absent or unreadable."""
     try:
-        with open(state_path(state_dir), encoding="utf-8") as fh:
-            state = json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
+        return recovery.read_json_object(state_path(state_dir))
+    except ValueError as exc:
         log.warning("ignoring unreadable %s: %s", state_path(state_dir), exc)
         return None
-    return state if isinstance(state, dict) else None
 
 
 def write_state(state_dir: str, state: dict) -> None:

@@ -3,14 +3,9 @@ against it; starting a server per example would dominate the run time)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from app import create_app
-from app.extensions import db
 from app.timeutil import FakeClock
-from tests.conftest import SERVER_VERSION
 from tests.support import dbsetup
 from tests.support.live import LiveServer
 
@@ -21,29 +16,10 @@ def module_app(db_template, tmp_path_factory, request):
 
     A test module tunes it with a ``LIVE_CONFIG`` dict of config overrides.
     """
-    tmp = tmp_path_factory.mktemp("props")
-    config = {
-        "TESTING": True,
-        "INSTANCE_PATH": str(tmp / "instance"),
-        "SQLALCHEMY_DATABASE_URI": dbsetup.fresh_database(db_template, str(tmp)),
-        "SECRET_KEY": "props-secret",
-        "VERSION": SERVER_VERSION,
-        "BUILD_AGENT_ON_START": False,
-        "HEARTBEAT_S": 30,
-        "HEARTBEAT_TIMEOUT": 300,
-        **getattr(request.module, "LIVE_CONFIG", {}),
-    }
-    app = create_app(config, environ={})
-    app.extensions["rm.clock"] = FakeClock()
-    with app.app_context():
-        from app.updates import releases
-
-        artifact = tmp / "artifact.pyz"
-        artifact.write_bytes(os.urandom(2048))
-        releases.register(str(artifact), SERVER_VERSION)
+    overrides = {"HEARTBEAT_S": 30, "HEARTBEAT_TIMEOUT": 300, **getattr(request.module, "LIVE_CONFIG", {})}
+    for app in dbsetup.module_app(db_template, tmp_path_factory.mktemp("props"), **overrides):
+        app.extensions["rm.clock"] = FakeClock()
         yield app
-        db.session.remove()
-        db.engine.dispose()
 
 
 @pytest.fixture(scope="module")

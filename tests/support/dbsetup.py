@@ -78,3 +78,34 @@ def fresh_database(template: str, dest_dir: str) -> str:
     path = os.path.join(dest_dir, "test.sqlite3")
     shutil.copyfile(template, path)
     return "sqlite:///" + path
+
+
+def module_app(db_template: str, tmp, **overrides):
+    """Yield a real app (in its app context) on its own migrated database with a registered release.
+
+    For module-scoped fixtures whose tests share one live server (RBAC matrix, property tests).
+    """
+    import os
+
+    from app import create_app
+    from app.extensions import db
+    from app.updates import releases
+    from tests.conftest import SERVER_VERSION
+
+    config = {
+        "TESTING": True,
+        "INSTANCE_PATH": str(tmp / "instance"),
+        "SQLALCHEMY_DATABASE_URI": fresh_database(db_template, str(tmp)),
+        "SECRET_KEY": "module-secret",
+        "VERSION": SERVER_VERSION,
+        "BUILD_AGENT_ON_START": False,
+        **overrides,
+    }
+    app = create_app(config, environ={})
+    with app.app_context():
+        artifact = tmp / "artifact.pyz"
+        artifact.write_bytes(os.urandom(2048))  # only scripted agents fetch nothing; bytes don't matter
+        releases.register(str(artifact), SERVER_VERSION)
+        yield app
+        db.session.remove()
+        db.engine.dispose()
