@@ -174,9 +174,9 @@ def decode(frame: str | bytes) -> Envelope:
     id_ = obj.get("id", "")
     if not isinstance(id_, str):
         raise ProtocolError("invalid_field", "envelope field 'id' must be a string", field="id")
-    if len(id_) > MAX_ID_CHARS:
+    if len(id_) > MAX_ID_CHARS or "\x00" in id_:
         raise ProtocolError(
-            "invalid_field", f"envelope field 'id' is longer than {MAX_ID_CHARS} characters", field="id"
+            "invalid_field", f"envelope field 'id' must be at most {MAX_ID_CHARS} characters, without NUL", field="id"
         )
     data = obj.get("data", {})
     if data is None:

@@ -116,7 +116,12 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
             log.info("host %s silent for %.0f s; dropping its connection", conn.host_id, idle_timeout)
             conn.close(protocol.CLOSE_IDLE, "heartbeat timeout")
             return
-        if not limiter.allow():
+        try:
+            env, bad = protocol.decode(raw), None
+        except protocol.ProtocolError as e:
+            env, bad = None, e
+        # Pongs answer the server's own pings, so the server sets their pace: never drop them.
+        if (env is None or env.type != "pong") and not limiter.allow():
             limiter.strikes += 1
             if limiter.strikes >= MAX_RATE_STRIKES:
                 log.warning("host %s keeps exceeding the frame rate; closing its connection", conn.host_id)
@@ -124,11 +129,9 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
                 return
             conn.send(protocol.error_frame("rate_limited", f"more than {cfg['AGENT_MSG_RATE']:g} frames/s; dropped"))
             continue
-        try:
-            env = protocol.decode(raw)
-        except protocol.ProtocolError as e:
-            log.info("host %s sent a bad frame: %s", conn.host_id, e.message)
-            conn.send(protocol.error_frame(e.code, e.message, e.ref))
+        if bad is not None:
+            log.info("host %s sent a bad frame: %s", conn.host_id, bad.message)
+            conn.send(protocol.error_frame(bad.code, bad.message, bad.ref))
             continue
         t = env.type
         if t == "heartbeat":

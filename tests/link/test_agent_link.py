@@ -213,3 +213,34 @@ def test_every_agent_plane_route_sits_under_an_agent_prefix(app):
     for rule in app.url_map.iter_rules():
         on_agent_plane = rule.endpoint.startswith("agentlink.")
         assert rule.rule.startswith(AGENT_PLANE_PREFIXES) == on_agent_plane, rule.rule
+
+
+def test_pongs_to_the_servers_own_pings_are_never_rate_limited(live, cast, app):
+    app.config["AGENT_MSG_RATE"] = 1.0
+    app.config["AGENT_MSG_BURST"] = 2.0
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    conn = app.extensions["rm.connections"].get(cast.host_offline.id)
+    import threading
+
+    for _ in range(10):  # far past the burst: each pong must still get through
+        result = {}
+        t = threading.Thread(target=lambda r=result: r.setdefault("rtt", conn.ping(5)))
+        t.start()
+        env = recv(ws)
+        assert env.type == "ping"
+        ws.send(protocol.encode("pong", {"ref": env.id}))
+        t.join(5)
+        assert result["rtt"] is not None
+
+
+def test_a_ping_with_a_nul_in_its_id_gets_an_error_not_a_dead_connection(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    ws.send(json.dumps({"type": "ping", "id": "a\u0000b", "data": {}}))
+    env = recv(ws)
+    assert env.type == "error" and env.data["code"] == "invalid_field"
+    ws.send(protocol.encode("ping"))
+    assert recv(ws).type == "pong"

@@ -107,6 +107,7 @@ def valid_data(type_: str):
 
 known_types = st.sampled_from(sorted(SCHEMAS))
 ids = st.text(max_size=40) | st.uuids().map(str)
+valid_ids = st.text(st.characters(blacklist_characters="\x00"), max_size=40) | st.uuids().map(str)
 VALID_DATA = {t: valid_data(t) for t in SCHEMAS}  # built once: strategy construction is not free
 small_values = (
     json_scalars | st.lists(json_scalars, max_size=3) | st.dictionaries(st.text(max_size=6), json_scalars, max_size=2)
@@ -117,7 +118,7 @@ mutations = st.lists(st.tuples(st.integers(0, 20), st.sampled_from(["drop", "ret
 @st.composite
 def valid_envelopes(draw):
     type_ = draw(known_types)
-    return type_, draw(VALID_DATA[type_]), draw(ids)
+    return type_, draw(VALID_DATA[type_]), draw(valid_ids)
 
 
 @st.composite
@@ -202,7 +203,7 @@ def reference_valid(obj) -> bool:
     data = {} if data is None else data
     if not isinstance(type_, str) or type_ not in SCHEMAS or not isinstance(id_, str) or not isinstance(data, dict):
         return False
-    if len(id_) > MAX_ID_CHARS:
+    if len(id_) > MAX_ID_CHARS or "\x00" in id_:
         return False
     return all(field_problem(type_, data, n) is None for n in SCHEMAS[type_])
 
@@ -375,7 +376,8 @@ def agent_ws(module_app, module_live):
 
 
 def _echo(text: str | None) -> str | None:
-    return None if text is None else text[:ECHO_MAX_CHARS]
+    """What an error reply quotes of a frame's id: bounded, with NUL spelled out."""
+    return None if text is None else text[:ECHO_MAX_CHARS].replace("\x00", "\\x00")
 
 
 def _expected_replies(frame) -> list[tuple[str, str | None, str | None]]:
