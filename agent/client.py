@@ -23,6 +23,7 @@ import simple_websocket
 from simple_websocket.errors import ConnectionClosed
 from wsproto import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, Request
+from wsproto.utilities import LocalProtocolError
 
 from agent import platform_tag, program_path, protocol, recovery
 from agent.config import AgentConfig
@@ -176,7 +177,12 @@ class Link:
 
     def send(self, frame: str) -> None:
         with self._lock:
-            self.ws.send(frame)
+            try:
+                self.ws.send(frame)
+            except LocalProtocolError:
+                # The socket is already closing (the peer or our reader closed it first): to the
+                # caller that is the same as a closed link, not a surprise.
+                raise ConnectionClosed() from None
 
     def receive(self, timeout: float) -> str | bytes | None:
         return self.ws.receive(timeout=timeout)
@@ -196,8 +202,8 @@ class Link:
             if getattr(self.ws, "connected", False):
                 try:
                     self.ws.close(reason=code, message=message)
-                except (ConnectionClosed, OSError):
-                    pass
+                except (ConnectionClosed, LocalProtocolError, OSError):
+                    pass  # already closing or gone: nothing left to say to the peer
             thread = getattr(self.ws, "thread", None)
             if thread is not None and thread is not threading.current_thread():
                 thread.join(CLOSE_WAIT_S)
