@@ -178,7 +178,7 @@ def register_cli(app: Flask) -> None:
     @app.cli.command("demo")
     @click.option(
         "--agent-version",
-        default="0.0.1+demo",
+        default="0.0.0.dev0+demo",
         show_default=True,
         help="Version the demo agent claims, so it shows as behind and can be updated.",
     )

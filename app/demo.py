@@ -90,6 +90,14 @@ def run_demo(app: Flask, agent_version: str) -> int:
     from .serve import Servers, tune_threads
     from .supervisor import Supervisor
 
+    from agent.version import compare_versions
+
+    if compare_versions(agent_version, app.config["SERVER_VERSION"]) >= 0:
+        print(
+            f"warning: the demo agent's version {agent_version} is not older than the server's "
+            f"{app.config['SERVER_VERSION']}; it will not show as behind (pass --agent-version)",
+            file=sys.stderr,
+        )
     agent_dir = os.path.join(app.instance_path, "demo-agent")
     with app.app_context():
         flask_migrate.upgrade()
