@@ -86,11 +86,10 @@ def run_demo(app: Flask, agent_version: str) -> int:
     import flask_migrate
 
     from agent.build import build_agent
+    from agent.version import compare_versions
 
     from .serve import Servers, tune_threads
     from .supervisor import Supervisor
-
-    from agent.version import compare_versions
 
     if compare_versions(agent_version, app.config["SERVER_VERSION"]) >= 0:
         print(
