@@ -52,7 +52,10 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     except ConnectionClosed:
         pass
     finally:
-        if registry().unregister(conn):
+        # Offline unless a newer connection took over. A revoke pops this connection from the
+        # registry itself, so "was it still mine" is not the test: "is anyone live now" is.
+        registry().unregister(conn)
+        if registry().get(host_id) is None:
             mark_offline(host_id)
         db.session.close()
 
@@ -151,7 +154,7 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
         # After the frame is handled: a pong must not wait behind a database write.
         now = time.monotonic()
         if now - last_touch >= touch_every:
-            touch(conn.host_id)
+            touch(conn)
             last_touch = now
 
 
@@ -176,8 +179,16 @@ def record_hello(host_id: int, data: dict) -> None:
     db.session.commit()
 
 
-def touch(host_id: int) -> None:
-    db.session.execute(sa.update(Host).where(Host.id == host_id).values(last_seen=utcnow(), connected=True))
+def touch(conn: Connection) -> None:
+    """Record that the host was seen; re-assert "online" only while this is its live connection.
+
+    A revoke (or a newer connection) may have taken this one out of the registry a moment ago;
+    a late heartbeat on it must not mark the host online again.
+    """
+    values = {"last_seen": utcnow()}
+    if registry().get(conn.host_id) is conn:
+        values["connected"] = True
+    db.session.execute(sa.update(Host).where(Host.id == conn.host_id).values(**values))
     db.session.commit()
 
 

@@ -81,6 +81,7 @@ def test_it_refuses_a_revoked_token_and_closes_the_live_socket(live, cast, app):
     app.extensions["rm.connections"].close(host.id, protocol.CLOSE_REVOKED, "revoked")
     wait_until(lambda: not ws.connected, what="socket closed")
     assert ws.close_reason == protocol.CLOSE_REVOKED
+    wait_until(lambda: not host_row(host.id).connected, what="the revoked host offline")
     with pytest.raises(simple_websocket.ConnectionError):
         connect(live, cast.host_offline_token)
 
