@@ -107,6 +107,13 @@ def online_at(session, host_id, version):
     return h["online"] and h["agent_version"] == version
 
 
+def admin_when_online(srv, host_id, version=A):
+    """Log in as the admin and wait until the host's agent is online at ``version``."""
+    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    wait_until(lambda: online_at(admin, host_id, version), 20, what=f"agent online at {version}")
+    return admin
+
+
 def release_path(server_proc):
     return os.path.join(server_proc.instance_dir, "releases", f"restic-manager-agent-{B}.pyz")
 
@@ -115,8 +122,7 @@ def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_versio
     host_id, _ = fleet_db
     srv = server()
     ag = agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
 
     press_update(admin, host_id)
@@ -142,8 +148,7 @@ def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(server
     host_id, _ = fleet_db
     srv = server()
     ag = agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
     path = release_path(srv)
     with open(path, "r+b") as f:  # flip one byte: same size, wrong sha256
@@ -169,8 +174,7 @@ def test_a_download_that_breaks_off_half_way_leaves_the_old_program(server, agen
     host_id, _ = fleet_db
     srv = server(RM_DOWNLOAD_RATE_KIB="64", RM_UPDATE_TIMEOUT="6")
     ag = agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
 
     press_update(admin, host_id)
@@ -190,8 +194,7 @@ def test_an_agent_that_never_comes_back_times_out_with_a_clear_message(server, a
     host_id, _ = fleet_db
     srv = server(RM_UPDATE_TIMEOUT="3")
     ag = agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     ag.supervisor.restart_sec = 3600  # the service manager gives up on it
     press_update(admin, host_id)
     job = terminal_job(admin, host_id, timeout=20)
@@ -204,8 +207,7 @@ def test_an_agent_that_comes_back_at_the_old_version_fails_the_job_at_once(serve
     host_id, _ = fleet_db
     srv = server()
     agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     # The server offers B, but the artifact it serves is really an A build (sha256 consistent).
     a_build = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
     with open(a_build, "rb") as src, open(release_path(srv), "wb") as dst:
@@ -244,8 +246,7 @@ def test_a_new_program_that_crash_loops_is_rolled_back_and_the_job_fails_with_th
     host_id, _ = fleet_db
     srv = server()
     ag = agent(srv)
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+    admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
     _serve_signed_artifact(srv, b"#!/usr/bin/env python3\nimport sys\nsys.exit(3)\n")
 
@@ -267,8 +268,7 @@ def test_a_new_program_that_never_reaches_the_server_is_rolled_back(server, flee
     src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
     ag = AgentProcess(str(tmp_path / "cutoff"), src, proxy.ws_url, token, "probation_s = 2\n").start()
     try:
-        admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
-        wait_until(lambda: online_at(admin, host_id, A), 20, what="agent online at A")
+        admin = admin_when_online(srv, host_id)
         old_bytes = ag.program_bytes()
         press_update(admin, host_id)
         wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "restarting", 20, 0.01, "restarting")
