@@ -91,8 +91,7 @@ def register_cli(app: Flask) -> None:
         user = db.session.scalar(sa.select(User).where(User.username == username))
         if user is None:
             raise click.ClickException(f"no user {username!r}")
-        tok, plain = ApiToken.issue(user, name)
-        AuditEvent.record("cli", "token.created", username, prefix=tok.prefix)
+        _, plain = ApiToken.issue(user, name, actor="cli")
         db.session.commit()
         click.echo(plain)
 

@@ -79,11 +79,17 @@ class ApiToken(db.Model):
     user = db.relationship("User")
 
     @classmethod
-    def issue(cls, user: User, name: str = "") -> tuple[ApiToken, str]:
-        """Create a token for ``user``; return the row and the plain token (shown once)."""
+    def issue(cls, user: User, name: str = "", actor: str | None = None) -> tuple[ApiToken, str]:
+        """Create a token for ``user``; return the row and the plain token (shown once).
+
+        With ``actor``, the creation is audited (``token.created``) in the same transaction.
+        """
         plain = new_token("rmt")
         tok = cls(user=user, name=name, prefix=plain[:12], token_hash=hash_token(plain))
         db.session.add(tok)
+        if actor is not None:
+            db.session.flush()
+            AuditEvent.record(actor, "token.created", f"token {tok.prefix}", token_id=tok.id, user=user.username)
         return tok, plain
 
     @classmethod

@@ -9,7 +9,7 @@ from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
 from ..main import hosts
-from ..models import ApiToken, AuditEvent, FleetUpdate, Host, Job
+from ..models import ApiToken, FleetUpdate, Host, Job
 from ..timeutil import isoformat
 from . import bp
 
@@ -186,9 +186,7 @@ def token_create():
     name = body.get("name", "")
     if not isinstance(name, str) or len(name) > 100:
         return error_response(400, "invalid_name", "name must be a string of at most 100 characters")
-    tok, plain = ApiToken.issue(current_user, name.strip())
-    db.session.flush()
-    AuditEvent.record(current_user.username, "token.created", f"token {tok.prefix}", token_id=tok.id)
+    tok, plain = ApiToken.issue(current_user, name.strip(), actor=current_user.username)
     db.session.commit()
     return jsonify({"token": plain, "api_token": _token_dict(tok)}), 201
 

@@ -68,9 +68,7 @@ def tokens():
     form = TokenForm()
     plain = None
     if form.validate_on_submit():
-        tok, plain = ApiToken.issue(current_user, (form.name.data or "").strip())
-        db.session.flush()
-        AuditEvent.record(current_user.username, "token.created", f"token {tok.prefix}", token_id=tok.id)
+        _, plain = ApiToken.issue(current_user, (form.name.data or "").strip(), actor=current_user.username)
         db.session.commit()
         form = TokenForm(formdata=None)
     rows = db.session.scalars(
