@@ -371,7 +371,11 @@ class Lifecycle(RuleBasedStateMachine):
         for fu in self.rows(FleetUpdate):
             assert fu.status in FLEET_STATUSES
             before = self.fleet_seen.get(fu.id)
-            assert before in (None, "running", fu.status), f"rollout {fu.id} went {before} -> {fu.status}"
+            if before == "succeeded" and fu.status == "halted":
+                # A finished rollout whose host was rolled back afterwards (fleet.correct_host_row).
+                assert CORRECTED in (fu.halt_reason or ""), fu.halt_reason
+            else:
+                assert before in (None, "running", fu.status), f"rollout {fu.id} went {before} -> {fu.status}"
             self.fleet_seen[fu.id] = fu.status
             rows = list(fu.hosts)
             assert sum(r.status == "running" for r in rows) <= 1, "one host at a time"
@@ -385,7 +389,10 @@ class Lifecycle(RuleBasedStateMachine):
                 assert r.status in FLEET_HOST_STATUSES
                 assert r.status != "running" or r.job_id is not None, "a running row has its job"
                 row_before = self.row_seen.get(r.id)
-                if row_before in TERMINAL_ROW:
+                if row_before == "succeeded" and r.status == "failed":
+                    # The one way back: its job was corrected after a reported rollback.
+                    assert (r.error or "").startswith(CORRECTED), r.error
+                elif row_before in TERMINAL_ROW:
                     assert r.status == row_before, f"row {r.id} went {row_before} -> {r.status}"
                 self.row_seen[r.id] = r.status
 
