@@ -9,7 +9,8 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 PG_URL = os.environ.get("RM_TEST_DATABASE_URL", "").strip()
-PG_SCHEMA = "rm_test"
+# A schema of its own per checkout lets two runs share one server (RM_TEST_PG_SCHEMA).
+PG_SCHEMA = os.environ.get("RM_TEST_PG_SCHEMA", "").strip() or "rm_test"
 
 
 def using_postgres() -> bool:
