@@ -146,7 +146,6 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "RELEASE_SIGNING_KEY": None,
         "RELEASE_PUBLIC_KEY": None,
         "RELEASES_DIR": os.path.join(instance_path, "releases"),
-        "SCHEDULER_ENABLED": False,  # only `serve` runs the background jobs: one scheduler per deployment
         "BUILD_AGENT_ON_START": False,
         "SOCK_SERVER_OPTIONS": {"ping_interval": None, "max_message_size": 64 * 1024},
         "WTF_CSRF_TIME_LIMIT": None,

@@ -60,9 +60,6 @@ class User(UserMixin, db.Model):
     def is_admin(self) -> bool:
         return self.role == "admin"
 
-    def to_dict(self) -> dict:
-        return {"id": self.id, "username": self.username, "role": self.role, "created_at": isoformat(self.created_at)}
-
 
 class ApiToken(db.Model):
     __tablename__ = "api_tokens"
@@ -351,17 +348,6 @@ class AgentRelease(db.Model):
     signature = sa.Column(sa.Text)
     path = sa.Column(sa.Text, nullable=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "version": self.version,
-            "platform": self.platform,
-            "sha256": self.sha256,
-            "size": self.size,
-            "signed": bool(self.signature),
-            "created_at": isoformat(self.created_at),
-        }
 
 
 class FleetUpdate(db.Model):
