@@ -6,11 +6,12 @@ import os
 import sys
 
 import click
-import sqlalchemy as sa
 from flask import Flask, current_app
-from flask.cli import FlaskGroup, with_appcontext
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .config import ConfigError
+from .extensions import db
+from .models import ROLES, ApiToken, AuditEvent, User
 
 
 def _create_app():
@@ -21,171 +22,188 @@ def _create_app():
 
 def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
     if password_stdin:
-        pw = sys.stdin.readline().rstrip("\n")
-    else:
-        pw = click.prompt(prompt, hide_input=True, confirmation_prompt=True)
-    if len(pw) < 8:
-        raise click.UsageError("the password must be at least 8 characters")
-    return pw
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt(prompt, hide_input=True, confirmation_prompt=True)
+
+
+def _existing_user(name: str) -> User:
+    user = User.by_username(name)
+    if user is None:
+        raise click.ClickException(f"no user {name!r}")
+    return user
+
+
+# Groups are flask's ``AppGroup``: their commands run inside an app context, as ``app.cli``'s do.
+# ``db`` is Flask-Migrate's group, added in :func:`main`.
+users_group = AppGroup("users", help="Manage user accounts.")
+tokens_group = AppGroup("tokens", help="Manage API tokens for scripts.")
+hosts_group = AppGroup("hosts", help="Manage enrolled hosts.")
+releases_group = AppGroup("releases", help="Manage agent release artifacts.")
+
+
+@click.command("serve")
+@click.option(
+    "--ready-file", type=click.Path(dir_okay=False), help="Write 'ADMIN_PORT AGENT_PORT' here once listening."
+)
+@click.option("--no-build", is_flag=True, help="Do not build the agent release for this version on start.")
+@with_appcontext
+def serve_cmd(ready_file, no_build):
+    """Run the admin plane, the agent plane and the scheduler."""
+    from .serve import serve
+
+    current_app.config["BUILD_AGENT_ON_START"] = not no_build
+    raise SystemExit(serve(current_app._get_current_object(), ready_file=ready_file))
+
+
+@users_group.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(ROLES), default="viewer", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def users_create(name, role, password_stdin):
+    """Create a user; the password is prompted for (or read from stdin)."""
+    if User.by_username(name) is not None:  # before the prompt, not after it
+        raise click.ClickException(f"user {name!r} already exists")
+    try:
+        User.create(name, _read_password(password_stdin), role, actor="cli")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    db.session.commit()
+    click.echo(f"created {role} {name}")
+
+
+@users_group.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def users_set_password(name, password_stdin):
+    """Set a user's password (and lift a login lock-out)."""
+    user = _existing_user(name)
+    try:
+        user.set_password(_read_password(password_stdin))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    user.failed_logins, user.locked_until = 0, None
+    AuditEvent.record("cli", "user.password_set", name)
+    db.session.commit()
+    click.echo(f"password set for {name}")
+
+
+@tokens_group.command("create")
+@click.option("--user", "username", required=True)
+@click.option("--name", default="cli", show_default=True)
+def tokens_create(username, name):
+    """Create an API token for a user and print it (once)."""
+    _, plain = ApiToken.issue(_existing_user(username), name, actor="cli")
+    db.session.commit()
+    click.echo(plain)
+
+
+@hosts_group.command("add")
+@click.argument("name")
+def hosts_add(name):
+    """Enrol a host; print its agent token and install one-liner (once)."""
+    from .main.hosts import HostError, enrol
+
+    try:
+        enrolment = enrol(name, "cli")
+    except HostError as e:
+        raise click.ClickException(e.message) from None
+    click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
+    click.echo(f"agent token: {enrolment.token}")
+    click.echo(f"install: {enrolment.install_command}")
+
+
+@click.command("build-agent")
+@click.option("--version", "version", default=None, help="Version to bake in (default: this build's).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--sign-key", type=click.File("rb"), help="Ed25519 release key (PEM): write <artifact>.sig.")
+@click.option("--register", is_flag=True, help="Also register the artifact as a release in the database.")
+@with_appcontext
+def build_agent_cmd(version, out_dir, sign_key, register):
+    """Build the agent zipapp (reproducibly) and print its path, size and sha256."""
+    from agent.build import build_agent
+
+    from .updates import releases
+
+    version = version or current_app.config["SERVER_VERSION"]
+    built = build_agent(version, out_dir)
+    if sign_key is not None:
+        releases.sign_file(built.path, version, built.platform, sign_key.read())
+    click.echo(f"{built.path} {built.size} {built.sha256}")
+    if register:
+        releases.register(built.path, version, built.platform)
+
+
+@releases_group.command("add")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--version", "version", required=True)
+@click.option("--platform", default=None, help="Artifact platform (default: py3-any).")
+def releases_add(artifact, version, platform):
+    """Register a built (and signed: <artifact>.sig) artifact as a release."""
+    from .updates import releases
+
+    rel = releases.register(artifact, version, platform)
+    AuditEvent.record(
+        "cli", "release.registered", f"{rel.version}/{rel.platform}", sha256=rel.sha256, signed=bool(rel.signature)
+    )
+    db.session.commit()
+    click.echo(
+        f"registered {rel.version} {rel.platform} {rel.size} {rel.sha256} {'signed' if rel.signature else 'UNSIGNED'}"
+    )
+
+
+@click.command("release-key")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the private key (PEM, mode 0600). Keep it offline.",
+)
+@with_appcontext
+def release_key_cmd(out_path):
+    """Generate an Ed25519 release key; print the public key to pin in agent configs."""
+    from agent.signing import generate_keypair
+
+    private_pem, public_b64 = generate_keypair()
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    click.echo(f"private key: {out_path}")
+    click.echo(f'release_public_key = "{public_b64}"')
+
+
+@click.command("demo")
+@click.option(
+    "--agent-version",
+    default="0.0.0.dev0+demo",
+    show_default=True,
+    help="Version the demo agent claims, so it shows as behind and can be updated.",
+)
+@with_appcontext
+def demo_cmd(agent_version):
+    """Migrate, create an admin and a demo host, then serve with one local demo agent."""
+    from .demo import run_demo
+
+    raise SystemExit(run_demo(current_app._get_current_object(), agent_version))
+
+
+#: Every top-level command and group of ``restic-manager`` (besides Flask-Migrate's ``db``).
+COMMANDS = (
+    serve_cmd,
+    users_group,
+    tokens_group,
+    hosts_group,
+    build_agent_cmd,
+    releases_group,
+    release_key_cmd,
+    demo_cmd,
+)
 
 
 def register_cli(app: Flask) -> None:
-    from .extensions import db
-    from .models import ApiToken, AuditEvent, User
-
-    @app.cli.command("serve")
-    @click.option(
-        "--ready-file", type=click.Path(dir_okay=False), help="Write 'ADMIN_PORT AGENT_PORT' here once listening."
-    )
-    @click.option("--no-build", is_flag=True, help="Do not build the agent release for this version on start.")
-    def serve_cmd(ready_file, no_build):
-        """Run the admin plane, the agent plane and the scheduler."""
-        from .serve import serve
-
-        current_app.config["BUILD_AGENT_ON_START"] = not no_build
-        raise SystemExit(serve(current_app._get_current_object(), ready_file=ready_file))
-
-    users = click.Group("users", help="Manage user accounts.")
-    app.cli.add_command(users)
-
-    @users.command("create")
-    @click.argument("name")
-    @click.option("--role", type=click.Choice(["admin", "viewer"]), default="viewer", show_default=True)
-    @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
-    @with_appcontext
-    def users_create(name, role, password_stdin):
-        """Create a user; the password is prompted for (or read from stdin)."""
-        if db.session.scalar(sa.select(User).where(User.username == name)):
-            raise click.ClickException(f"user {name!r} already exists")
-        user = User(username=name, role=role)
-        user.set_password(_read_password(password_stdin))
-        db.session.add(user)
-        AuditEvent.record("cli", "user.created", name, role=role)
-        db.session.commit()
-        click.echo(f"created {role} {name}")
-
-    @users.command("set-password")
-    @click.argument("name")
-    @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
-    @with_appcontext
-    def users_set_password(name, password_stdin):
-        """Set a user's password (and lift a login lock-out)."""
-        user = db.session.scalar(sa.select(User).where(User.username == name))
-        if user is None:
-            raise click.ClickException(f"no user {name!r}")
-        user.set_password(_read_password(password_stdin))
-        user.failed_logins, user.locked_until = 0, None
-        AuditEvent.record("cli", "user.password_set", name)
-        db.session.commit()
-        click.echo(f"password set for {name}")
-
-    tokens = click.Group("tokens", help="Manage API tokens for scripts.")
-    app.cli.add_command(tokens)
-
-    @tokens.command("create")
-    @click.option("--user", "username", required=True)
-    @click.option("--name", default="cli", show_default=True)
-    @with_appcontext
-    def tokens_create(username, name):
-        """Create an API token for a user and print it (once)."""
-        user = db.session.scalar(sa.select(User).where(User.username == username))
-        if user is None:
-            raise click.ClickException(f"no user {username!r}")
-        _, plain = ApiToken.issue(user, name, actor="cli")
-        db.session.commit()
-        click.echo(plain)
-
-    hosts = click.Group("hosts", help="Manage enrolled hosts.")
-    app.cli.add_command(hosts)
-
-    @hosts.command("add")
-    @click.argument("name")
-    @with_appcontext
-    def hosts_add(name):
-        """Enrol a host; print its agent token and install one-liner (once)."""
-        from .main.hosts import HostError, enrol
-
-        try:
-            enrolment = enrol(name, "cli")
-        except HostError as e:
-            raise click.ClickException(e.message) from None
-        click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
-        click.echo(f"agent token: {enrolment.token}")
-        click.echo(f"install: {enrolment.install_command}")
-
-    @app.cli.command("build-agent")
-    @click.option("--version", "version", default=None, help="Version to bake in (default: this build's).")
-    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-    @click.option("--sign-key", type=click.File("rb"), help="Ed25519 release key (PEM): write <artifact>.sig.")
-    @click.option("--register", is_flag=True, help="Also register the artifact as a release in the database.")
-    @with_appcontext
-    def build_agent_cmd(version, out_dir, sign_key, register):
-        """Build the agent zipapp (reproducibly) and print its path, size and sha256."""
-        from agent.build import build_agent
-
-        from .updates import releases
-
-        version = version or current_app.config["SERVER_VERSION"]
-        built = build_agent(version, out_dir)
-        if sign_key is not None:
-            releases.sign_file(built.path, version, built.platform, sign_key.read())
-        click.echo(f"{built.path} {built.size} {built.sha256}")
-        if register:
-            releases.register(built.path, version, built.platform)
-
-    rel_group = click.Group("releases", help="Manage agent release artifacts.")
-    app.cli.add_command(rel_group)
-
-    @rel_group.command("add")
-    @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
-    @click.option("--version", "version", required=True)
-    @click.option("--platform", default=None, help="Artifact platform (default: py3-any).")
-    @with_appcontext
-    def releases_add(artifact, version, platform):
-        """Register a built (and signed: <artifact>.sig) artifact as a release."""
-        from .updates import releases
-
-        rel = releases.register(artifact, version, platform)
-        AuditEvent.record(
-            "cli", "release.registered", f"{rel.version}/{rel.platform}", sha256=rel.sha256, signed=bool(rel.signature)
-        )
-        db.session.commit()
-        click.echo(
-            f"registered {rel.version} {rel.platform} {rel.size} {rel.sha256} "
-            f"{'signed' if rel.signature else 'UNSIGNED'}"
-        )
-
-    @app.cli.command("release-key")
-    @click.option(
-        "--out",
-        "out_path",
-        required=True,
-        type=click.Path(dir_okay=False),
-        help="Where to write the private key (PEM, mode 0600). Keep it offline.",
-    )
-    def release_key_cmd(out_path):
-        """Generate an Ed25519 release key; print the public key to pin in agent configs."""
-        from agent.signing import generate_keypair
-
-        private_pem, public_b64 = generate_keypair()
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(private_pem)
-        click.echo(f"private key: {out_path}")
-        click.echo(f'release_public_key = "{public_b64}"')
-
-    @app.cli.command("demo")
-    @click.option(
-        "--agent-version",
-        default="0.0.0.dev0+demo",
-        show_default=True,
-        help="Version the demo agent claims, so it shows as behind and can be updated.",
-    )
-    def demo_cmd(agent_version):
-        """Migrate, create an admin and a demo host, then serve with one local demo agent."""
-        from .demo import run_demo
-
-        raise SystemExit(run_demo(current_app._get_current_object(), agent_version))
+    """Add the commands to ``app.cli`` (what ``flask`` and ``restic-manager`` run)."""
+    for command in COMMANDS:
+        app.cli.add_command(command)
 
 
 def main(argv=None) -> None:

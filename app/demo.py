@@ -23,7 +23,7 @@ DEMO_HOST = "demo-agent"
 
 
 def _ensure_admin() -> str:
-    from .models import AuditEvent, User
+    from .models import User
 
     if db.session.scalar(sa.select(User).where(User.role == "admin")):
         return (
@@ -31,10 +31,7 @@ def _ensure_admin() -> str:
             "reset it with `restic-manager users set-password admin`)"
         )
     password = secrets.token_urlsafe(12)
-    user = User(username="admin", role="admin")
-    user.set_password(password)
-    db.session.add(user)
-    AuditEvent.record("demo", "user.created", "admin", role="admin")
+    User.create("admin", password, "admin", actor="demo")
     db.session.commit()
     return f"login: admin / {password}   (shown once; change it with `restic-manager users set-password admin`)"
 

@@ -15,6 +15,8 @@ from .extensions import db
 from .timeutil import isoformat, utcnow
 
 ROLES = ("admin", "viewer")
+MIN_PASSWORD_LENGTH = 8
+MAX_USERNAME_LENGTH = 64
 JOB_KINDS = ("update",)
 JOB_STATUSES = ("running", "succeeded", "failed")
 ALERT_KINDS = ("update_failed", "fleet_update_halted")
@@ -43,14 +45,42 @@ class User(UserMixin, db.Model):
     __table_args__ = (sa.CheckConstraint(_in("role", ROLES), name="role"),)
 
     id = sa.Column(sa.Integer, primary_key=True)
-    username = sa.Column(sa.String(64), nullable=False, unique=True)
+    username = sa.Column(sa.String(MAX_USERNAME_LENGTH), nullable=False, unique=True)
     password_hash = sa.Column(sa.String(256), nullable=False)
     role = sa.Column(sa.String(16), nullable=False, default="viewer")
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     failed_logins = sa.Column(sa.Integer, nullable=False, default=0)
     locked_until = sa.Column(sa.DateTime)
 
+    @classmethod
+    def create(cls, username: str, password: str, role: str = "viewer", actor: str | None = None) -> User:
+        """Add a user to the session (the caller commits); the one way accounts are made.
+
+        Raises :class:`ValueError` (its message fit to show) for an empty or too long name, an
+        unknown role, a short password or a name already taken. With ``actor``, the creation is
+        audited (``user.created``) in the same transaction.
+        """
+        if not username or len(username) > MAX_USERNAME_LENGTH:
+            raise ValueError(f"a username is 1 to {MAX_USERNAME_LENGTH} characters")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+        if cls.by_username(username) is not None:
+            raise ValueError(f"user {username!r} already exists")
+        user = cls(username=username, role=role)
+        user.set_password(password)
+        db.session.add(user)
+        if actor is not None:
+            AuditEvent.record(actor, "user.created", username, role=role)
+        return user
+
+    @classmethod
+    def by_username(cls, username: str) -> User | None:
+        return db.session.scalar(sa.select(cls).where(cls.username == username))
+
     def set_password(self, password: str) -> None:
+        """Store a hash of ``password``; raise :class:`ValueError` if it is shorter than the minimum."""
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise ValueError(f"the password must be at least {MIN_PASSWORD_LENGTH} characters")
         self.password_hash = generate_password_hash(password)
 
     def check_password(self, password: str) -> bool:

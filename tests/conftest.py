@@ -92,10 +92,7 @@ class Cast:
 
     @staticmethod
     def _user(name, password, role):
-        u = User(username=name, role=role)
-        u.set_password(password)
-        db.session.add(u)
-        return u
+        return User.create(name, password, role)
 
     @staticmethod
     def _host(name, version, online):

@@ -485,9 +485,7 @@ def enrol(env: dict, n: int) -> tuple[list[int], list[str], str]:
 
     app = create_app(environ=env)
     with app.app_context():
-        user = User(username="bench-admin", role="admin")
-        user.set_password(os.urandom(16).hex())
-        db.session.add(user)
+        user = User.create("bench-admin", os.urandom(16).hex(), "admin")
         _, api_token = ApiToken.issue(user, "bench")
         hosts = [Host.enrol(f"bench-{i:05d}") for i in range(n)]
         db.session.flush()

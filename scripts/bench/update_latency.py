@@ -86,9 +86,7 @@ def make_instance(tmp: str) -> tuple[str, str, str, int, str]:
 
     app = create_app(environ=env)
     with app.app_context():
-        user = User(username="bench-admin", role="admin")
-        user.set_password(os.urandom(16).hex())
-        db.session.add(user)
+        user = User.create("bench-admin", os.urandom(16).hex(), "admin")
         _, api_token = ApiToken.issue(user, "update-latency bench")
         host, agent_token = Host.enrol("bench-update-1")
         db.session.commit()

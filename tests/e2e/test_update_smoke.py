@@ -26,9 +26,7 @@ A, B = "1.0.0", "2.0.0"
 @pytest.fixture
 def fleet_db(app):
     """An admin and one enrolled host in the test database; return (host id, agent token)."""
-    user = User(username="admin", role="admin")
-    user.set_password("admin-pass-123")
-    db.session.add(user)
+    User.create("admin", "admin-pass-123", "admin")
     host, token = Host.enrol("smoke-1")
     db.session.commit()
     return host.id, token

@@ -244,9 +244,7 @@ def seed_fleet(host_names, password: str = "admin-pass-123"):
     from app.extensions import db
     from app.models import ApiToken, Host, User
 
-    admin = User(username="admin", role="admin")
-    admin.set_password(password)
-    db.session.add(admin)
+    admin = User.create("admin", password, "admin")
     hosts = [Host.enrol(name) for name in host_names]
     _, api_token = ApiToken.issue(admin, "tests")
     db.session.commit()
