@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
 import sys
 import threading
+import time
 
 import sqlalchemy as sa
 import waitress
 from flask import Flask
 from werkzeug.serving import ThreadedWSGIServer
+
+from agent.daemon import StopFlag, install_signal_handlers
 
 from .extensions import db
 from .timeutil import utcnow
@@ -159,6 +161,20 @@ def tune_threads(stack_kib: int, switch_interval: float | None = None) -> None:
         pass
 
 
+def wait_for_stop_signal(poll_s: float = 0.1) -> int | None:
+    """Block the main thread until SIGINT or SIGTERM arrives; return the signal's number.
+
+    The handlers only set a flag (``agent.daemon.StopFlag``: ``threading.Event.set`` takes a lock
+    the interrupted thread may hold); this loop polls it in short slices and the caller does the
+    shutdown work. Call it from the main thread: only that thread may install signal handlers.
+    """
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    while not stop.is_set():
+        time.sleep(poll_s)
+    return stop.signum
+
+
 def serve(app: Flask, ready_file: str | None = None) -> int:
     tune_threads(app.config["THREAD_STACK_KIB"], app.config.get("SWITCH_INTERVAL"))
     servers = Servers(app)
@@ -177,16 +193,8 @@ def serve(app: Flask, ready_file: str | None = None) -> int:
         with open(ready_file, "w") as f:
             f.write(f"{servers.admin_port} {servers.agent_port}\n")
 
-    stop_requested = threading.Event()
-
-    def _stop(signum, _frame):
-        stop_requested.set()  # the main thread does the work, not the handler
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    while not stop_requested.wait(0.5):
-        pass
-    log.info("shutting down")
+    signum = wait_for_stop_signal()
+    log.info("shutting down (signal %s)", signum)
     servers.stop()
     sys.stdout.flush()
     return 0
