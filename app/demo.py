@@ -3,16 +3,17 @@
 Migrates the database, creates an ``admin`` account (its password printed once), enrols a host
 ``demo-agent``, builds that host's agent as an older version (so it shows as behind and the
 "Update agent" button has something to do), and serves with that agent running locally under a
-small supervisor that restarts it when it exits — what systemd's ``Restart=always`` does.
+small loop that restarts it when it exits — what systemd's ``Restart=always`` does.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import signal
+import subprocess
 import sys
 import threading
+import time
 
 import sqlalchemy as sa
 from flask import Flask
@@ -79,14 +80,53 @@ def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int, public_key: s
     return path
 
 
+class AgentLoop:
+    """Keep the demo agent running: start it again whenever it exits, as ``Restart=always`` does.
+
+    The agent exits to finish an update (the new program starts on the restart), so the demo needs
+    this; it is all the demo needs (tests and benchmarks use ``tests/support/supervisor.py``).
+    """
+
+    def __init__(self, cmd: list[str], cwd: str, log_path: str, restart_s: float = 0.1):
+        self.cmd, self.cwd, self.log_path, self.restart_s = cmd, cwd, log_path, restart_s
+        self._lock = threading.Lock()  # orders a start against stop(): no child is started after it
+        self._stopped = False
+        self._child: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="demo-agent", daemon=True).start()
+
+    def _run(self) -> None:
+        with open(self.log_path, "ab", buffering=0) as log:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self._child = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+                self._child.wait()
+                time.sleep(self.restart_s)  # systemd's default RestartSec
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop restarting; SIGTERM the running agent (SIGKILL after ``timeout_s``)."""
+        with self._lock:
+            self._stopped = True
+            child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
 def run_demo(app: Flask, agent_version: str) -> int:
     import flask_migrate
 
     from agent.build import build_agent
     from agent.version import compare_versions
 
-    from .serve import Servers, tune_threads
-    from .supervisor import Supervisor
+    from .serve import Servers, tune_threads, wait_for_stop_signal
 
     if compare_versions(agent_version, app.config["SERVER_VERSION"]) >= 0:
         print(
@@ -112,7 +152,7 @@ def run_demo(app: Flask, agent_version: str) -> int:
     with app.app_context():
         config_path = _ensure_demo_host(app, agent_dir, servers.agent_port, public_key)
         db.session.remove()
-    agent = Supervisor(
+    agent = AgentLoop(
         [sys.executable, program, "--config", config_path], cwd=agent_dir, log_path=os.path.join(agent_dir, "agent.log")
     )
     agent.start()
@@ -123,11 +163,7 @@ def run_demo(app: Flask, agent_version: str) -> int:
     print(f"  demo agent: {program} (log: {agent_dir}/agent.log)", flush=True)
     print("  Ctrl-C stops the server and the demo agent.", flush=True)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+    wait_for_stop_signal()
     agent.stop()
     servers.stop()
     return 0

@@ -5,7 +5,7 @@
 
 In one run, against a real ``restic-manager serve`` (RM_VERSION=B, 127.0.0.1, ephemeral ports,
 fresh migrated SQLite instance) and a real agent zipapp (built from this tree as version A) kept
-running by ``app.supervisor.Supervisor`` (what systemd's ``Restart=always`` does):
+running by ``tests.support.supervisor.Supervisor`` (what systemd's ``Restart=always`` does):
 
 (a) restart-and-reconnect, ``--reps`` times (alternating with (b)): SIGKILL the agent process
     (the supervisor restarts it after ``--restart-sec``) and time kill -> the server has recorded

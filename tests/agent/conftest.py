@@ -326,7 +326,7 @@ class ZipappHost:
         self.supervisor = None
 
     def start(self, **env_overrides):
-        from app.supervisor import Supervisor
+        from tests.support.supervisor import Supervisor
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RM_"))}
         env.update(env_overrides)

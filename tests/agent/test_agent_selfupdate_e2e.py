@@ -6,7 +6,7 @@ import time
 import pytest
 from conftest import UpdatePeer, update_command, wait_until
 
-from app.supervisor import Supervisor
+from tests.support.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from app.supervisor import Supervisor
+from tests.support.supervisor import Supervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,8 +1,9 @@
 """A tiny process supervisor for tests and benchmarks: what systemd's ``Restart=always`` does.
 
 It starts a command, restarts it whenever it exits (after ``restart_sec``), counts restarts and
-exit codes, and appends the child's stdout and stderr to one log file. No pytest imports, so
-benchmark scripts can use it too.
+exit codes, and appends the child's stdout and stderr to one log file. No pytest imports: the
+benchmark scripts use it too (through ``tests.support.live``). The product does not: ``demo``
+keeps its one agent running with its own small loop (``app/demo.py``).
 """
 
 from __future__ import annotations
