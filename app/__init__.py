@@ -43,7 +43,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     from .versioning import server_version
 
     app.config["SERVER_VERSION"] = server_version(app.config)
-    app.extensions.setdefault("rm.clock", Clock())
+    _init_runtime(app)
     logging.basicConfig(level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every scheduler run at INFO would drown the log; its warnings and errors still show.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -53,10 +53,6 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     login.init_app(app)
     csrf.init_app(app)
     sock.init_app(app)
-
-    from .agents.registry import ConnectionRegistry
-
-    app.extensions["rm.connections"] = ConnectionRegistry()
 
     from . import auth, security
     from .agents import bp as agentlink_bp
@@ -87,6 +83,15 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 
     register_cli(app)
     return app
+
+
+def _init_runtime(app: Flask) -> None:
+    """The in-memory state (``app.runtime.runtime()``): registries, clock, scheduler, wake-ups."""
+    from .agents.registry import ConnectionRegistry
+    from .runtime import Runtime, install
+    from .updates.inflight import InFlightRegistry
+
+    install(app, Runtime(connections=ConnectionRegistry(), inflight=InFlightRegistry(), clock=Clock()))
 
 
 def _init_db(app: Flask) -> None:

@@ -101,11 +101,12 @@ def tokens_create(username, name):
 @click.argument("name")
 def hosts_add(name):
     """Enrol a host; print its agent token and install one-liner (once)."""
-    from .main.hosts import HostError, enrol
+    from .errors import Refusal
+    from .hosts import enrol
 
     try:
         enrolment = enrol(name, "cli")
-    except HostError as e:
+    except Refusal as e:
         raise click.ClickException(e.message) from None
     click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
     click.echo(f"agent token: {enrolment.token}")

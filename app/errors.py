@@ -1,13 +1,23 @@
-"""One error shape for the API, an HTML page for browsers, and a clean rollback on 500."""
+"""One error path: the :class:`Refusal` exception, one error body for both planes, one handler each.
+
+A capability (hosts, dispatch, fleet) raises ``Refusal(status, code, message)`` when it will not do
+what was asked. Views never catch it: the app's handler rolls the session back and answers in the
+caller's format — the JSON envelope on ``/api`` (and for JSON clients), otherwise the page's own
+refusal renderer (see :func:`renders_refusal`) or the error page.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .extensions import db
+from .htmx import is_htmx
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +37,34 @@ STATUS_CODES = {
     503: "unavailable",
 }
 
+#: The ``WWW-Authenticate`` realm a 401 names (the agent plane passes its own).
+REALM = "restic-manager"
 
-def error_response(status: int, code: str, message: str) -> Response:
-    """Return the API's one error shape: ``{"error": {"code": ..., "message": ...}}``."""
-    resp = jsonify({"error": {"code": code, "message": message}})
+
+class Refusal(Exception):
+    """A refused operation: ``status`` and ``code`` are what the API answers, ``message`` for people."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_body(code: str, message: str) -> dict:
+    """The one error shape of both planes: ``{"error": {"code": ..., "message": ...}}``."""
+    return {"error": {"code": code, "message": message}}
+
+
+def error_bytes(code: str, message: str) -> bytes:
+    """:func:`error_body` as JSON bytes, for WSGI code that runs outside Flask."""
+    return json.dumps(error_body(code, message)).encode()
+
+
+def error_response(status: int, code: str, message: str, realm: str = REALM) -> Response:
+    """Return :func:`error_body` as a JSON response (with ``WWW-Authenticate`` on a 401)."""
+    resp = jsonify(error_body(code, message))
     resp.status_code = status
     if status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager"'
+        resp.headers["WWW-Authenticate"] = f'Bearer realm="{realm}"'
     return resp
 
 
@@ -41,10 +72,23 @@ def wants_json() -> bool:
     """True for ``/api`` paths and for clients that prefer JSON over HTML."""
     if request.path == "/api" or request.path.startswith("/api/"):
         return True
-    if request.headers.get("HX-Request"):
+    if is_htmx():
         return False
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def renders_refusal(render: Callable[[Refusal], object]):
+    """Mark a page view: a :class:`Refusal` it raises is answered by ``render(refusal)``.
+
+    Put it right under the route decorator. The handler has already rolled the session back.
+    """
+
+    def mark(view):
+        view.render_refusal = render
+        return view
+
+    return mark
 
 
 def _code_for(e: HTTPException) -> str:
@@ -53,24 +97,35 @@ def _code_for(e: HTTPException) -> str:
     return STATUS_CODES.get(e.code or 500, "error")
 
 
-def _render(e: HTTPException):
-    status = e.code or 500
-    message = e.description or e.name
+def _render(status: int, code: str, title: str, message: str):
     if wants_json():
-        return error_response(status, _code_for(e), message)
+        return error_response(status, code, message)
     # An HTMX request swaps the answer into part of a page: give it a fragment, not a document.
-    template = "errors/_error.html" if request.headers.get("HX-Request") else "errors/error.html"
-    return render_template(template, status=status, title=e.name, message=message), status
+    template = "errors/_error.html" if is_htmx() else "errors/error.html"
+    return render_template(template, status=status, title=title, message=message), status
+
+
+def _render_http(e: HTTPException):
+    return _render(e.code or 500, _code_for(e), e.name, e.description or e.name)
 
 
 def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(Refusal)
+    def _refused(refusal: Refusal):
+        db.session.rollback()
+        view = current_app.view_functions.get(request.endpoint or "")
+        render = getattr(view, "render_refusal", None)
+        if render is not None and not wants_json():
+            return render(refusal)
+        return _render(refusal.status, refusal.code, HTTP_STATUS_CODES.get(refusal.status, "Error"), refusal.message)
+
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         if e.response is not None:  # abort(error_response(...)): already shaped
             return e.response
         if (e.code or 500) >= 500:
             db.session.rollback()
-        return _render(e)
+        return _render_http(e)
 
     @app.errorhandler(InternalServerError)
     def _internal_error(e: InternalServerError):
@@ -80,4 +135,4 @@ def register_error_handlers(app: Flask) -> None:
         if original is not None:
             log.error("unhandled error on %s %s", request.method, request.path, exc_info=original)
             e = InternalServerError()  # never show the exception text to the client
-        return _render(e)
+        return _render_http(e)

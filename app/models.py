@@ -22,6 +22,8 @@ JOB_STATUSES = ("running", "succeeded", "failed")
 ALERT_KINDS = ("update_failed", "fleet_update_halted")
 FLEET_STATUSES = ("running", "succeeded", "halted", "cancelled")
 FLEET_HOST_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
+#: How many resolved alerts a listing shows.
+RESOLVED_ALERTS_LIMIT = 50
 
 
 def _in(col: str, values: tuple[str, ...]) -> str:
@@ -125,6 +127,16 @@ class ApiToken(db.Model):
         if tok is None or tok.revoked_at is not None:
             return None
         return tok
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "created_at": isoformat(self.created_at),
+            "last_used_at": isoformat(self.last_used_at),
+            "revoked": self.revoked_at is not None,
+        }
 
 
 class Host(db.Model):
@@ -322,6 +334,18 @@ class Alert(db.Model):
         )
         return res.rowcount or 0
 
+    @classmethod
+    def listing(cls, status: str = "open", limit: int = RESOLVED_ALERTS_LIMIT) -> list[Alert]:
+        """Open alerts (all, most recently seen first), resolved ones (newest ``limit``), or ``all``."""
+        q = sa.select(cls)
+        if status == "open":
+            q = q.where(cls.resolved_at.is_(None)).order_by(cls.last_seen.desc())
+        elif status == "resolved":
+            q = q.where(cls.resolved_at.is_not(None)).order_by(cls.resolved_at.desc()).limit(limit)
+        else:
+            q = q.order_by(cls.last_seen.desc()).limit(limit * 4)
+        return list(db.session.scalars(q))
+
     def to_dict(self) -> dict:
         return {
             "id": self.id,
@@ -354,6 +378,17 @@ class AuditEvent(db.Model):
         ev = cls(at=utcnow(), actor=actor, action=action, target=target, details=details)
         db.session.add(ev)
         return ev
+
+    @classmethod
+    def page(cls, limit: int, before_id: int | None = None) -> tuple[list[AuditEvent], int | None]:
+        """Newest first; return the page and the ``before_id`` of the next (older) page, if any."""
+        q = sa.select(cls).order_by(cls.id.desc()).limit(limit + 1)
+        if before_id is not None:
+            q = q.where(cls.id < before_id)
+        rows = list(db.session.scalars(q))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more and rows else None)
 
     def to_dict(self) -> dict:
         return {
@@ -407,6 +442,22 @@ class FleetUpdate(db.Model):
         "FleetUpdateHost", order_by="FleetUpdateHost.position", back_populates="fleet_update", cascade="all"
     )
 
+    def to_dict(self) -> dict:
+        rows = list(self.hosts)
+        return {
+            "id": self.id,
+            "status": self.status,
+            "target_version": self.target_version,
+            "strategy": self.strategy,
+            "created_by": self.created_by,
+            "created_at": isoformat(self.created_at),
+            "finished_at": isoformat(self.finished_at),
+            "halt_reason": self.halt_reason,
+            "total": len(rows),
+            "done": sum(r.status in ("succeeded", "skipped") for r in rows),
+            "hosts": [r.to_dict() for r in rows],
+        }
+
 
 class FleetUpdateHost(db.Model):
     __tablename__ = "fleet_update_hosts"
@@ -430,3 +481,19 @@ class FleetUpdateHost(db.Model):
     fleet_update = db.relationship("FleetUpdate", back_populates="hosts")
     host = db.relationship("Host")
     job = db.relationship("Job")
+
+    def to_dict(self) -> dict:
+        return {
+            "host_id": self.host_id,
+            "name": self.host.name if self.host else None,
+            "position": self.position,
+            "status": self.status,
+            "job_id": self.job_id,
+            "phase": self.job.phase if self.job else None,
+            "error": self.error,
+            "started_at": isoformat(self.started_at),
+            "finished_at": isoformat(self.finished_at),
+            "duration_s": (self.finished_at - self.started_at).total_seconds()
+            if self.started_at and self.finished_at
+            else None,
+        }

@@ -13,6 +13,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
 from .extensions import db
+from .runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,6 @@ def start(app: Flask) -> BackgroundScheduler:
         seconds=app.config["OFFLINE_SWEEP_S"],
         id="offline_sweep",
     )
-    app.extensions["rm.scheduler"] = sched
+    runtime(app).scheduler = sched
     sched.start()
     return sched

@@ -20,7 +20,9 @@ from werkzeug.serving import ThreadedWSGIServer
 
 from agent.daemon import StopFlag, install_signal_handlers
 
+from .errors import error_bytes
 from .extensions import db
+from .runtime import runtime
 from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class PlaneMiddleware:
         path = environ.get("PATH_INFO", "")
         is_agent_path = path.startswith(AGENT_PLANE_PREFIXES)
         if is_agent_path != (self.plane == "agent"):
-            body = b'{"error": {"code": "not_found", "message": "not served on this listener"}}'
+            body = error_bytes("not_found", "not served on this listener")
             start_response("404 Not Found", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         environ["rm.plane"] = self.plane
@@ -111,7 +113,7 @@ class Servers:
         # refused at once, not accepted by a dying server and reset later (docs/capacity.md).
         self.agent.shutdown()
         self.agent.server_close()
-        self.app.extensions["rm.connections"].close_all(1001, "server shutting down")
+        runtime(self.app).connections.close_all(1001, "server shutting down")
         self.admin.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
@@ -132,8 +134,9 @@ def prepare(app: Flask) -> None:
     # No socket is connected to a process that has not started listening yet.
     db.session.execute(sa.update(Host).where(Host.connected.is_(True)).values(connected=False))
     db.session.commit()
-    app.extensions["rm.inflight"].reload()
-    app.extensions["rm.started_at"] = utcnow()
+    rt = runtime(app)
+    rt.inflight.reload()
+    rt.started_at = utcnow()
     if app.config.get("BUILD_AGENT_ON_START", True):
         rel = releases.ensure_current_release()
         log.info("agent release %s (%s, %d bytes, sha256 %s)", rel.version, rel.platform, rel.size, rel.sha256)

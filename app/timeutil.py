@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-from flask import current_app, has_app_context
+from flask import has_app_context
+
+from .runtime import runtime
 
 
 class Clock:
@@ -37,7 +39,7 @@ _default = Clock()
 
 def utcnow() -> dt.datetime:
     if has_app_context():
-        return current_app.extensions.get("rm.clock", _default).now()
+        return runtime().clock.now()
     return _default.now()
 
 

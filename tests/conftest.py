@@ -10,6 +10,7 @@ from hypothesis import settings
 from app import create_app
 from app.extensions import db
 from app.models import Host, User
+from app.runtime import runtime
 from app.timeutil import FakeClock
 from tests.support import dbsetup
 
@@ -62,7 +63,7 @@ def app_config(tmp_path, database_url):
 @pytest.fixture
 def app(app_config, clock):
     app = create_app(app_config, environ={})
-    app.extensions["rm.clock"] = clock
+    runtime(app).clock = clock
     with app.app_context():
         yield app
         db.session.remove()

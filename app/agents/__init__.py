@@ -13,6 +13,7 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request, 
 
 from agent import protocol
 
+from ..errors import error_response
 from ..extensions import db, sock
 from ..models import AgentRelease, Host
 from . import link
@@ -31,11 +32,7 @@ def bearer_token() -> str:
 
 
 def _refuse(status: int, code: str, message: str):
-    resp = jsonify({"error": {"code": code, "message": message}})
-    resp.status_code = status
-    if status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager-agent"'
-    abort(resp)
+    abort(error_response(status, code, message, realm="restic-manager-agent"))
 
 
 @bp.before_request
@@ -73,7 +70,7 @@ def download(version: str):
     )
     db.session.close()
     if release is None or not os.path.isfile(release.path):
-        abort(_json_404(f"no agent release {version} for platform {platform}"))
+        abort(error_response(404, "release_not_found", f"no agent release {version} for platform {platform}"))
     rate = current_app.config["DOWNLOAD_RATE_KIB"] * 1024
     if rate:
         resp = Response(_throttled(release.path, rate), mimetype="application/octet-stream")
@@ -112,12 +109,6 @@ def _throttled(path: str, bytes_per_s: int, chunk: int = 16 * 1024):
             ahead = sent / bytes_per_s - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-
-
-def _json_404(message: str):
-    resp = jsonify({"error": {"code": "release_not_found", "message": message}})
-    resp.status_code = 404
-    return resp
 
 
 def _script(relpath: str, mimetype: str) -> Response:

@@ -13,6 +13,7 @@ from agent import protocol
 
 from ..extensions import db
 from ..models import Host
+from ..runtime import runtime
 from ..timeutil import utcnow
 from .registry import Connection
 
@@ -20,10 +21,6 @@ log = logging.getLogger(__name__)
 
 #: How long a fresh socket may take to send its hello.
 HELLO_TIMEOUT_S = 10.0
-
-
-def registry():
-    return current_app.extensions["rm.connections"]
 
 
 def serve_connection(ws, host_id: int, remote: str) -> None:
@@ -35,7 +32,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         return
     data = hello.data
     conn.agent_version = data["agent_version"]
-    old = registry().register(conn)
+    old = runtime().connections.register(conn)
     if old is not None:
         log.info("host %s reconnected from %s; closing its previous connection", host_id, remote)
         old.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
@@ -54,8 +51,8 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     finally:
         # Offline unless a newer connection took over. A revoke pops this connection from the
         # registry itself, so "was it still mine" is not the test: "is anyone live now" is.
-        registry().unregister(conn)
-        if registry().get(host_id) is None:
+        runtime().connections.unregister(conn)
+        if runtime().connections.get(host_id) is None:
             mark_offline(host_id)
         db.session.close()
 
@@ -186,7 +183,7 @@ def touch(conn: Connection) -> None:
     a late heartbeat on it must not mark the host online again.
     """
     values = {"last_seen": utcnow()}
-    if registry().get(conn.host_id) is conn:
+    if runtime().connections.get(conn.host_id) is conn:
         values["connected"] = True
     db.session.execute(sa.update(Host).where(Host.id == conn.host_id).values(**values))
     db.session.commit()
@@ -199,7 +196,7 @@ def mark_offline(host_id: int) -> None:
 
 def sweep_offline() -> int:
     """Mark hosts offline that the database thinks are connected but have no socket here."""
-    live = registry().host_ids()
+    live = runtime().connections.host_ids()
     q = sa.update(Host).where(Host.connected.is_(True))
     if live:
         q = q.where(Host.id.not_in(live))

@@ -1,15 +1,18 @@
-"""The JSON API under /api: session or ``Authorization: Bearer <api token>``, one error shape."""
+"""The JSON API under /api: session or ``Authorization: Bearer <api token>``, one error shape.
+
+Errors and refusals are answered by the app's handlers (``app/errors.py``), which give every
+``/api`` path the JSON envelope.
+"""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, g, request
 from flask_login import current_user
 from flask_wtf.csrf import validate_csrf
-from werkzeug.exceptions import HTTPException
 from wtforms.validators import ValidationError
 
-from ..errors import STATUS_CODES, error_response
-from ..extensions import db, login
+from ..errors import error_response
+from ..extensions import login
 
 bp = Blueprint("api", __name__)
 
@@ -45,15 +48,6 @@ def _authenticate_and_check_csrf():
     return error_response(
         400, "csrf_required", "send the X-CSRFToken header or a JSON body (Content-Type: application/json)"
     )
-
-
-@bp.errorhandler(HTTPException)
-def _api_http_error(e: HTTPException):
-    if e.response is not None:
-        return e.response
-    if (e.code or 500) >= 500:
-        db.session.rollback()
-    return error_response(e.code or 500, STATUS_CODES.get(e.code or 500, "error"), e.description or e.name)
 
 
 from . import views  # noqa: E402,F401  (routes register on bp)

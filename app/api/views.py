@@ -5,12 +5,13 @@ from __future__ import annotations
 from flask import abort, current_app, jsonify, request
 from flask_login import current_user
 
+from .. import hosts
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
-from ..main import hosts
-from ..models import ApiToken, FleetUpdate, Host, Job
-from ..timeutil import isoformat
+from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job
+from ..runtime import runtime
+from ..updates import dispatch, fleet
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -52,17 +53,6 @@ def _int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> 
     return n
 
 
-def _token_dict(tok: ApiToken) -> dict:
-    return {
-        "id": tok.id,
-        "name": tok.name,
-        "prefix": tok.prefix,
-        "created_at": isoformat(tok.created_at),
-        "last_used_at": isoformat(tok.last_used_at),
-        "revoked": tok.revoked_at is not None,
-    }
-
-
 @bp.get("/version")
 def version():
     return jsonify({"version": _version()})
@@ -80,10 +70,7 @@ def host_list():
 @admin_required
 def host_create():
     body = _json_body()
-    try:
-        enrolment = hosts.enrol(body.get("name"), actor_name(), request.host)
-    except hosts.HostError as e:
-        return error_response(e.status, e.code, e.message)
+    enrolment = hosts.enrol(body.get("name"), actor_name(), request.host)
     return jsonify(
         {
             "host": enrolment.host.to_dict(_version()),
@@ -121,7 +108,7 @@ def host_revoke(host_id: int):
 @admin_required
 def host_ping(host_id: int):
     host = _host_or_404(host_id)
-    conn = current_app.extensions["rm.connections"].get(host.id)
+    conn = runtime().connections.get(host.id)
     if conn is None:
         return error_response(409, "host_offline", f"host {host.name} is not connected")
     db.session.close()  # don't hold a database connection while waiting on the network
@@ -134,17 +121,11 @@ def host_ping(host_id: int):
 @bp.post("/hosts/<int:host_id>/update")
 @admin_required
 def host_update(host_id: int):
-    from ..updates import dispatch
-
     body = _json_body()
     allow_downgrade = body.get("allow_downgrade", False)
     if not isinstance(allow_downgrade, bool):
         return error_response(400, "invalid_field", "allow_downgrade must be true or false")
-    try:
-        job = dispatch.dispatch_update(host_id, actor_name(), allow_downgrade=allow_downgrade)
-    except dispatch.UpdateRefusal as r:
-        db.session.rollback()
-        return error_response(r.status, r.code, r.message)
+    job = dispatch.dispatch_update(host_id, actor_name(), allow_downgrade=allow_downgrade)
     return jsonify({"job": job.to_dict()}), 202
 
 
@@ -168,14 +149,14 @@ def alert_list():
     status = request.args.get("status", "open")
     if status not in ("open", "resolved", "all"):
         return error_response(400, "invalid_parameter", "status must be open, resolved or all")
-    return jsonify({"alerts": [a.to_dict() for a in hosts.alerts(status)]})
+    return jsonify({"alerts": [a.to_dict() for a in Alert.listing(status)]})
 
 
 @bp.get("/audit")
 def audit():
     limit = _int_arg("limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)
     before_id = _int_arg("before_id", None, 1)
-    events, next_before = hosts.audit_page(limit, before_id)
+    events, next_before = AuditEvent.page(limit, before_id)
     return jsonify({"events": [e.to_dict() for e in events], "next_before_id": next_before})
 
 
@@ -188,55 +169,36 @@ def token_create():
         return error_response(400, "invalid_name", "name must be a string of at most 100 characters")
     tok, plain = ApiToken.issue(current_user, name.strip(), actor=current_user.username)
     db.session.commit()
-    return jsonify({"token": plain, "api_token": _token_dict(tok)}), 201
+    return jsonify({"token": plain, "api_token": tok.to_dict()}), 201
 
 
 # --- fleet rolling updates --------------------------------------------------------------------
 
 
-def _fleet_refusal(r):
-    db.session.rollback()
-    return error_response(r.status, r.code, r.message)
-
-
 @bp.post("/fleet/update")
 @admin_required
 def fleet_start():
-    from ..updates import fleet
-
     body = _json_body()
-    try:
-        fu = fleet.start(actor_name(), body.get("host_ids"))
-    except fleet.FleetRefusal as r:
-        return _fleet_refusal(r)
-    return jsonify({"fleet_update": fleet.to_dict(fu)}), 201
+    fu = fleet.start(actor_name(), body.get("host_ids"))
+    return jsonify({"fleet_update": fu.to_dict()}), 201
 
 
 @bp.get("/fleet-updates")
 def fleet_list():
-    from ..updates import fleet
-
     limit = _int_arg("limit", 20, 1, 200)
-    return jsonify({"fleet_updates": [fleet.to_dict(fu) for fu in hosts.fleet_updates(limit)]})
+    return jsonify({"fleet_updates": [fu.to_dict() for fu in fleet.history(limit)]})
 
 
 @bp.get("/fleet-updates/<int:fleet_id>")
 def fleet_get(fleet_id: int):
-    from ..updates import fleet
-
     fu = db.session.get(FleetUpdate, fleet_id)
     if fu is None:
         return error_response(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
-    return jsonify({"fleet_update": fleet.to_dict(fu)})
+    return jsonify({"fleet_update": fu.to_dict()})
 
 
 @bp.post("/fleet-updates/<int:fleet_id>/cancel")
 @admin_required
 def fleet_cancel(fleet_id: int):
-    from ..updates import fleet
-
-    try:
-        fu = fleet.cancel(fleet_id, actor_name())
-    except fleet.FleetRefusal as r:
-        return _fleet_refusal(r)
-    return jsonify({"fleet_update": fleet.to_dict(fu)})
+    fu = fleet.cancel(fleet_id, actor_name())
+    return jsonify({"fleet_update": fu.to_dict()})

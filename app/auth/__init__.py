@@ -11,6 +11,7 @@ from flask_login import current_user
 
 from ..errors import error_response, wants_json
 from ..extensions import db, login
+from ..htmx import hx_redirect, is_htmx
 from ..models import ApiToken, AuditEvent, User
 from ..timeutil import utcnow
 
@@ -100,11 +101,9 @@ def _load_user_from_request(req) -> User | None:
 def _unauthorized():
     if is_api_request():
         return error_response(401, "unauthorized", "log in or send Authorization: Bearer <api token>")
-    if request.headers.get("HX-Request"):
+    if is_htmx():
         # A redirect would be followed by htmx and swapped into the page; send the browser instead.
-        resp = current_app.response_class(status=401)
-        resp.headers["HX-Redirect"] = url_for("auth.login", next=request.full_path.rstrip("?"))
-        return resp
+        return hx_redirect(url_for("auth.login", next=request.full_path.rstrip("?")), status=401)
     return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import abort, flash, make_response, redirect, render_template, request, url_for
+from flask import abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..extensions import db
+from ..htmx import redirect_or_hx
 from ..models import ApiToken, AuditEvent
 from ..timeutil import utcnow
 from . import admin_required, bp, throttle
@@ -86,8 +87,4 @@ def revoke_token(token_id: int):
         AuditEvent.record(current_user.username, "token.revoked", f"token {tok.prefix}", token_id=tok.id)
         db.session.commit()
         flash(f"Token {tok.prefix}… revoked.", "info")
-    if request.headers.get("HX-Request") == "true":
-        resp = make_response("", 204)
-        resp.headers["HX-Redirect"] = url_for("auth.tokens")
-        return resp
-    return redirect(url_for("auth.tokens"), code=303)
+    return redirect_or_hx(url_for("auth.tokens"))

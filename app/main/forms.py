@@ -4,7 +4,7 @@ from flask_wtf import FlaskForm
 from wtforms import StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
-from .hosts import NAME_RE
+from ..hosts import NAME_RE
 
 
 class AddHostForm(FlaskForm):

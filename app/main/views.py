@@ -1,22 +1,27 @@
-"""Page views: parse the request, call the host/update capability, render a page or a fragment."""
+"""Page views: parse the request, call the host/update capability, render a page or a fragment.
+
+A refused operation raises :class:`~app.errors.Refusal`; the app's handler rolls back and calls
+the renderer a view names with ``@renders_refusal`` (the form again, or the HTMX fragment with
+the message, or a flash message and a redirect). No view catches a refusal itself.
+"""
 
 from __future__ import annotations
 
-from flask import abort, current_app, flash, make_response, redirect, render_template, request, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
+from .. import hosts
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
+from ..errors import Refusal, renders_refusal
 from ..extensions import db
-from ..models import Host
-from . import bp, hosts
+from ..htmx import is_htmx, redirect_or_hx
+from ..models import Alert, AuditEvent, Host
+from ..updates import dispatch
+from . import bp
 from .forms import AddHostForm
 
 AUDIT_PAGE_SIZE = 50
-
-
-def is_htmx() -> bool:
-    return request.headers.get("HX-Request") == "true"
 
 
 def _host_or_404(host_id: int) -> Host:
@@ -26,25 +31,12 @@ def _host_or_404(host_id: int) -> Host:
     return host
 
 
-def _hx_redirect(location: str):
-    """Tell htmx to navigate the whole page (a plain redirect would be swapped into the target)."""
-    resp = make_response("", 204)
-    resp.headers["HX-Redirect"] = location
-    return resp
-
-
-def _precheck(host: Host):
-    from ..updates import dispatch  # the update capability; imported late to keep import order simple
-
-    return dispatch.precheck(host)
-
-
 def _update_status_context(host: Host, message: str | None = None) -> dict:
     return {
         "host": host,
         "job": hosts.latest_update_job(host.id),
         "jobs": hosts.jobs_for(host.id),
-        "refusal": _precheck(host) if current_user.is_admin else None,
+        "refusal": dispatch.precheck(host) if current_user.is_admin else None,
         "message": message,
         "button": EmptyForm(),
     }
@@ -53,7 +45,7 @@ def _update_status_context(host: Host, message: str | None = None) -> dict:
 @bp.route("/")
 @login_required
 def dashboard():
-    return render_template("main/dashboard.html", counts=hosts.dashboard_counts(), alerts=hosts.alerts("open")[:5])
+    return render_template("main/dashboard.html", counts=hosts.dashboard_counts(), alerts=Alert.listing("open")[:5])
 
 
 @bp.route("/hosts")
@@ -65,16 +57,21 @@ def host_list():
     return render_template("hosts/list.html", hosts=hosts.list_hosts(updates or None), updates=updates)
 
 
+def _enrol_refused(refusal: Refusal):
+    """Show the form again with the refusal under the name field."""
+    form = AddHostForm()
+    form.validate()
+    form.name.errors = [*form.name.errors, refusal.message]
+    return render_template("hosts/new.html", form=form), refusal.status
+
+
 @bp.route("/hosts/new", methods=["GET", "POST"])
+@renders_refusal(_enrol_refused)
 @admin_required
 def host_new():
     form = AddHostForm()
     if form.validate_on_submit():
-        try:
-            enrolment = hosts.enrol(form.name.data.strip(), actor_name(), request.host)
-        except hosts.HostError as e:
-            form.name.errors = [*form.name.errors, e.message]
-            return render_template("hosts/new.html", form=form), e.status
+        enrolment = hosts.enrol(form.name.data.strip(), actor_name(), request.host)
         # Rendered, not redirected: the agent token exists only in this response.
         return render_template("hosts/enrolled.html", host=enrolment.host, enrolment=enrolment), 201
     status = 400 if request.method == "POST" else 200
@@ -98,27 +95,27 @@ def update_status(host_id: int):
     return render_template("hosts/detail.html", **ctx)
 
 
+def _update_refused(refusal: Refusal):
+    """In place for HTMX (the status fragment with the message), as a flash message otherwise."""
+    host_id = request.view_args["host_id"]
+    if is_htmx():
+        ctx = _update_status_context(_host_or_404(host_id), message=refusal.message)
+        return render_template("hosts/_update_status.html", **ctx), refusal.status
+    flash(refusal.message, "error")
+    return redirect(url_for("main.host_detail", host_id=host_id), code=303)
+
+
 @bp.route("/hosts/<int:host_id>/update", methods=["POST"])
+@renders_refusal(_update_refused)
 @admin_required
 def host_update(host_id: int):
-    from ..updates import dispatch
-
     host = _host_or_404(host_id)
-    try:
-        job = dispatch.dispatch_update(host.id, actor_name())
-    except dispatch.UpdateRefusal as refusal:
-        db.session.rollback()
-        if is_htmx():
-            ctx = _update_status_context(host, message=refusal.message)
-            return render_template("hosts/_update_status.html", **ctx), refusal.status
-        flash(refusal.message, "error")
-        return redirect(url_for("main.host_detail", host_id=host_id), code=303)
-    target = url_for("main.host_detail", host_id=host_id)
+    job = dispatch.dispatch_update(host.id, actor_name())
     if job.status == "running":
         flash(f"Update of {host.name} to {job.target_version} dispatched.", "info")
     else:
         flash(f"Update of {host.name} failed: {job.error}", "error")
-    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+    return redirect_or_hx(url_for("main.host_detail", host_id=host_id))
 
 
 @bp.route("/hosts/<int:host_id>/revoke", methods=["POST"])
@@ -128,8 +125,7 @@ def host_revoke(host_id: int):
     if host.revoked_at is None:
         hosts.revoke(host, actor_name())
         flash(f"The agent token of {host.name} is revoked; its connection was closed.", "info")
-    target = url_for("main.host_detail", host_id=host_id)
-    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+    return redirect_or_hx(url_for("main.host_detail", host_id=host_id))
 
 
 @bp.route("/hosts/<int:host_id>/delete", methods=["POST"])
@@ -139,21 +135,20 @@ def host_delete(host_id: int):
     name = host.name
     hosts.delete(host, actor_name())
     flash(f"Host {name} deleted.", "info")
-    target = url_for("main.host_list")
-    return _hx_redirect(target) if is_htmx() else redirect(target, code=303)
+    return redirect_or_hx(url_for("main.host_list"))
 
 
 @bp.route("/alerts")
 @login_required
 def alert_list():
-    return render_template("main/alerts.html", open_alerts=hosts.alerts("open"), resolved=hosts.alerts("resolved"))
+    return render_template("main/alerts.html", open_alerts=Alert.listing("open"), resolved=Alert.listing("resolved"))
 
 
 @bp.route("/audit")
 @login_required
 def audit():
     before_id = request.args.get("before_id", type=int)
-    events, next_before = hosts.audit_page(AUDIT_PAGE_SIZE, before_id)
+    events, next_before = AuditEvent.page(AUDIT_PAGE_SIZE, before_id)
     return render_template("main/audit.html", events=events, next_before=next_before, before_id=before_id)
 
 

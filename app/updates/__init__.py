@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from flask import Flask
 
-from .inflight import InFlightRegistry
+from ..runtime import runtime
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["rm.inflight"] = InFlightRegistry()
+    """Subscribe the fleet rollout to the watcher's announcements (the watcher never imports it)."""
+    from . import fleet
+
+    rt = runtime(app)
+    rt.job_ended.subscribe(fleet.on_job_ended)
+    rt.job_corrected.subscribe(fleet.correct_host_row)

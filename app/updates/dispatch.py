@@ -11,31 +11,15 @@ from sqlalchemy.exc import IntegrityError
 
 from agent import protocol
 
+from ..errors import Refusal
 from ..extensions import db
 from ..models import AuditEvent, FleetUpdateHost, Host, Job
+from ..runtime import runtime
 from ..timeutil import utcnow
-from . import releases
+from . import releases, watcher
 from .inflight import InFlight
 
 log = logging.getLogger(__name__)
-
-
-class UpdateRefusal(Exception):
-    """A pre-check that failed; ``status`` and ``code`` are what the API answers."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def _connections():
-    return current_app.extensions["rm.connections"]
-
-
-def inflight():
-    return current_app.extensions["rm.inflight"]
 
 
 def running_update_job(host_id: int) -> Job | None:
@@ -44,25 +28,25 @@ def running_update_job(host_id: int) -> Job | None:
     )
 
 
-def precheck(host: Host | None, allow_downgrade: bool = False) -> UpdateRefusal | None:
+def precheck(host: Host | None, allow_downgrade: bool = False) -> Refusal | None:
     """Return why ``host`` cannot be updated now, or None if it can."""
     if host is None:
-        return UpdateRefusal(404, "host_not_found", "no such host")
-    if not host.connected or not _connections().is_connected(host.id):
-        return UpdateRefusal(409, "host_offline", f"host {host.name} is offline")
+        return Refusal(404, "host_not_found", "no such host")
+    if not host.connected or not runtime().connections.is_connected(host.id):
+        return Refusal(409, "host_offline", f"host {host.name} is offline")
     target = current_app.config["SERVER_VERSION"]
     state = host.version_state(target)
     if state == "current":
-        return UpdateRefusal(409, "already_current", f"host {host.name} already runs {target}")
+        return Refusal(409, "already_current", f"host {host.name} already runs {target}")
     if state == "ahead" and not allow_downgrade:
-        return UpdateRefusal(
+        return Refusal(
             409,
             "already_current",
             f"host {host.name} runs {host.agent_version}, newer than the server's {target}; "
             "ask for allow_downgrade to roll it back",
         )
     if not host.can_update():
-        return UpdateRefusal(
+        return Refusal(
             422,
             "agent_cannot_update",
             f"the agent on {host.name} ({host.agent_version or 'unknown version'}) does not announce the "
@@ -70,14 +54,14 @@ def precheck(host: Host | None, allow_downgrade: bool = False) -> UpdateRefusal 
             "file; install the new agent by hand once",
         )
     if running_update_job(host.id) is not None:
-        return UpdateRefusal(409, "update_in_progress", f"an update of {host.name} is already running")
+        return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     return None
 
 
 def dispatch_update(
     host_id: int, actor: str, fleet_host_row_id: int | None = None, allow_downgrade: bool = False
 ) -> Job:
-    """Start updating ``host_id`` to the server's version; raise :class:`UpdateRefusal` if it can't.
+    """Start updating ``host_id`` to the server's version; raise :class:`Refusal` if it can't.
 
     The job, its audit event and (for a rollout) the fleet row are written in one transaction,
     so a crash can never leave a sent command without its job, nor a fleet row without its job.
@@ -88,7 +72,7 @@ def dispatch_update(
         raise refusal
     release = releases.current_release()
     if release is None:
-        raise UpdateRefusal(
+        raise Refusal(
             503, "release_unavailable", f"no agent artifact is registered for {current_app.config['SERVER_VERSION']}"
         )
     now = utcnow()
@@ -129,8 +113,8 @@ def dispatch_update(
     except IntegrityError:
         # The partial unique index refused a second running update job for this host.
         db.session.rollback()
-        raise UpdateRefusal(409, "update_in_progress", "an update of this host is already running") from None
-    inflight().add(InFlight(job.id, host.id, release.version, job.deadline))
+        raise Refusal(409, "update_in_progress", "an update of this host is already running") from None
+    runtime().inflight.add(InFlight(job.id, host.id, release.version, job.deadline))
 
     data = {
         "job_id": job.id,
@@ -144,9 +128,7 @@ def dispatch_update(
         data["signature"] = release.signature
     if allow_downgrade:
         data["allow_downgrade"] = True
-    if not _connections().send(host.id, protocol.encode("command.update", data)):
-        from . import watcher
-
+    if not runtime().connections.send(host.id, protocol.encode("command.update", data)):
         watcher.fail_job(job.id, "the agent disconnected before the update command was delivered")
         db.session.refresh(job)
     log.info("dispatched update job %s for host %s to %s", job.id, host.name, release.version)

@@ -3,46 +3,41 @@
 Each :func:`tick` reads the database and does the next step: settle the in-flight host from its
 job, skip a host already at the target, halt on an offline host or a failure, or dispatch the
 next host through the single-host path. All state is in the database, so a restarted server
-resumes a rollout where it was. Ticks are woken at once when an update job ends; the periodic
-scheduler tick is only a safety net.
+resumes a rollout where it was. Ticks are woken at once when an update job ends (the fleet
+subscribes to the watcher's ``job_ended`` announcement); the periodic scheduler tick is only a
+safety net. The wake-up state lives on the runtime (``runtime().fleet_waker``), not here.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
+from ..errors import Refusal
 from ..extensions import db
+from ..hosts import behind_hosts
 from ..models import Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
-from ..timeutil import isoformat, utcnow
+from ..runtime import FLEET_TICK_JOB_ID, runtime
+from ..timeutil import utcnow
 from . import dispatch
 
 log = logging.getLogger(__name__)
 
-TICK_JOB_ID = "fleet_tick"
+TICK_JOB_ID = FLEET_TICK_JOB_ID
 HALT_DEDUP = "fleet"
-
-
-class FleetRefusal(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def behind_hosts() -> list[Host]:
-    target = current_app.config["SERVER_VERSION"]
-    hosts = db.session.scalars(sa.select(Host).where(Host.revoked_at.is_(None)).order_by(Host.name)).all()
-    return [h for h in hosts if h.version_state(target) == "behind"]
+HISTORY_LIMIT = 20
 
 
 def running() -> FleetUpdate | None:
     return db.session.scalar(sa.select(FleetUpdate).where(FleetUpdate.status == "running"))
+
+
+def history(limit: int = HISTORY_LIMIT) -> list[FleetUpdate]:
+    """Rollouts, newest first."""
+    return list(db.session.scalars(sa.select(FleetUpdate).order_by(FleetUpdate.id.desc()).limit(limit)))
 
 
 def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
@@ -51,18 +46,18 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
         hosts = behind_hosts()
     else:
         if not isinstance(host_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in host_ids):
-            raise FleetRefusal(422, "invalid_host_ids", "host_ids must be a list of host ids (integers)")
+            raise Refusal(422, "invalid_host_ids", "host_ids must be a list of host ids (integers)")
         if len(set(host_ids)) != len(host_ids):
-            raise FleetRefusal(422, "invalid_host_ids", "host_ids lists a host more than once")
+            raise Refusal(422, "invalid_host_ids", "host_ids lists a host more than once")
         found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
         missing = [i for i in host_ids if i not in found]
         if missing:
-            raise FleetRefusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
+            raise Refusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
         hosts = [found[i] for i in host_ids]
     if not hosts:
-        raise FleetRefusal(422, "no_hosts_to_update", "no host is behind the server's version")
+        raise Refusal(422, "no_hosts_to_update", "no host is behind the server's version")
     if running() is not None:
-        raise FleetRefusal(409, "fleet_update_running", "a fleet update is already running")
+        raise Refusal(409, "fleet_update_running", "a fleet update is already running")
     now = utcnow()
     fu = FleetUpdate(
         target_version=current_app.config["SERVER_VERSION"], status="running", created_by=actor, created_at=now
@@ -82,7 +77,7 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
     except IntegrityError:
         # The partial unique index: another admin's rollout won the race.
         db.session.rollback()
-        raise FleetRefusal(409, "fleet_update_running", "a fleet update is already running") from None
+        raise Refusal(409, "fleet_update_running", "a fleet update is already running") from None
     log.info("fleet update %s started by %s over %d hosts", fu.id, actor, len(hosts))
     wake()
     return fu
@@ -91,7 +86,7 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
 def cancel(fleet_id: int, actor: str) -> FleetUpdate:
     fu = db.session.get(FleetUpdate, fleet_id)
     if fu is None:
-        raise FleetRefusal(404, "fleet_update_not_found", "no such fleet update")
+        raise Refusal(404, "fleet_update_not_found", "no such fleet update")
     now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
@@ -100,7 +95,7 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
     )
     if not res.rowcount:
         db.session.rollback()
-        raise FleetRefusal(409, "fleet_update_not_running", f"fleet update {fleet_id} is {fu.status}, not running")
+        raise Refusal(409, "fleet_update_not_running", f"fleet update {fleet_id} is {fu.status}, not running")
     db.session.execute(
         sa.update(FleetUpdateHost)
         .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == "pending")
@@ -114,43 +109,28 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
 
 # --- the state machine -------------------------------------------------------------------------
 
-_wake_lock = threading.Lock()
-_wake_pending = False
-
 
 def wake() -> None:
     """Ask for a tick now (from any thread); never lost, even while a tick is running."""
-    global _wake_pending
-    with _wake_lock:
-        _wake_pending = True
-    sched = current_app.extensions.get("rm.scheduler")
-    if sched is not None and sched.running:
-        try:
-            sched.modify_job(TICK_JOB_ID, next_run_time=_sched_now(sched))
-        except Exception:  # noqa: BLE001 - a lost nudge is covered by the loop in run_ticks
-            log.debug("could not nudge the fleet tick", exc_info=True)
+    runtime().fleet_waker.wake()
 
 
-def _sched_now(sched):
-    import datetime as dt
-
-    return dt.datetime.now(sched.timezone)
+def on_job_ended(job_id: str) -> None:
+    """Subscribed to ``runtime().job_ended``: an update job ended, so the rollout may move on."""
+    wake()
 
 
 def run_ticks() -> None:
     """The scheduler job: tick until no wake-up arrived while ticking."""
-    global _wake_pending
-    while True:
-        with _wake_lock:
-            _wake_pending = False
-        try:
-            while tick():
-                pass
-        finally:
-            db.session.remove()
-        with _wake_lock:
-            if not _wake_pending:
-                return
+    runtime().fleet_waker.run(_tick_until_idle)
+
+
+def _tick_until_idle() -> None:
+    try:
+        while tick():
+            pass
+    finally:
+        db.session.remove()
 
 
 def tick() -> bool:
@@ -207,13 +187,9 @@ def _settle_finished_rows() -> bool:
     return False
 
 
-_waiting_for: int | None = None
-
-
 def host_connected(host_id: int) -> None:
     """Called on every agent hello: wake the rollout if it is waiting for this host to come back."""
-    if _waiting_for == host_id:
-        wake()
+    runtime().fleet_waker.wake_for(host_id)
 
 
 def _offline_grace_left(host: Host) -> float:
@@ -222,30 +198,30 @@ def _offline_grace_left(host: Host) -> float:
     After a server restart every host is offline until its agent reconnects (with backoff), so
     the grace counts from the later of the host's last sighting and this server's start.
     """
-    started = current_app.extensions.get("rm.started_at")
+    started = runtime().started_at
     since = max(t for t in (host.last_seen, started) if t is not None) if (host.last_seen or started) else utcnow()
     return float(current_app.config["FLEET_OFFLINE_GRACE_S"]) - (utcnow() - since).total_seconds()
 
 
 def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
-    global _waiting_for
+    waker = runtime().fleet_waker
     host = row.host
     now = utcnow()
     if host.agent_version == fu.target_version:
         _finish_row(row, "skipped", None)
         return True
-    if not host.connected or not current_app.extensions["rm.connections"].is_connected(host.id):
+    if not host.connected or not runtime().connections.is_connected(host.id):
         if _offline_grace_left(host) > 0:
-            _waiting_for = host.id  # its hello wakes us; the periodic tick re-checks the grace
+            waker.waiting_for = host.id  # its hello wakes us; the periodic tick re-checks the grace
             db.session.rollback()
             return False
         _finish_row(row, "failed", f"host {host.name} is offline")
         _halt(fu, row)
         return True
-    _waiting_for = None
+    waker.waiting_for = None
     try:
         dispatch.dispatch_update(host.id, f"fleet:{fu.id}", fleet_host_row_id=row.id)
-    except dispatch.UpdateRefusal as refusal:
+    except Refusal as refusal:
         db.session.rollback()
         if refusal.code == "already_current":
             _finish_row(row, "skipped", refusal.message)
@@ -300,6 +276,8 @@ def _succeed(fu: FleetUpdate) -> None:
 def correct_host_row(job_id: str, reason: str) -> None:
     """Carry a job corrected from succeeded to failed onto its rollout (in the caller's transaction).
 
+    Subscribed to ``runtime().job_corrected``, which the watcher publishes inside that transaction.
+
     A running rollout then halts at its next tick; one that already finished is marked halted
     now, with the alert, because its record must not claim a host it left on the old version.
     """
@@ -317,40 +295,3 @@ def correct_host_row(job_id: str, reason: str) -> None:
         Alert.raise_or_touch(
             "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {fu.halt_reason}"
         )
-
-
-# --- serialization -----------------------------------------------------------------------------
-
-
-def to_dict(fu: FleetUpdate) -> dict:
-    rows = list(fu.hosts)
-    done = sum(r.status in ("succeeded", "skipped") for r in rows)
-    return {
-        "id": fu.id,
-        "status": fu.status,
-        "target_version": fu.target_version,
-        "strategy": fu.strategy,
-        "created_by": fu.created_by,
-        "created_at": isoformat(fu.created_at),
-        "finished_at": isoformat(fu.finished_at),
-        "halt_reason": fu.halt_reason,
-        "total": len(rows),
-        "done": done,
-        "hosts": [
-            {
-                "host_id": r.host_id,
-                "name": r.host.name if r.host else None,
-                "position": r.position,
-                "status": r.status,
-                "job_id": r.job_id,
-                "phase": r.job.phase if r.job else None,
-                "error": r.error,
-                "started_at": isoformat(r.started_at),
-                "finished_at": isoformat(r.finished_at),
-                "duration_s": (r.finished_at - r.started_at).total_seconds()
-                if r.started_at and r.finished_at
-                else None,
-            }
-            for r in rows
-        ],
-    }

@@ -1,5 +1,9 @@
 """The update watcher: turns agent reports and deadlines into terminal job states.
 
+The watcher knows nothing of rollouts: it announces ``runtime().job_ended`` after the commit
+that ended a job (and ``job_corrected`` inside the one that un-counts a success), and the
+fleet subscribes to both (``app/updates/__init__.py``).
+
 Success is never taken from the agent's word: it is a ``hello`` at the target version after
 the dispatch. Every transition claims the job atomically (``UPDATE ... WHERE status =
 'running'``), so a hello, a failure report and the timeout sweep racing each other end the job
@@ -15,8 +19,8 @@ from flask import current_app
 
 from ..extensions import db
 from ..models import Alert, AuditEvent, Host, Job
+from ..runtime import runtime
 from ..timeutil import utcnow
-from .dispatch import inflight
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,9 @@ def succeed_job(job_id: str, host_id: int, version: str) -> bool:
     AuditEvent.record("system", "host.update_succeeded", name, host_id=host_id, job_id=job_id, version=version)
     Alert.resolve("update_failed", str(host_id))
     db.session.commit()
-    inflight().discard(host_id, job_id)
+    runtime().inflight.discard(host_id, job_id)
     log.info("update job %s succeeded: host %s now runs %s", job_id, name, version)
-    _wake_fleet()
+    runtime().job_ended.publish(job_id)
     return True
 
 
@@ -72,9 +76,9 @@ def fail_job(job_id: str, reason: str) -> bool:
         host_id=job.host_id,
     )
     db.session.commit()
-    inflight().discard(job.host_id, job_id)
+    runtime().inflight.discard(job.host_id, job_id)
     log.warning("update job %s for host %s failed: %s", job_id, name, reason)
-    _wake_fleet()
+    runtime().job_ended.publish(job_id)
     return True
 
 
@@ -85,7 +89,7 @@ def on_hello(host_id: int, data: dict) -> None:
         # The condition behind an update_failed alert has cleared, whoever fixed it.
         Alert.resolve("update_failed", str(host_id))
         db.session.commit()
-    entry = inflight().get(host_id)
+    entry = runtime().inflight.get(host_id)
     last = data.get("last_update") or {}
     if (
         last.get("outcome") in ("failed", "rolled_back")
@@ -134,12 +138,10 @@ def _correct_success(job_id: str, host_id: int, last: dict) -> None:
         f"Agent update of {name} to {job.target_version} failed: {reason}",
         host_id=host_id,
     )
-    from . import fleet
-
-    fleet.correct_host_row(job_id, reason)
+    runtime().job_corrected.publish(job_id, reason)  # e.g. the rollout that counted it: same transaction
     db.session.commit()
     log.warning("update job %s for host %s: %s", job_id, name, reason)
-    _wake_fleet()
+    runtime().job_ended.publish(job_id)
 
 
 def on_progress(host_id: int, data: dict) -> None:
@@ -155,12 +157,12 @@ def on_progress(host_id: int, data: dict) -> None:
     if res.rowcount:
         log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, done, total)
     if res.rowcount and phase == "restarting":
-        inflight().mark_restarting(host_id, job_id)
+        runtime().inflight.mark_restarting(host_id, job_id)
 
 
 def on_result(host_id: int, data: dict) -> None:
     job_id = data["job_id"]
-    entry = inflight().get(host_id)
+    entry = runtime().inflight.get(host_id)
     owned = db.session.scalar(sa.select(Job.id).where(Job.id == job_id, Job.host_id == host_id))
     if owned is None:
         log.info("host %s reported on unknown job %s", host_id, job_id)
@@ -171,7 +173,7 @@ def on_result(host_id: int, data: dict) -> None:
         return
     fail_job(job_id, data["error"] or "agent reported failure without a reason")
     if entry is not None:
-        inflight().discard(host_id, job_id)
+        runtime().inflight.discard(host_id, job_id)
 
 
 def sweep_timeouts() -> int:
@@ -188,9 +190,3 @@ def sweep_timeouts() -> int:
         if fail_job(job_id, f"timed out after {waited:.0f} s waiting for version {params.get('version')}"):
             n += 1
     return n
-
-
-def _wake_fleet() -> None:
-    from . import fleet
-
-    fleet.wake()

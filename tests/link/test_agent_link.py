@@ -11,6 +11,7 @@ import simple_websocket
 from agent import protocol
 from app.extensions import db
 from app.models import Host
+from app.runtime import runtime
 from tests.support.live import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -78,7 +79,7 @@ def test_it_refuses_a_revoked_token_and_closes_the_live_socket(live, cast, app):
     host = db.session.get(Host, cast.host_offline.id)
     host.revoke()
     db.session.commit()
-    app.extensions["rm.connections"].close(host.id, protocol.CLOSE_REVOKED, "revoked")
+    runtime(app).connections.close(host.id, protocol.CLOSE_REVOKED, "revoked")
     wait_until(lambda: not ws.connected, what="socket closed")
     assert ws.close_reason == protocol.CLOSE_REVOKED
     wait_until(lambda: not host_row(host.id).connected, what="the revoked host offline")
@@ -138,7 +139,7 @@ def test_a_second_connection_replaces_the_first(live, cast, app):
     assert recv(second).type == "welcome"
     wait_until(lambda: not first.connected, what="first closed")
     assert first.close_reason == protocol.CLOSE_REPLACED
-    assert app.extensions["rm.connections"].get(cast.host_offline.id) is not None
+    assert runtime(app).connections.get(cast.host_offline.id) is not None
     assert host_row(cast.host_offline.id).connected
     second.send(protocol.encode("ping"))
     assert recv(second).type == "pong"
@@ -157,7 +158,7 @@ def test_the_server_can_ping_a_connected_agent(live, cast, app):
     ws = connect(live, cast.host_offline_token)
     ws.send(hello())
     assert recv(ws).type == "welcome"
-    conn = app.extensions["rm.connections"].get(cast.host_offline.id)
+    conn = runtime(app).connections.get(cast.host_offline.id)
     result = {}
 
     import threading
@@ -223,7 +224,7 @@ def test_pongs_to_the_servers_own_pings_are_never_rate_limited(live, cast, app):
     ws = connect(live, cast.host_offline_token)
     ws.send(hello())
     assert recv(ws).type == "welcome"
-    conn = app.extensions["rm.connections"].get(cast.host_offline.id)
+    conn = runtime(app).connections.get(cast.host_offline.id)
     import threading
 
     for _ in range(10):  # far past the burst: each pong must still get through

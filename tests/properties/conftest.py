@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.runtime import runtime
 from app.timeutil import FakeClock
 from tests.support import dbsetup
 from tests.support.live import LiveServer
@@ -18,7 +19,7 @@ def module_app(db_template, tmp_path_factory, request):
     """
     overrides = {"HEARTBEAT_S": 30, "HEARTBEAT_TIMEOUT": 300, **getattr(request.module, "LIVE_CONFIG", {})}
     for app in dbsetup.module_app(db_template, tmp_path_factory.mktemp("props"), **overrides):
-        app.extensions["rm.clock"] = FakeClock()
+        runtime(app).clock = FakeClock()
         yield app
 
 

@@ -3,7 +3,7 @@
 The rules call the real functions (``dispatch.dispatch_update``, ``watcher.sweep_timeouts``,
 ``fleet.start``/``cancel``/``tick``) in this thread, the way the scheduler and the views do, while
 scripted agents on real sockets drive ``watcher.on_hello``/``on_progress``/``on_result`` through the
-real agent link of a live server. Time is a FakeClock (``app.extensions["rm.clock"]``) and the
+real agent link of a live server. Time is a FakeClock (``runtime(app).clock``) and the
 scheduler is off, so nothing moves unless a rule moves it; every agent move ends with a ping/pong
 round trip, so the server has handled it before the next step (no sleeps, no races).
 
@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from agent import protocol
+from app.errors import Refusal
 from app.extensions import db
 from app.models import (
     FLEET_HOST_STATUSES,
@@ -36,6 +37,7 @@ from app.models import (
     Host,
     Job,
 )
+from app.runtime import runtime
 from app.updates import dispatch, fleet, watcher
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import wait_until
@@ -64,8 +66,8 @@ class Rig:
 
     def __init__(self, app, live):
         self.app, self.live = app, live
-        self.clock = app.extensions["rm.clock"]
-        self.registry = app.extensions["rm.connections"]
+        self.clock = runtime(app).clock
+        self.registry = runtime(app).connections
         self.hosts: list[tuple[int, str]] = []
         for i in range(N_HOSTS):
             host, token = Host.enrol(f"sm-{i}")
@@ -132,7 +134,7 @@ class Rig:
             db.session.execute(sa.delete(model))
         db.session.execute(sa.update(Host).values(agent_version=OLD_VERSION))
         db.session.commit()
-        self.app.extensions["rm.inflight"].reload()
+        runtime(self.app).inflight.reload()
         mark = db.session.scalar(sa.select(sa.func.max(AuditEvent.id))) or 0
         fresh()
         for i in range(N_HOSTS):
@@ -190,7 +192,7 @@ class Lifecycle(RuleBasedStateMachine):
         fresh()
         try:
             dispatch.dispatch_update(self.env.host_id(i), "admin")
-        except dispatch.UpdateRefusal:
+        except Refusal:
             db.session.rollback()
         fresh()
         if self.env.online(i):
@@ -202,7 +204,7 @@ class Lifecycle(RuleBasedStateMachine):
         ids = None if subset is None else [self.env.host_id(i) for i in subset]
         try:
             fleet.start("admin", ids)
-        except fleet.FleetRefusal as r:
+        except Refusal as r:
             assert r.code in ("fleet_update_running", "no_hosts_to_update"), r.code
         fresh()
 
@@ -214,7 +216,7 @@ class Lifecycle(RuleBasedStateMachine):
         if target is not None:
             try:
                 fleet.cancel(target, "admin")
-            except fleet.FleetRefusal as r:
+            except Refusal as r:
                 assert fu is None and r.code == "fleet_update_not_running", r.code
         fresh()
 
@@ -341,7 +343,7 @@ class Lifecycle(RuleBasedStateMachine):
     @invariant()
     def the_in_flight_cache_matches_the_jobs_table(self):
         running = {j.host_id: j.id for j in self.rows(Job, Job.status == "running")}
-        inflight = self.env.app.extensions["rm.inflight"]
+        inflight = runtime(self.env.app).inflight
         for host_id, _ in self.env.hosts:
             entry = inflight.get(host_id)
             assert (entry.job_id if entry else None) == running.get(host_id), host_id

@@ -50,6 +50,7 @@ import sqlalchemy as sa
 
 from app.extensions import db
 from app.models import ApiToken, FleetUpdate, Host, Job, User
+from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
 from app.updates import fleet
 from tests.conftest import OLD_VERSION, SERVER_VERSION, Cast
@@ -170,7 +171,7 @@ class World:
         agent = ScriptedAgent(self.live.agent_ws_url, token, version)
         agent.connect()
         self.agents.append(agent)
-        wait_until(lambda: self.app.extensions["rm.connections"].is_connected(host_id), what="agent registered")
+        wait_until(lambda: runtime(self.app).connections.is_connected(host_id), what="agent registered")
 
     def base(self, plane: str) -> str:
         return self.live.admin_url if plane == "admin" else self.live.agent_http_url

@@ -3,6 +3,7 @@ import os
 import pytest
 
 from app.extensions import db
+from app.runtime import runtime
 from app.updates import releases
 from tests.conftest import SERVER_VERSION
 from tests.support.live import LiveServer, wait_until
@@ -35,7 +36,7 @@ def agent_for(live, app):
     def make(host, token, version, capabilities=("update",)):
         a = ScriptedAgent(live.agent_ws_url, token, version, capabilities)
         a.connect()
-        wait_until(lambda: app.extensions["rm.connections"].is_connected(host.id), what="agent registered")
+        wait_until(lambda: runtime(app).connections.is_connected(host.id), what="agent registered")
         db.session.rollback()
         made.append(a)
         return a

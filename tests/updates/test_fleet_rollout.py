@@ -7,8 +7,10 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from app.errors import Refusal
 from app.extensions import db
 from app.models import Alert, AuditEvent, FleetUpdate, Host, Job
+from app.runtime import runtime
 from app.updates import fleet, watcher
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import wait_until
@@ -25,7 +27,7 @@ def drive():
 
 def rollout(fid):
     db.session.rollback()
-    return fleet.to_dict(db.session.get(FleetUpdate, fid))
+    return db.session.get(FleetUpdate, fid).to_dict()
 
 
 def statuses(fid):
@@ -160,7 +162,7 @@ def test_cancel_stops_before_the_next_dispatch_and_lets_the_in_flight_job_finish
     assert statuses(fu.id) == ["succeeded", "cancelled"]
     assert a2.inbox.empty()
     assert "fleet.update_cancelled" in fleet_actions()
-    with pytest.raises(fleet.FleetRefusal) as e:
+    with pytest.raises(Refusal) as e:
         fleet.cancel(fu.id, "admin")
     assert e.value.code == "fleet_update_not_running"
 
@@ -175,7 +177,7 @@ def test_two_admins_starting_at_once_get_one_rollout_and_one_409(cast, app):
             try:
                 fleet.start("admin")
                 outcomes.append("ok")
-            except fleet.FleetRefusal as e:
+            except Refusal as e:
                 outcomes.append((e.status, e.code))
             finally:
                 db.session.remove()
@@ -197,7 +199,7 @@ def test_a_restarted_server_resumes_the_rollout_without_a_duplicate_dispatch(cas
     fu = fleet.start("admin")
     drive()
     # What a restart loses: every in-memory cache. The database keeps the rollout.
-    app.extensions["rm.inflight"].reload()
+    runtime(app).inflight.reload()
     drive()
     assert statuses(fu.id) == ["running", "pending"]
     db.session.rollback()
@@ -212,10 +214,10 @@ def test_a_restarted_server_resumes_the_rollout_without_a_duplicate_dispatch(cas
 
 
 def test_explicit_host_ids_roll_in_the_given_order_and_unknown_ids_are_422(cast):
-    with pytest.raises(fleet.FleetRefusal) as e:
+    with pytest.raises(Refusal) as e:
         fleet.start("admin", host_ids=[cast.host_behind.id, 424242])
     assert (e.value.status, e.value.code) == (422, "unknown_host_ids")
-    with pytest.raises(fleet.FleetRefusal) as e:
+    with pytest.raises(Refusal) as e:
         fleet.start("admin", host_ids=["x"])
     assert e.value.status == 422
     fu = fleet.start("admin", host_ids=[cast.host_offline.id, cast.host_behind.id])
@@ -226,7 +228,7 @@ def test_no_behind_hosts_is_422(cast, app):
     app.config["SERVER_VERSION"] = OLD_VERSION
     db.session.execute(sa.update(Host).values(agent_version=OLD_VERSION))
     db.session.commit()
-    with pytest.raises(fleet.FleetRefusal) as e:
+    with pytest.raises(Refusal) as e:
         fleet.start("admin")
     assert (e.value.status, e.value.code) == (422, "no_hosts_to_update")
 

@@ -7,8 +7,10 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from app.errors import Refusal
 from app.extensions import db
 from app.models import Alert, AuditEvent, Job
+from app.runtime import runtime
 from app.updates import dispatch, watcher
 from app.updates.inflight import InFlightRegistry
 from tests.conftest import OLD_VERSION, SERVER_VERSION
@@ -64,7 +66,7 @@ def test_a_hello_at_the_target_succeeds_the_job_and_resolves_the_alert(cast, age
     assert job_row(job.id).finished_at is not None
     assert open_alerts() == []
     assert actions(cast.host_behind.name)[-1] == "host.update_succeeded"
-    assert app.extensions["rm.inflight"].get(cast.host_behind.id) is None
+    assert runtime(app).inflight.get(cast.host_behind.id) is None
 
 
 def test_an_agent_failure_report_fails_the_job_at_once(cast, agent_for):
@@ -142,7 +144,7 @@ def test_the_deadline_fails_the_job_and_a_late_hello_resolves_only_the_alert(cas
 def test_prechecks_refuse_with_a_typed_error(cast, who, status, code, agent_for):
     if who == "host_online":
         agent_for(cast.host_online, cast.host_online_token, SERVER_VERSION)
-    with pytest.raises(dispatch.UpdateRefusal) as e:
+    with pytest.raises(Refusal) as e:
         dispatch.dispatch_update(getattr(cast, who).id, "admin")
     assert (e.value.status, e.value.code) == (status, code)
     db.session.rollback()
@@ -151,13 +153,13 @@ def test_prechecks_refuse_with_a_typed_error(cast, who, status, code, agent_for)
 
 def test_an_agent_without_the_update_capability_is_told_apart_up_front(cast, agent_for):
     agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION, capabilities=())
-    with pytest.raises(dispatch.UpdateRefusal) as e:
+    with pytest.raises(Refusal) as e:
         dispatch.dispatch_update(cast.host_behind.id, "admin")
     assert (e.value.status, e.value.code) == (422, "agent_cannot_update")
 
 
 def test_unknown_host_is_404(cast, live):
-    with pytest.raises(dispatch.UpdateRefusal) as e:
+    with pytest.raises(Refusal) as e:
         dispatch.dispatch_update(999999, "admin")
     assert (e.value.status, e.value.code) == (404, "host_not_found")
 
@@ -166,7 +168,7 @@ def test_a_second_dispatch_while_one_runs_is_refused(cast, agent_for):
     agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
     dispatch.dispatch_update(cast.host_behind.id, "admin")
     agent.expect("command.update")
-    with pytest.raises(dispatch.UpdateRefusal) as e:
+    with pytest.raises(Refusal) as e:
         dispatch.dispatch_update(cast.host_behind.id, "admin")
     assert e.value.code == "update_in_progress"
 
@@ -183,7 +185,7 @@ def test_two_simultaneous_dispatches_give_exactly_one_job(cast, agent_for, app):
             try:
                 dispatch.dispatch_update(host_id, "admin")
                 outcomes.append("ok")
-            except dispatch.UpdateRefusal as e:
+            except Refusal as e:
                 outcomes.append(e.code)
             finally:
                 db.session.remove()
@@ -218,7 +220,7 @@ def test_the_in_flight_registry_is_rebuilt_from_the_jobs_table(cast, agent_for):
 
 def test_an_agent_ahead_of_the_server_is_only_downgraded_when_asked(cast, agent_for, release):
     agent = agent_for(cast.host_behind, cast.host_behind_token, "3.0.0")
-    with pytest.raises(dispatch.UpdateRefusal) as e:
+    with pytest.raises(Refusal) as e:
         dispatch.dispatch_update(cast.host_behind.id, "admin")
     assert e.value.code == "already_current" and "allow_downgrade" in e.value.message
     job = dispatch.dispatch_update(cast.host_behind.id, "admin", allow_downgrade=True)

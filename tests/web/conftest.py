@@ -9,6 +9,7 @@ from flask.testing import FlaskClient
 from app.agents.registry import Connection
 from app.extensions import db
 from app.models import ApiToken
+from app.runtime import runtime
 from tests.conftest import SERVER_VERSION
 from tests.web.helpers import FakeSocket
 
@@ -36,7 +37,7 @@ def client(app):
 @pytest.fixture
 def connect(app):
     """Register a fake live connection for a host, as the agent link does after a hello."""
-    registry = app.extensions["rm.connections"]
+    registry = runtime(app).connections
 
     def _connect(host, answer_pings: bool = True) -> FakeSocket:
         ws = FakeSocket(answer_pings)

@@ -3,6 +3,7 @@
 from agent.protocol import CLOSE_REVOKED
 from app.extensions import db
 from app.models import Host, Job
+from app.runtime import runtime
 from tests.web.helpers import HX, audit_actions
 
 
@@ -19,7 +20,7 @@ def test_revoke_clears_the_token_closes_the_socket_and_audits(as_admin, cast, on
     assert host.revoked_at is not None and host.token_hash is None and not host.connected
     assert Host.by_token(token) is None
     assert online["web-1"].closed[0] == CLOSE_REVOKED
-    assert app.extensions["rm.connections"].get(host_id) is None
+    assert runtime(app).connections.get(host_id) is None
     assert audit_actions()[-1] == "host.revoked"
 
 

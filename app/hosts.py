@@ -1,7 +1,9 @@
-"""Host operations shared by the pages, the JSON API and the CLI: enrol, revoke, delete, reads.
+"""The hosts capability, shared by the pages, the JSON API and the CLI.
 
-Revoking or deleting a host touches the database, the audit log and the live socket, so those
-operations live here once instead of in each view. Nothing here reads ``request``.
+Enrol, revoke, delete, the install command and agent URLs, and the host reads (which hosts are
+"behind", a host's jobs, the dashboard counts). Revoking or deleting a host touches the
+database, the audit log and the live socket, so those operations live here once instead of in
+each view. Nothing here reads ``request``; a refused operation raises :class:`~app.errors.Refusal`.
 """
 
 from __future__ import annotations
@@ -17,20 +19,13 @@ from sqlalchemy.exc import IntegrityError
 
 from agent import protocol
 
-from ..extensions import db
-from ..models import Alert, AuditEvent, FleetUpdate, Host, Job
+from .errors import Refusal
+from .extensions import db
+from .models import Alert, AuditEvent, Host, Job
+from .runtime import runtime
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 JOB_HISTORY_LIMIT = 20
-RESOLVED_ALERTS_LIMIT = 50
-
-
-class HostError(Exception):
-    """A refused host operation; ``status`` and ``code`` are what the API answers."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass
@@ -42,7 +37,7 @@ class Enrolment:
 
 def validate_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise HostError(400, "invalid_name", "host name must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        raise Refusal(400, "invalid_name", "host name must be 1-128 characters of letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -75,7 +70,7 @@ def install_command(token: str, request_host: str | None = None) -> str:
         f"curl -fsSL {shlex.quote(base + '/agent/install.sh')} | sudo sh -s -- "
         f"--server {shlex.quote(agent_ws_url(request_host))} --token {shlex.quote(token)}"
     )
-    from ..updates.releases import public_key
+    from .updates.releases import public_key
 
     key = public_key()
     return f"{cmd} --release-key {shlex.quote(key)}" if key else cmd
@@ -85,7 +80,7 @@ def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
     """Create a host and audit ``host.enrolled`` in one transaction; the token is returned once."""
     name = validate_name(name)
     if db.session.scalar(sa.select(Host.id).where(Host.name == name)) is not None:
-        raise HostError(409, "host_exists", f"a host named {name} already exists")
+        raise Refusal(409, "host_exists", f"a host named {name} already exists")
     host, token = Host.enrol(name)
     try:
         db.session.flush()
@@ -93,7 +88,7 @@ def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()  # a concurrent enrolment took the name between the check and the insert
-        raise HostError(409, "host_exists", f"a host named {name} already exists") from None
+        raise Refusal(409, "host_exists", f"a host named {name} already exists") from None
     return Enrolment(host, token, install_command(token, request_host))
 
 
@@ -103,7 +98,7 @@ def revoke(host: Host, actor: str) -> None:
     AuditEvent.record(actor, "host.revoked", host.name, host_id=host.id)
     db.session.commit()
     # After the commit, so a reconnect racing the close is already refused by the token check.
-    current_app.extensions["rm.connections"].close(host.id, protocol.CLOSE_REVOKED, "token revoked")
+    runtime().connections.close(host.id, protocol.CLOSE_REVOKED, "token revoked")
 
 
 def delete(host: Host, actor: str) -> None:
@@ -112,19 +107,29 @@ def delete(host: Host, actor: str) -> None:
     db.session.delete(host)
     AuditEvent.record(actor, "host.deleted", name, host_id=host_id)
     db.session.commit()
-    current_app.extensions["rm.connections"].close(host_id, protocol.CLOSE_REVOKED, "host deleted")
+    runtime().connections.close(host_id, protocol.CLOSE_REVOKED, "host deleted")
 
 
 # --- reads shared by pages and API ----------------------------------------------------------
 
 
+def behind_hosts() -> list[Host]:
+    """The hosts an update would move: not revoked, and running an agent older than the server.
+
+    The one definition of "behind" for counting and updating: the dashboard count, the
+    ``?updates=behind`` filter (pages and API) and a rollout's default host set all use it. A
+    revoked host cannot connect, so it can never be updated and is not counted (docs/updates.md).
+    """
+    version = current_app.config["SERVER_VERSION"]
+    hosts = db.session.scalars(sa.select(Host).where(Host.revoked_at.is_(None)).order_by(Host.name))
+    return [h for h in hosts if h.version_state(version) == "behind"]
+
+
 def list_hosts(updates: str | None = None) -> list[Host]:
-    """All hosts by name; ``updates="behind"`` keeps only agents older than the server."""
-    hosts = db.session.scalars(sa.select(Host).order_by(Host.name)).all()
+    """All hosts by name; ``updates="behind"`` keeps only :func:`behind_hosts`."""
     if updates == "behind":
-        version = current_app.config["SERVER_VERSION"]
-        hosts = [h for h in hosts if h.version_state(version) == "behind"]
-    return list(hosts)
+        return behind_hosts()
+    return list(db.session.scalars(sa.select(Host).order_by(Host.name)))
 
 
 def jobs_for(host_id: int, limit: int = JOB_HISTORY_LIMIT) -> list[Job]:
@@ -141,42 +146,13 @@ def latest_update_job(host_id: int) -> Job | None:
     )
 
 
-def alerts(status: str = "open", limit: int = RESOLVED_ALERTS_LIMIT) -> list[Alert]:
-    q = sa.select(Alert)
-    if status == "open":
-        q = q.where(Alert.resolved_at.is_(None)).order_by(Alert.last_seen.desc())
-    elif status == "resolved":
-        q = q.where(Alert.resolved_at.is_not(None)).order_by(Alert.resolved_at.desc()).limit(limit)
-    else:
-        q = q.order_by(Alert.last_seen.desc()).limit(limit * 4)
-    return list(db.session.scalars(q))
-
-
-def audit_page(limit: int, before_id: int | None = None) -> tuple[list[AuditEvent], int | None]:
-    """Newest first; return the page and the ``before_id`` of the next (older) page, if any."""
-    q = sa.select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
-    if before_id is not None:
-        q = q.where(AuditEvent.id < before_id)
-    rows = list(db.session.scalars(q))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].id if more and rows else None)
-
-
 def dashboard_counts() -> dict:
-    hosts = db.session.scalars(sa.select(Host)).all()
-    version = current_app.config["SERVER_VERSION"]
     return {
-        "hosts_total": len(hosts),
-        "hosts_online": sum(1 for h in hosts if h.connected),
-        "hosts_behind": sum(1 for h in hosts if h.version_state(version) == "behind"),
+        "hosts_total": db.session.scalar(sa.select(sa.func.count(Host.id))),
+        "hosts_online": db.session.scalar(sa.select(sa.func.count(Host.id)).where(Host.connected.is_(True))),
+        "hosts_behind": len(behind_hosts()),
         "alerts_open": db.session.scalar(sa.select(sa.func.count(Alert.id)).where(Alert.resolved_at.is_(None))),
         "updates_running": db.session.scalar(
             sa.select(sa.func.count(Job.id)).where(Job.kind == "update", Job.status == "running")
         ),
     }
-
-
-def fleet_updates(limit: int = 20) -> list[FleetUpdate]:
-    """Rollouts, newest first."""
-    return list(db.session.scalars(sa.select(FleetUpdate).order_by(FleetUpdate.id.desc()).limit(limit)))

@@ -1,0 +1,108 @@
+"""The server's runtime state, one object per app: ``runtime()`` is the only way to reach it.
+
+Everything that lives in memory rather than in the database — the live connections, the
+in-flight update cache, the clock, the scheduler once started, the fleet's wake-ups and the
+"job ended" announcements — hangs off :class:`Runtime`, built by ``create_app`` and stored at
+``app.extensions["rm.runtime"]``. This module imports nothing from the app, so any module may
+import it without tying a knot.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, current_app
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "rm.runtime"
+#: The scheduler job the fleet waker nudges.
+FLEET_TICK_JOB_ID = "fleet_tick"
+
+
+class Announcement:
+    """A tiny publish/subscribe hook: subscribers are called in order, in the publisher's thread."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._subscribers: list[Callable[..., Any]] = []
+
+    def subscribe(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self._subscribers.append(fn)
+        return fn
+
+    def publish(self, *args: Any) -> None:
+        for fn in list(self._subscribers):
+            fn(*args)
+
+
+class Waker:
+    """Wake-ups for one periodic scheduler job, never lost.
+
+    :meth:`wake` (from any thread) marks a run as wanted and moves the job's next run to now;
+    :meth:`run` repeats its step while wake-ups arrived during it. ``waiting_for`` names the one
+    host whose reconnect should wake the job (the fleet rollout waiting out an offline grace).
+    """
+
+    def __init__(self, job_id: str, scheduler: Callable[[], Any]):
+        self.job_id = job_id
+        self._scheduler = scheduler
+        self._lock = threading.Lock()
+        self._pending = False
+        self.waiting_for: int | None = None
+
+    def wake(self) -> None:
+        with self._lock:
+            self._pending = True
+        sched = self._scheduler()
+        if sched is not None and sched.running:
+            try:
+                sched.modify_job(self.job_id, next_run_time=dt.datetime.now(sched.timezone))
+            except Exception:  # noqa: BLE001 - a lost nudge is covered by the loop in run()
+                log.debug("could not nudge scheduler job %s", self.job_id, exc_info=True)
+
+    def wake_for(self, host_id: int) -> None:
+        """A host reconnected: wake the job if it is waiting for that host."""
+        if self.waiting_for == host_id:
+            self.wake()
+
+    def run(self, step: Callable[[], None]) -> None:
+        """Run ``step`` until no wake-up arrived while it ran."""
+        while True:
+            with self._lock:
+                self._pending = False
+            step()
+            with self._lock:
+                if not self._pending:
+                    return
+
+
+class Runtime:
+    """In-memory state of one app; the registries are caches of the database, never the record."""
+
+    def __init__(self, connections, inflight, clock):
+        self.connections = connections  # app.agents.registry.ConnectionRegistry
+        self.inflight = inflight  # app.updates.inflight.InFlightRegistry
+        self.clock = clock  # app.timeutil.Clock (a FakeClock in tests)
+        self.scheduler = None  # the BackgroundScheduler, once ``serve`` started it
+        self.started_at: dt.datetime | None = None  # when ``serve`` prepared this process
+        self.fleet_waker = Waker(FLEET_TICK_JOB_ID, lambda: self.scheduler)
+        #: Published after the commit that ended an update job: ``(job_id)``.
+        self.job_ended = Announcement("job_ended")
+        #: Published inside the transaction that turns a succeeded job into a failed one:
+        #: ``(job_id, reason)``; subscribers write in that same transaction.
+        self.job_corrected = Announcement("job_corrected")
+
+
+def install(app: Flask, rt: Runtime) -> Runtime:
+    app.extensions[EXTENSION_KEY] = rt
+    return rt
+
+
+def runtime(app: Flask | None = None) -> Runtime:
+    """The runtime of ``app`` (default: the current app)."""
+    return (app if app is not None else current_app).extensions[EXTENSION_KEY]
