@@ -2,7 +2,8 @@
 
 from app.extensions import db
 from app.models import Alert, AuditEvent, Job
-from tests.conftest import SERVER_VERSION
+from app.updates import fleet
+from tests.conftest import OLD_VERSION, SERVER_VERSION, Cast
 from tests.web.helpers import HX
 
 
@@ -33,6 +34,26 @@ def test_the_hosts_list_filters_behind_agents(as_viewer, cast):
     html = as_viewer.get("/hosts?updates=behind").get_data(as_text=True)
     assert 'data-host="app-1"' in html
     assert 'data-host="web-1"' not in html and 'data-host="db-1"' not in html
+
+
+def test_behind_means_one_thing_to_the_dashboard_the_filters_and_a_rollout(as_admin, cast):
+    """A revoked host on an old agent can never be updated: no count, filter or rollout takes it."""
+    revoked, _ = Cast._host("old-revoked", OLD_VERSION, False)
+    revoked.revoke()
+    db.session.commit()
+
+    dashboard = as_admin.get("/").get_data(as_text=True)
+    assert "1</span>\n    <span>agent behind" in dashboard
+    page = as_admin.get("/hosts?updates=behind").get_data(as_text=True)
+    assert 'data-host="app-1"' in page and 'data-host="old-revoked"' not in page
+    api = as_admin.get("/api/hosts?updates=behind").get_json()["hosts"]
+    assert [h["name"] for h in api] == ["app-1"]
+    fleet_page = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    assert "app-1" in fleet_page and "old-revoked" not in fleet_page
+    rollout = fleet.start("admin")
+    assert [row.host.name for row in rollout.hosts] == ["app-1"]
+    # ... while the full list still shows the revoked host and its version state.
+    assert 'data-host="old-revoked"' in as_admin.get("/hosts").get_data(as_text=True)
 
 
 def test_the_hosts_list_rejects_an_unknown_filter(as_viewer):
