@@ -1,11 +1,12 @@
-"""Commit or roll back, crash-safely: the probation marker, start-up repair and test failpoints.
+"""Commit or roll back, crash-safely: start-up repair, rollback, commit and the sh guard.
 
 After a swap the new program is *on probation*. The marker ``probation.json`` in the state
-directory is written (atomically) before the swap's final rename and says which job swapped which
-version for which. The new program commits (removes the marker, ``update-state.json`` outcome
-``committed``) once the server has welcomed it; until then ``.old`` is kept. If it is not
-welcomed within ``probation_s``, or it keeps failing to start, the previous program is restored
-from ``.old``, and the restored program reports ``rolled_back`` in its next hello.
+directory (read and written through :mod:`agent.statefile`) is written atomically before the
+swap's final rename and says which job swapped which version for which. The new program commits
+(removes the marker, ``update-state.json`` outcome ``committed``) once the server has welcomed it;
+until then ``.old`` is kept. If it is not welcomed within ``probation_s``, or it keeps failing to
+start, the previous program is restored from ``.old``, and the restored program reports
+``rolled_back`` in its next hello.
 
 Start-up repair (:func:`repair`, run by the agent before it connects; the POSIX sh guard
 ``scripts/systemd/restic-manager-agent-guard`` does the file part before every start under
@@ -25,146 +26,41 @@ Marker format (JSON, one key per line so the sh guard can edit it with sed)::
 ``attempts`` is counted by the sh guard, ``starts`` by the agent itself (so the two never count
 one start twice: rollback happens when either exceeds the limit); ``rollback`` is null or the reason
 a rollback was started. ``started_at`` is wall-clock seconds (it must survive restarts).
+
+The watchdog that commits on the first welcome or rolls back at the deadline is
+:mod:`agent.probation`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import signal
 import time
-import zipfile
 from dataclasses import dataclass
+
+from agent.statefile import (
+    OUTCOME_STARTED,
+    fsync_dir,
+    marker_path,
+    now_iso,
+    read_marker,
+    read_state,
+    remove_marker,
+    write_atomic,
+    write_marker,
+    write_state,
+)
 
 log = logging.getLogger("agent.recovery")
 
-MARKER_FILE = "probation.json"
 GUARD_FILE = "restic-manager-agent-guard"
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_ENV = "RM_AGENT_GUARD_MAX_ATTEMPTS"
-
-#: Test-only fault injection: ``RM_AGENT_FAILPOINT=<step>`` makes the agent SIGKILL itself at
-#: that step, once per state directory (a ``failpoint-<step>.hit`` file remembers it fired).
-FAILPOINT_ENV = "RM_AGENT_FAILPOINT"
-FAILPOINTS = ("after_download", "after_old", "between_renames", "after_swap", "before_welcome_commit")
-
-#: Versions and job ids written into the marker must be safe for the sh guard's sed.
-SAFE_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,99}$")
-
-# update-state.json is owned by agent.updater; imported lazily there to avoid a cycle
-OUTCOME_STARTED = "started"
-
-
-def failpoint(name: str, state_dir: str) -> None:
-    """Kill this process with SIGKILL if ``RM_AGENT_FAILPOINT`` names ``name`` (tests only)."""
-    if os.environ.get(FAILPOINT_ENV) != name:
-        return
-    hit = os.path.join(state_dir, f"failpoint-{name}.hit")
-    if os.path.exists(hit):
-        return
-    with open(hit, "w", encoding="ascii") as fh:
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    log.warning("failpoint %s: killing the agent (pid %d) with SIGKILL", name, os.getpid())
-    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-    time.sleep(5)  # SIGKILL is not instantaneous; never run past the failpoint
 
 
 def max_attempts() -> int:
     value = os.environ.get(MAX_ATTEMPTS_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_ATTEMPTS
-
-
-# --------------------------------------------------------------------------- files
-
-
-def fsync_dir(path: str) -> None:
-    """Flush a directory entry to disk so a rename survives a power cut (no-op where unsupported)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def marker_path(state_dir: str) -> str:
-    return os.path.join(state_dir, MARKER_FILE)
-
-
-def read_json_object(path: str) -> dict | None:
-    """Return the JSON object stored at ``path``, None when the file is absent.
-
-    :raise ValueError: the file cannot be read or does not hold a JSON object.
-    """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ValueError(str(exc)) from None
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
-
-
-def read_marker(state_dir: str) -> dict | None:
-    """Return the probation marker, None when absent; an unreadable marker is returned as ``{}``."""
-    try:
-        return read_json_object(marker_path(state_dir))
-    except ValueError as exc:
-        log.error("unreadable probation marker %s: %s", marker_path(state_dir), exc)
-        return {}
-
-
-def write_marker(state_dir: str, marker: dict) -> None:
-    """Write the marker atomically: temp file, fsync, rename, fsync the directory."""
-    path = marker_path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        # indent=0: one key per line, which the sh guard's sed expressions rely on
-        fh.write(json.dumps(marker, indent=0, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(state_dir)
-
-
-def remove_marker(state_dir: str) -> None:
-    try:
-        os.remove(marker_path(state_dir))
-    except FileNotFoundError:
-        return
-    fsync_dir(state_dir)
-
-
-def new_marker(job_id: str, from_version: str, to_version: str, to_sha256: str) -> dict:
-    return {
-        "attempts": 0,
-        "from_version": from_version,
-        "job_id": job_id,
-        "rollback": None,
-        "started_at": time.time(),
-        "starts": 0,
-        "to_sha256": to_sha256,
-        "to_version": to_version,
-    }
-
-
-def program_version(path: str) -> str | None:
-    """Return the version baked into the zipapp at ``path`` without running it, or None."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            text = zf.read("agent/_build_version.py").decode("utf-8")
-    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, ValueError):
-        return None
-    m = re.search(r"^VERSION = ['\"]([^'\"]*)['\"]", text, re.MULTILINE)
-    return m.group(1) if m else None
 
 
 def _remove(path: str) -> bool:
@@ -193,8 +89,6 @@ def repair(program: str, state_dir: str, running_version: str, limit: int | None
     ``restart`` means a rollback was carried out (the previous program is back in place) and the
     process must exit so the service manager starts it.
     """
-    from agent.updater import read_state, write_state
-
     limit = limit or max_attempts()
     notes: list[str] = []
     directory = os.path.dirname(program)
@@ -255,8 +149,6 @@ def roll_back(program: str, state_dir: str, marker: dict, reason: str) -> bool:
     ``update-state.json``; the marker is removed. A crash between any two steps is finished by
     the next start's :func:`repair` (or the sh guard).
     """
-    from agent.updater import write_state
-
     old = program + ".old"
     log.error("rolling back update job %s: %s", marker.get("job_id"), reason)
     if not os.path.exists(old):
@@ -276,8 +168,6 @@ def roll_back(program: str, state_dir: str, marker: dict, reason: str) -> bool:
 
 def commit(state_dir: str, marker: dict) -> None:
     """The server welcomed the new program: record ``committed`` and end the probation."""
-    from agent.updater import write_state
-
     write_state(
         state_dir,
         {**_state_from_marker(marker), "outcome": "committed", "error": None, "reported": True},
@@ -328,14 +218,7 @@ def install_guard(directory: str) -> str:
                 return path
     except OSError:
         pass
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    write_atomic(path, text, mode=0o755)
     return path
 
 
@@ -358,8 +241,6 @@ def _interrupted(version, running_version: str) -> str:
 
 
 def _state_from_marker(marker: dict) -> dict:
-    from agent.updater import now_iso
-
     return {
         "job_id": marker.get("job_id"),
         "version": marker.get("to_version"),
@@ -369,6 +250,4 @@ def _state_from_marker(marker: dict) -> dict:
 
 
 def _record(state_dir: str, state: dict, outcome: str, error: str) -> None:
-    from agent.updater import now_iso, write_state
-
     write_state(state_dir, {**state, "outcome": outcome, "error": error, "reported": False, "at": now_iso()})

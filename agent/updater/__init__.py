@@ -11,15 +11,14 @@ a reason meant for the operator, removes the partial ``.new`` and leaves the run
 Before anything is downloaded, the command's manifest (version, platform, size, sha256) must carry
 a valid ed25519 signature by the release key pinned in the config (:mod:`agent.signing`); the
 downloaded file must then match that signed size and sha256. Just before the final rename a
-probation marker is written, so the new program can commit or roll back (:mod:`agent.recovery`).
+probation marker is written, so the new program can commit or roll back (:mod:`agent.recovery`); the
+state and marker files are written through :mod:`agent.statefile`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import http.client
-import json
 import logging
 import os
 import re
@@ -30,13 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from agent import platform_tag, recovery, signing
-from agent.recovery import failpoint, fsync_dir
+from agent import platform_tag, signing
+from agent.failpoints import failpoint
+from agent.statefile import (
+    OUTCOME_STARTED,
+    SAFE_VERSION_RE,
+    new_marker,
+    now_iso,
+    remove_marker,
+    state_path,
+    write_marker,
+    write_state,
+)
 from agent.version import compare_versions
 
 log = logging.getLogger("agent.updater")
 
-STATE_FILE = "update-state.json"
 CHUNK = 16 * 1024
 PROGRESS_BYTES = 64 * 1024
 PROGRESS_SECONDS = 0.2
@@ -110,63 +118,6 @@ def resolve_url(server_url: str, url: str) -> str:
     return urljoin(f"{scheme}://{base.netloc}/", url)
 
 
-# --------------------------------------------------------------------------- state file
-
-
-def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_FILE)
-
-
-def read_state(state_dir: str) -> dict | None:
-    """Return the update state file's content, or None when absent or unreadable."""
-    try:
-        return recovery.read_json_object(state_path(state_dir))
-    except ValueError as exc:
-        log.warning("ignoring unreadable %s: %s", state_path(state_dir), exc)
-        return None
-
-
-def write_state(state_dir: str, state: dict) -> None:
-    """Write the update state file atomically (temp file, fsync, rename, fsync dir)."""
-    os.makedirs(state_dir, exist_ok=True)
-    path = state_path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(state_dir)
-
-
-def last_update_for_hello(state_dir: str, running_version: str) -> dict | None:
-    """Return the ``last_update`` a hello should carry: the unreported outcome, or None."""
-    state = read_state(state_dir)
-    if not state or state.get("reported") or state.get("outcome") == recovery.OUTCOME_STARTED:
-        return None  # "started" is an update still running (or one start-up repair will settle)
-    outcome, error = state.get("outcome"), state.get("error")
-    if outcome == "swapped" and state.get("version") != running_version:
-        # the service manager started something other than what we swapped in
-        outcome = "failed"
-        error = f"restarted at version {running_version}, expected {state.get('version')} after the swap"
-    return {
-        "job_id": state.get("job_id"),
-        "outcome": outcome,
-        "error": error,
-        "from_version": state.get("from_version"),
-        "version": state.get("version"),
-    }
-
-
-def mark_reported(state_dir: str) -> None:
-    """Record that the server has seen the last update's outcome, so later hellos omit it."""
-    state = read_state(state_dir)
-    if state and not state.get("reported"):
-        state["reported"] = True
-        write_state(state_dir, state)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -183,10 +134,6 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- the updater
@@ -243,7 +190,7 @@ class Updater:
             "job_id": cmd.job_id,
             "version": cmd.version,
             "from_version": self.current_version,
-            "outcome": recovery.OUTCOME_STARTED,
+            "outcome": OUTCOME_STARTED,
             "error": None,
             "reported": False,
             "at": now_iso(),
@@ -272,7 +219,7 @@ class Updater:
     def _check(self, cmd: UpdateCommand) -> None:
         if not can_self_update(self.program):
             raise UpdateError(f"cannot self-update: {os.path.dirname(self.program)} is not writable")
-        if not recovery.SAFE_VERSION_RE.match(cmd.version):
+        if not SAFE_VERSION_RE.match(cmd.version):
             raise UpdateError(f"invalid version {cmd.version!r}: use letters, digits and . + _ -")
         if (cmd.platform or platform_tag()) != platform_tag():
             raise UpdateError(f"artifact platform {cmd.platform!r} does not match this agent's {platform_tag()!r}")
@@ -433,16 +380,16 @@ class Updater:
             posix.keep_old(self.program)
             failpoint("after_old", self.state_dir)
             # the marker exists before the new program can: whatever starts next knows it is on probation
-            marker = recovery.new_marker(cmd.job_id, self.current_version, cmd.version, cmd.sha256)
+            marker = new_marker(cmd.job_id, self.current_version, cmd.version, cmd.sha256)
             try:
-                recovery.write_marker(self.state_dir, marker)
+                write_marker(self.state_dir, marker)
             except OSError as exc:
                 raise UpdateError(f"cannot write the probation marker: {exc}") from exc
             failpoint("between_renames", self.state_dir)
             try:
                 posix.replace(self.program, self.staged)
             except UpdateError:
-                recovery.remove_marker(self.state_dir)
+                remove_marker(self.state_dir)
                 raise
             failpoint("after_swap", self.state_dir)
             # past the swap there is no going back: a failure to record the state must not stop the

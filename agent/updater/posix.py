@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 
-from agent.recovery import fsync_dir
+from agent.statefile import fsync_dir
 from agent.updater import UpdateError
 
 log = logging.getLogger("agent.updater")
@@ -41,9 +41,3 @@ def replace(program: str, staged: str) -> None:
         fsync_dir(directory)
     except OSError as exc:  # the rename happened; durability is best effort from here on
         log.warning("cannot fsync %s after the swap: %s", directory, exc)
-
-
-def swap(program: str, staged: str) -> None:
-    """Replace ``program`` with the verified ``staged`` file, keeping the previous one as ``.old``."""
-    keep_old(program)
-    replace(program, staged)

@@ -353,7 +353,7 @@ class ZipappHost:
         return out.stdout.strip()
 
     def state(self) -> dict | None:
-        from agent.updater import read_state
+        from agent.statefile import read_state
 
         return read_state(str(self.home))
 

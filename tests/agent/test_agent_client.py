@@ -19,7 +19,7 @@ import simple_websocket
 from agent import protocol
 from agent.client import Agent
 from agent.daemon import EX_OK, EX_UPDATE_RESTART
-from agent.updater import read_state
+from agent.statefile import read_state
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from agent import recovery, signing
+from agent import recovery, signing, statefile
 from agent.client import Agent
 from agent.daemon import EX_ROLLBACK_RESTART
-from agent.updater import Timeouts, UpdateCommand, UpdateError, Updater, read_state, write_state
+from agent.statefile import read_state, write_state
+from agent.updater import Timeouts, UpdateCommand, UpdateError, Updater
 
 OLD = b"#!/usr/bin/env python3\nold program\n"
 NEW = b"#!/usr/bin/env python3\nnew program\n"
@@ -33,9 +34,9 @@ def program_of(home):
 
 
 def put_marker(home, **fields):
-    marker = recovery.new_marker("job-r", "1.0.0", "2.0.0", "ab" * 32)
+    marker = statefile.new_marker("job-r", "1.0.0", "2.0.0", "ab" * 32)
     marker.update(fields)
-    recovery.write_marker(str(home), marker)
+    statefile.write_marker(str(home), marker)
     return marker
 
 
@@ -68,20 +69,20 @@ def test_the_guard_counts_starts_and_rolls_back_a_crash_loop(home):
     put_marker(home)
     for n in (1, 2, 3):
         run_guard(home)
-        assert recovery.read_marker(str(home))["attempts"] == n
+        assert statefile.read_marker(str(home))["attempts"] == n
         assert (home / "restic-manager-agent.pyz").read_bytes() == NEW
     err = run_guard(home)
     assert "crash-looped" in err
     assert (home / "restic-manager-agent.pyz").read_bytes() == OLD
-    marker = recovery.read_marker(str(home))
+    marker = statefile.read_marker(str(home))
     assert marker["rollback"] == "new version 2.0.0 crash-looped: 3 starts without reaching the server"
     run_guard(home)  # a recorded rollback is left for the restored program; nothing else changes
-    assert recovery.read_marker(str(home)) == marker
+    assert statefile.read_marker(str(home)) == marker
     # the restored program's start-up turns the marker into the outcome its hello reports
     assert recovery.repair(program_of(home), str(home), "1.0.0").action == "run"
     state = read_state(str(home))
     assert (state["job_id"], state["outcome"], state["error"]) == ("job-r", "rolled_back", marker["rollback"])
-    assert recovery.read_marker(str(home)) is None
+    assert statefile.read_marker(str(home)) is None
 
 
 def test_the_guard_never_fails_the_start(tmp_path):
@@ -113,7 +114,7 @@ def test_a_stale_marker_before_the_swap_is_reported_failed(home):
     assert recovery.repair(program_of(home), str(home), "1.0.0").action == "run"
     state = read_state(str(home))
     assert state["outcome"] == "failed" and state["version"] == "2.0.0" and state["from_version"] == "1.0.0"
-    assert recovery.read_marker(str(home)) is None
+    assert statefile.read_marker(str(home)) is None
 
 
 def test_the_new_program_goes_on_probation_and_reports_swapped(home):
@@ -124,7 +125,7 @@ def test_the_new_program_goes_on_probation_and_reports_swapped(home):
     recovery.commit(str(home), result.marker)
     state = read_state(str(home))
     assert (state["outcome"], state["reported"]) == ("committed", True)
-    assert recovery.read_marker(str(home)) is None
+    assert statefile.read_marker(str(home)) is None
     assert (home / "restic-manager-agent.pyz.old").read_bytes() == OLD  # kept as the previous version
 
 
@@ -151,7 +152,7 @@ def test_without_old_there_is_no_rollback_and_the_new_program_keeps_running(home
     assert recovery.repair(program_of(home), str(home), "2.0.0", limit=3).action == "run"
     assert (home / "restic-manager-agent.pyz").read_bytes() == NEW
     assert "cannot roll back" in read_state(str(home))["error"]
-    assert recovery.read_marker(str(home)) is None
+    assert statefile.read_marker(str(home)) is None
 
 
 def test_an_unreadable_marker_is_dropped(home):

@@ -9,14 +9,12 @@ import pytest
 
 import agent.updater.posix as posix
 from agent import signing
+from agent.statefile import last_update_for_hello, mark_reported, read_state
 from agent.updater import (
     Timeouts,
     UpdateCommand,
     UpdateError,
     Updater,
-    last_update_for_hello,
-    mark_reported,
-    read_state,
     resolve_url,
 )
 

@@ -4,7 +4,8 @@ import hashlib
 
 import pytest
 
-from agent.updater import UpdateCommand, UpdateError, Updater, read_state, windows
+from agent.statefile import read_state
+from agent.updater import UpdateCommand, UpdateError, Updater, windows
 
 
 def test_the_script_waits_for_the_agent_then_swaps_and_restarts_the_service():
