@@ -3,54 +3,44 @@
 One :class:`Agent` owns the link to the server. The main thread runs :meth:`Agent.run`; it waits
 in short slices so a stop request (set by a signal handler) is seen within a fraction of a second.
 An update runs in a worker thread so heartbeats keep flowing while the new program downloads.
+
+The link itself (WebSocket client, send lock, clean close, reconnect backoff) is
+:mod:`agent.transport`; the watchdog that commits or rolls back a newly swapped-in program is
+:mod:`agent.probation`; the download and swap are :mod:`agent.updater`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import random
 import socket
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
-from wsproto import ConnectionType
-from wsproto.events import AcceptConnection, RejectConnection, Request
-from wsproto.utilities import LocalProtocolError
 
-from agent import platform_tag, program_path, protocol, recovery
+from agent import platform_tag, program_path, protocol
 from agent.config import AgentConfig
 from agent.daemon import EX_OK, EX_ROLLBACK_RESTART, EX_UPDATE_RESTART, StopFlag
-from agent.updater import (
-    UpdateCommand,
-    UpdateError,
-    Updater,
-    can_self_update,
-    last_update_for_hello,
-    mark_reported,
-)
+from agent.probation import Probation
+from agent.statefile import last_update_for_hello, mark_reported
+from agent.transport import Backoff, Link, default_connect
+from agent.updater import UpdateCommand, UpdateError, Updater, can_self_update
 from agent.version import get_version
 
 log = logging.getLogger("agent")
 
-BACKOFF_BASE_S = 0.5
 #: A connection that lived this long (or was welcomed) proves the server is back: restart backoff.
 STABLE_CONNECTION_S = 10.0
-CONNECT_TIMEOUT_S = 10.0
 WELCOME_TIMEOUT_S = 10.0
 #: Longest the main loop blocks before re-checking the stop and restart flags.
 TICK_S = 0.25
 #: Floor for the heartbeat interval, so a bad welcome cannot turn the loop into a busy spin.
 MIN_HEARTBEAT_S = 0.05
-#: How long a graceful close waits for the server's closing handshake before dropping the socket.
-CLOSE_WAIT_S = 0.5
 
 _CLOSE_MEANINGS = {
     protocol.CLOSE_REVOKED: "the server revoked this agent's token (or deleted the host)",
@@ -63,28 +53,6 @@ _CLOSE_MEANINGS = {
 _PROCESS_BOOT_ID = str(uuid.uuid4())
 
 
-class Backoff:
-    """Full-jitter exponential backoff: each delay is uniform in [0, min(cap, base * 2**attempt)]."""
-
-    def __init__(self, base: float = BACKOFF_BASE_S, cap: float = 30.0, rand: Callable[[], float] = random.random):
-        self.base = base
-        self.cap = cap
-        self.rand = rand
-        self.attempt = 0
-
-    def ceiling(self) -> float:
-        return min(self.cap, self.base * (2 ** min(self.attempt, 62)))
-
-    def next_delay(self) -> float:
-        """Return the next delay and move one step up the ladder."""
-        delay = self.rand() * self.ceiling()
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 def boot_id() -> str:
     """Return the kernel's boot id on Linux, else an id fixed for this process's lifetime."""
     try:
@@ -95,126 +63,6 @@ def boot_id() -> str:
     except OSError:
         pass
     return _PROCESS_BOOT_ID
-
-
-class _DaemonThread(threading.Thread):
-    # simple-websocket's reader thread must never keep the process alive after the main loop ends
-    def __init__(self, *args, **kwargs):
-        kwargs["daemon"] = True
-        super().__init__(*args, **kwargs)
-
-
-class WebSocketClient(simple_websocket.Client):
-    """simple-websocket's client with a connect and handshake timeout.
-
-    The stock client connects and reads the handshake answer with no timeout, and spins forever
-    if the server closes the socket before answering; a service must not hang there.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        headers: dict[str, str],
-        timeout: float = CONNECT_TIMEOUT_S,
-        max_message_size: int | None = protocol.MAX_FRAME_BYTES,
-    ):
-        parts = urlsplit(url)
-        secure = parts.scheme in ("wss", "https")
-        self.host = parts.hostname
-        self.port = parts.port or (443 if secure else 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.subprotocols = []
-        self._headers = list(headers.items())
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        try:
-            # Small frames sent back to back (progress, result, close) must not wait for the
-            # server's delayed ACK (Nagle): that cost ~40 ms per burst on the update path.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
-            simple_websocket.ws.Base.__init__(
-                self,
-                sock,
-                connection_type=ConnectionType.CLIENT,
-                max_message_size=max_message_size,
-                thread_class=_DaemonThread,
-            )
-        except BaseException:
-            sock.close()
-            raise
-
-    def handshake(self):
-        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        self.sock.sendall(self.ws.send(Request(host=host, target=self.path, extra_headers=self._headers)))
-        event = None
-        while event is None:
-            data = self.sock.recv(self.receive_bytes)
-            if not data:
-                raise simple_websocket.ConnectionError(None)
-            self.ws.receive_data(data)
-            event = next(iter(self.ws.events()), None)
-        if isinstance(event, RejectConnection):
-            raise simple_websocket.ConnectionError(event.status_code)
-        if not isinstance(event, AcceptConnection):
-            raise simple_websocket.ConnectionError(400)
-        self.sock.settimeout(None)  # the reader thread blocks in recv from here on
-        self.connected = True
-        # frames that arrived together with the handshake answer are already buffered in wsproto
-        self.connected = self._handle_events()
-
-
-def default_connect(url: str, token: str) -> WebSocketClient:
-    """Open the WebSocket link to ``url`` authenticated with ``token``."""
-    return WebSocketClient(url, headers={"Authorization": f"Bearer {token}"})
-
-
-class Link:
-    """One live connection: serialises sends from the main and update threads."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self._lock = threading.Lock()
-
-    def send(self, frame: str) -> None:
-        with self._lock:
-            try:
-                self.ws.send(frame)
-            except LocalProtocolError:
-                # The socket is already closing (the peer or our reader closed it first): to the
-                # caller that is the same as a closed link, not a surprise.
-                raise ConnectionClosed() from None
-
-    def receive(self, timeout: float) -> str | bytes | None:
-        return self.ws.receive(timeout=timeout)
-
-    @property
-    def close_code(self) -> int | None:
-        code = getattr(self.ws, "close_reason", None)
-        return int(code) if code is not None else None
-
-    @property
-    def close_message(self) -> str | None:
-        return getattr(self.ws, "close_message", None)
-
-    def close(self, code: int = protocol.CLOSE_NORMAL, message: str | None = None) -> None:
-        """Close gracefully when possible; always release the socket and the reader thread."""
-        with self._lock:
-            if getattr(self.ws, "connected", False):
-                try:
-                    self.ws.close(reason=code, message=message)
-                except (ConnectionClosed, LocalProtocolError, OSError):
-                    pass  # already closing or gone: nothing left to say to the peer
-            thread = getattr(self.ws, "thread", None)
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(CLOSE_WAIT_S)
-            sock = getattr(self.ws, "sock", None)
-            if sock is not None:
-                try:
-                    # shutdown wakes a reader blocked in recv; close alone does not on Linux
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
 
 
 class Agent:
@@ -255,10 +103,15 @@ class Agent:
         self._pending: list[str] = []  # update.result frames that found no live link
         self._was_welcomed = False
         self.connections = 0
-        # probation: the marker while this (new) program waits for its first welcome
-        self._probation: dict | None = None
-        self._probation_lock = threading.Lock()
-        self._probation_over = threading.Event()
+        self.probation = Probation(
+            self.program,
+            config.state_dir,
+            self.version,
+            config.probation_s,
+            stopped=self.stop.is_set,
+            on_rollback=self._rolled_back,
+            tick=tick,
+        )
 
     # ----------------------------------------------------------------- public
 
@@ -417,7 +270,7 @@ class Agent:
             welcome.data["server_version"],
             self.version,
         )
-        self._commit_probation()
+        self.probation.commit()
         try:
             mark_reported(self.config.state_dir)
         except OSError as exc:
@@ -537,7 +390,7 @@ class Agent:
         except (ConnectionClosed, OSError):
             return False
 
-    # ----------------------------------------------------------------- probation (agent.recovery)
+    # ----------------------------------------------------------------- start-up and probation
 
     def _start_up(self) -> int | None:
         """Repair a half-finished update; start the probation watchdog; None means carry on."""
@@ -548,66 +401,12 @@ class Agent:
             )
         if not self.program:
             return None  # run from source: there is no program file to repair or roll back
-        try:
-            recovery.install_guard(os.path.dirname(self.program))
-        except OSError as exc:
-            log.debug("cannot refresh the start-up guard: %s", exc)
-        try:
-            result = recovery.repair(self.program, self.config.state_dir, self.version)
-        except OSError as exc:
-            log.error("start-up repair failed: %s", exc)
-            return None
-        if result.action == "restart":
-            log.warning("rolled back to the previous program; exiting so it gets started")
-            return EX_ROLLBACK_RESTART
-        if result.action == "probation":
-            remaining = recovery.probation_remaining(result.marker, self.config.probation_s)
-            log.info(
-                "version %s is on probation (job %s): committing once the server welcomes it, "
-                "rolling back to %s if that does not happen within %.1f s",
-                self.version,
-                result.marker.get("job_id"),
-                result.marker.get("from_version"),
-                max(0.0, remaining),
-            )
-            self._probation = result.marker
-            deadline = time.monotonic() + remaining
-            threading.Thread(target=self._probation_watch, args=(deadline,), name="probation", daemon=True).start()
-        return None
+        return EX_ROLLBACK_RESTART if self.probation.start_up() else None
 
-    def _probation_watch(self, deadline: float) -> None:
-        while not self._probation_over.wait(min(self.tick, max(0.0, deadline - time.monotonic()))):
-            if self.stop.is_set():
-                return  # a stop is not a verdict: the next start continues the probation
-            if time.monotonic() >= deadline:
-                break
-        with self._probation_lock:
-            marker, self._probation = self._probation, None
-            if marker is None:
-                return  # committed meanwhile
-            reason = f"new version {self.version} never reached the server within {self.config.probation_s:g} s"
-            try:
-                rolled_back = recovery.roll_back(self.program, self.config.state_dir, marker, reason)
-            except OSError as exc:
-                log.error("rollback failed: %s", exc)
-                return
-        if rolled_back:
-            self._restart.set()
-            self._close_current("rolled back to the previous program")
-
-    def _commit_probation(self) -> None:
-        with self._probation_lock:
-            marker = self._probation
-            if marker is None:
-                return
-            recovery.failpoint("before_welcome_commit", self.config.state_dir)
-            try:
-                recovery.commit(self.config.state_dir, marker)
-            except OSError as exc:
-                log.error("cannot commit version %s: %s", self.version, exc)
-                return
-            self._probation = None
-            self._probation_over.set()
+    def _rolled_back(self) -> None:
+        # called from the probation thread once the previous program is back in place
+        self._restart.set()
+        self._close_current("rolled back to the previous program")
 
     # ----------------------------------------------------------------- helpers
 

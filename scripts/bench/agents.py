@@ -12,7 +12,7 @@ What it does (all on 127.0.0.1, every wait bounded, server and load process alwa
    sockets speaking the agent protocol with wsproto: WebSocket handshake with
    ``Authorization: Bearer <token>`` (no permessage-deflate, like the real agent), ``hello``, wait
    for ``welcome``, ``heartbeat`` every heartbeat_s, ``pong`` to every ``ping``, and on any drop the
-   real agent's reconnect rule (agent.client.Backoff: full jitter, base 0.5 s, capped);
+   real agent's reconnect rule (agent.transport.Backoff: full jitter, base 0.5 s, capped);
 4. time for all N to be welcomed; server RSS / threads / CPU while N sit idle for --duration s;
 5. round trip of a message to one agent while N are idle: ``POST /api/hosts/<id>/ping`` --pings
    times (server-reported rtt_ms and the HTTP round trip), p50/p99;
@@ -107,13 +107,8 @@ class LoadGen:
         )
 
         from agent import protocol
-        from agent.client import (
-            BACKOFF_BASE_S,
-            CONNECT_TIMEOUT_S,
-            STABLE_CONNECTION_S,
-            WELCOME_TIMEOUT_S,
-            Backoff,
-        )
+        from agent.client import STABLE_CONNECTION_S, WELCOME_TIMEOUT_S
+        from agent.transport import BACKOFF_BASE_S, CONNECT_TIMEOUT_S, Backoff
 
         self.p = protocol
         self.WSConnection, self.CLIENT = WSConnection, ConnectionType.CLIENT

@@ -5,7 +5,8 @@ import random
 import pytest
 from simple_websocket import ConnectionClosed
 
-from agent.client import Agent, Backoff
+from agent.client import Agent
+from agent.transport import Backoff
 
 
 def test_full_jitter_stays_within_the_exponential_ceiling():
