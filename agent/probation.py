@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from agent import recovery
 from agent.failpoints import failpoint
@@ -24,33 +25,24 @@ from agent.failpoints import failpoint
 log = logging.getLogger("agent.probation")
 
 
+@dataclass(eq=False)
 class Probation:
     """The probation of the running program, from start-up repair to commit or rollback."""
 
-    def __init__(
-        self,
-        program: str,
-        state_dir: str,
-        version: str,
-        probation_s: float,
-        *,
-        stopped: Callable[[], bool],
-        on_rollback: Callable[[], None],
-        tick: float,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.program = program
-        self.state_dir = state_dir
-        self.version = version
-        self.probation_s = probation_s
-        self._stopped = stopped
-        self._on_rollback = on_rollback
-        self.tick = tick
-        self.clock = clock
-        self._marker: dict | None = None  # the marker while this program waits for its first welcome
-        self._lock = threading.Lock()
-        self._over = threading.Event()
-        self.thread: threading.Thread | None = None
+    program: str | None  # None when run from source: then start_up is never called
+    state_dir: str
+    version: str
+    probation_s: float
+    _: KW_ONLY
+    stopped: Callable[[], bool]
+    on_rollback: Callable[[], None]
+    tick: float
+    clock: Callable[[], float] = time.monotonic
+    thread: threading.Thread | None = field(default=None, init=False)
+    # the marker while this program waits for its first welcome; None once committed or rolled back
+    _marker: dict | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _over: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -114,7 +106,7 @@ class Probation:
 
     def _watch(self, deadline: float) -> None:
         while not self._over.wait(min(self.tick, max(0.0, deadline - self.clock()))):
-            if self._stopped():
+            if self.stopped():
                 return  # a stop is not a verdict: the next start continues the probation
             if self.clock() >= deadline:
                 break
@@ -129,4 +121,4 @@ class Probation:
                 log.error("rollback failed: %s", exc)
                 return
         if rolled_back:
-            self._on_rollback()
+            self.on_rollback()

@@ -27,61 +27,45 @@ CLOSE_IDLE = 4002  # no frame within the heartbeat timeout
 
 UPDATE_PHASES = ("downloading", "verifying", "staging", "restarting")
 
-# Field specs: name -> (accepted Python types, required). bool is excluded from int on purpose.
-_STR = (str,)
-_INT = (int,)
-_NUM = (int, float)
-_LIST = (list,)
-_DICT = (dict,)
-_BOOL = (bool,)
-_OPT_DICT = (dict, type(None))
-_OPT_STR = (str, type(None))
+# Field specs are written ``name:type`` (``name?:type`` when the field may be absent), where type
+# is one of _TYPES or several joined by ``|``. SCHEMAS holds them parsed: name -> (accepted Python
+# types, required). bool is excluded from int on purpose (see validate).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "num": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+    "null": (type(None),),
+}
+
+
+def _fields(*specs: str) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Parse ``"name:type other?:type|null"`` field specs into a schema."""
+    schema = {}
+    for spec in " ".join(specs).split():
+        name, _, types = spec.partition(":")
+        schema[name.rstrip("?")] = (sum((_TYPES[t] for t in types.split("|")), ()), not name.endswith("?"))
+    return schema
+
 
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {
-        "agent_version": (_STR, True),
-        "os": (_STR, True),
-        "arch": (_STR, True),
-        "hostname": (_STR, True),
-        "python": (_STR, True),
-        "capabilities": (_LIST, True),
-        "boot_id": (_STR, True),
-        "last_update": (_OPT_DICT, True),
-        "platform": (_STR, False),
-    },
-    "welcome": {
-        "server_version": (_STR, True),
-        "heartbeat_s": (_NUM, True),
-    },
+    "hello": _fields(
+        "agent_version:str os:str arch:str hostname:str python:str capabilities:list boot_id:str",
+        "last_update:dict|null platform?:str",
+    ),
+    "welcome": _fields("server_version:str heartbeat_s:num"),
     "heartbeat": {},
     "ping": {},
-    "pong": {"ref": (_STR, True)},
-    "command.update": {
-        "job_id": (_STR, True),
-        "version": (_STR, True),
-        "url": (_STR, True),
-        "sha256": (_STR, True),
-        "size": (_INT, True),
-        "signature": (_OPT_STR, False),
-        "platform": (_STR, False),
-        "allow_downgrade": (_BOOL, False),
-    },
-    "update.progress": {
-        "job_id": (_STR, True),
-        "phase": (_STR, True),
-        "bytes_done": (_INT, True),
-        "bytes_total": (_INT, True),
-    },
-    "update.result": {
-        "job_id": (_STR, True),
-        "ok": (_BOOL, True),
-        "error": (_STR, True),
-    },
-    "error": {
-        "code": (_STR, True),
-        "message": (_STR, True),
-        "ref": (_OPT_STR, False),
-    },
+    "pong": _fields("ref:str"),
+    "command.update": _fields(
+        "job_id:str version:str url:str sha256:str size:int",
+        "signature?:str|null platform?:str allow_downgrade?:bool",
+    ),
+    "update.progress": _fields("job_id:str phase:str bytes_done:int bytes_total:int"),
+    "update.result": _fields("job_id:str ok:bool error:str"),
+    "error": _fields("code:str message:str ref?:str|null"),
 }
 
 KNOWN_TYPES = frozenset(SCHEMAS)

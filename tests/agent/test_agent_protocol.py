@@ -120,3 +120,14 @@ def test_encode_refuses_invalid_data():
 def test_error_frame_is_a_valid_envelope():
     env = decode(protocol.error_frame("invalid_json", "frame is not valid JSON", ref=None))
     assert env.type == "error" and env.data["code"] == "invalid_json"
+
+
+def test_field_specs_parse_into_types_and_required_flags():
+    hello, update = protocol.SCHEMAS["hello"], protocol.SCHEMAS["command.update"]
+    assert hello["agent_version"] == ((str,), True)
+    assert hello["last_update"] == ((dict, type(None)), True)  # present, but may be null
+    assert hello["platform"] == ((str,), False)
+    assert update["signature"] == ((str, type(None)), False)
+    assert update["allow_downgrade"] == ((bool,), False)
+    assert protocol.SCHEMAS["welcome"]["heartbeat_s"] == ((int, float), True)
+    assert list(protocol.SCHEMAS["update.progress"]) == ["job_id", "phase", "bytes_done", "bytes_total"]
