@@ -127,26 +127,21 @@ def test_a_sha256_mismatch_leaves_the_program_intact(program, artifact_server):
     assert_untouched(program)
 
 
-def test_a_body_larger_than_announced_is_cut_off(program, artifact_server):
+@pytest.mark.parametrize(
+    "mode, error",
+    [
+        # a body larger than announced is cut off
+        ("oversize", "download too large: more than the expected 200000 bytes"),
+        # a Content-Length that disagrees with the command is refused before the body is read
+        ("wrong-length", "Content-Length 200005, expected 200000"),
+        # a connection closed half way is a truncated download
+        ("truncate", r"download truncated: got \d+ of 200000 bytes"),
+    ],
+)
+def test_a_body_that_is_not_the_announced_size_is_refused(program, artifact_server, mode, error):
     server = artifact_server(NEW)
-    server.mode = "oversize"
-    with pytest.raises(UpdateError, match="download too large: more than the expected 200000 bytes"):
-        make_updater(program).run(command(server.url()), Recorder())
-    assert_untouched(program)
-
-
-def test_a_content_length_that_disagrees_with_the_command_is_refused(program, artifact_server):
-    server = artifact_server(NEW)
-    server.mode = "wrong-length"
-    with pytest.raises(UpdateError, match="Content-Length 200005, expected 200000"):
-        make_updater(program).run(command(server.url()), Recorder())
-    assert_untouched(program)
-
-
-def test_a_connection_closed_half_way_is_a_truncated_download(program, artifact_server):
-    server = artifact_server(NEW)
-    server.mode = "truncate"
-    with pytest.raises(UpdateError, match=r"download truncated: got \d+ of 200000 bytes"):
+    server.mode = mode
+    with pytest.raises(UpdateError, match=error):
         make_updater(program).run(command(server.url()), Recorder())
     assert_untouched(program)
 
