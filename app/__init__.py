@@ -53,6 +53,10 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     login.init_app(app)
     csrf.init_app(app)
     sock.init_app(app)
+    from .agents.server import WebSocketReader
+
+    # The agent plane's server needs to see the upgraded socket and its end (app/agents/server.py).
+    app.config["SOCK_SERVER_OPTIONS"] = {**app.config["SOCK_SERVER_OPTIONS"], "thread_class": WebSocketReader}
 
     from . import auth, security
     from .agents import bp as agentlink_bp

@@ -100,6 +100,9 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_LOGIN_LOCKOUT_S": ("LOGIN_LOCKOUT_S", lambda n, v: parse_float(n, v, 0.0)),
     "RM_WS_ALLOWED_ORIGINS": ("WS_ALLOWED_ORIGINS", lambda n, v: [o.strip() for o in v.split(",") if o.strip()]),
     "RM_AGENT_BACKLOG": ("AGENT_BACKLOG", lambda n, v: parse_int(n, v, 16, 65535)),
+    "RM_AGENT_HANDSHAKE_TIMEOUT_S": ("AGENT_HANDSHAKE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_AGENT_MAX_PENDING": ("AGENT_MAX_PENDING", lambda n, v: parse_int(n, v, 1, 100000)),
+    "RM_AGENT_CLOSE_TIMEOUT_S": ("AGENT_CLOSE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_THREAD_STACK_KIB": ("THREAD_STACK_KIB", lambda n, v: parse_int(n, v, 0, 65536)),
     "RM_SWITCH_INTERVAL": ("SWITCH_INTERVAL", lambda n, v: parse_float(n, v, 0.0001)),
     "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
@@ -135,6 +138,9 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "LOGIN_LOCKOUT_S": 60.0,
         "WS_ALLOWED_ORIGINS": [],
         "AGENT_BACKLOG": 4096,
+        "AGENT_HANDSHAKE_TIMEOUT_S": 10.0,  # from accept until the agent token is accepted
+        "AGENT_MAX_PENDING": 256,  # connections not yet authenticated; beyond it 503 + Retry-After
+        "AGENT_CLOSE_TIMEOUT_S": 5.0,  # wait for the peer's close frame before closing TCP
         "THREAD_STACK_KIB": 512,
         "SWITCH_INTERVAL": None,  # sys.setswitchinterval for serve; None keeps Python's 0.005 s
         "FLEET_TICK_S": 5.0,

@@ -1,7 +1,8 @@
 """``restic-manager serve``: one process, two planes, one scheduler.
 
 waitress serves the admin plane; werkzeug's threaded server serves the agent plane, because
-flask-sock needs the raw client socket that waitress never exposes. Both wrap the same app and
+flask-sock needs the raw client socket that waitress never exposes (bounded for a public port:
+:mod:`app.agents.server`). Both wrap the same app and
 tag the WSGI environ with their plane, so each answers 404 for the other's routes.
 """
 
@@ -16,10 +17,10 @@ import time
 import sqlalchemy as sa
 import waitress
 from flask import Flask
-from werkzeug.serving import ThreadedWSGIServer
 
 from agent.daemon import StopFlag, install_signal_handlers
 
+from .agents.server import AgentServer
 from .errors import error_bytes
 from .extensions import db
 from .runtime import runtime
@@ -50,19 +51,6 @@ class PlaneMiddleware:
         return self.app(environ, start_response)
 
 
-class AgentServer(ThreadedWSGIServer):
-    """werkzeug's threaded server with a listen backlog sized for reconnect storms."""
-
-    request_queue_size = 4096
-
-    def __init__(self, host, port, app, backlog: int):
-        self.request_queue_size = backlog
-        super().__init__(host, port, app)
-
-    def handle_error(self, request, client_address):  # quieter than the default traceback dump
-        log.debug("agent plane: error from %s", client_address, exc_info=True)
-
-
 class Servers:
     """The two listeners and the scheduler of one ``serve`` run."""
 
@@ -71,7 +59,15 @@ class Servers:
         self.stopped = threading.Event()
         cfg = app.config
         ahost, aport = cfg["AGENT_ADDR"]
-        self.agent = AgentServer(ahost, aport, PlaneMiddleware(app, "agent"), cfg["AGENT_BACKLOG"])
+        self.agent = AgentServer(
+            ahost,
+            aport,
+            PlaneMiddleware(app, "agent"),
+            cfg["AGENT_BACKLOG"],
+            handshake_timeout=cfg["AGENT_HANDSHAKE_TIMEOUT_S"],
+            max_pending=cfg["AGENT_MAX_PENDING"],
+            close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
+        )
         hhost, hport = cfg["HTTP_ADDR"]
         self.admin = waitress.create_server(
             PlaneMiddleware(app, "admin"), host=hhost, port=hport, threads=8, ident="restic-manager",

@@ -17,6 +17,7 @@ from ..errors import error_response
 from ..extensions import db, sock
 from ..models import AgentRelease, Host
 from . import link
+from .server import mark_authenticated
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def _authenticate_agent():
     host = Host.by_token(token)
     if host is None:
         _refuse(401, "invalid_token", "the agent token is unknown or revoked")
+    mark_authenticated(request.environ)  # no longer a pending connection (app/agents/server.py)
     g.agent_host_id = host.id
     g.agent_host_name = host.name
     db.session.close()  # don't hold a pooled connection for the lifetime of a socket

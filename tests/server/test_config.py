@@ -18,6 +18,11 @@ from app.config import ConfigError, from_env, parse_addr
         ("RM_DATABASE_URL", "mysql://x", "only sqlite:/// and postgresql+psycopg://"),
         ("RM_SESSION_COOKIE_SECURE", "maybe", "expected true/false"),
         ("RM_SECRET_KEY", "  ", "RM_SECRET_KEY is set but empty"),
+        ("RM_AGENT_HANDSHAKE_TIMEOUT_S", "0", "RM_AGENT_HANDSHAKE_TIMEOUT_S='0': must be at least 0.1"),
+        ("RM_AGENT_HANDSHAKE_TIMEOUT_S", "ten", "expected a number"),
+        ("RM_AGENT_MAX_PENDING", "0", "RM_AGENT_MAX_PENDING='0': must be at least 1"),
+        ("RM_AGENT_MAX_PENDING", "2.5", "expected a whole number"),
+        ("RM_AGENT_CLOSE_TIMEOUT_S", "-1", "RM_AGENT_CLOSE_TIMEOUT_S='-1': must be at least 0.1"),
     ],
 )
 def test_a_bad_environment_value_names_the_variable(var, value, fragment):
@@ -29,6 +34,13 @@ def test_a_bad_environment_value_names_the_variable(var, value, fragment):
 def test_environment_values_are_parsed_into_config():
     cfg = from_env({"RM_UPDATE_TIMEOUT": "30", "RM_HTTP_ADDR": "0.0.0.0:9000", "RM_SESSION_COOKIE_SECURE": "yes"})
     assert cfg == {"UPDATE_TIMEOUT": 30.0, "HTTP_ADDR": ("0.0.0.0", 9000), "SESSION_COOKIE_SECURE": True}
+
+
+def test_the_agent_plane_bounds_are_parsed_into_config():
+    cfg = from_env(
+        {"RM_AGENT_HANDSHAKE_TIMEOUT_S": "2.5", "RM_AGENT_MAX_PENDING": "64", "RM_AGENT_CLOSE_TIMEOUT_S": "1"}
+    )
+    assert cfg == {"AGENT_HANDSHAKE_TIMEOUT_S": 2.5, "AGENT_MAX_PENDING": 64, "AGENT_CLOSE_TIMEOUT_S": 1.0}
 
 
 def test_postgres_urls_use_psycopg3():

@@ -1,0 +1,323 @@
+"""The agent plane's HTTP server: werkzeug's threaded server, made fit for a public port.
+
+werkzeug gives each TCP connection a thread. On a port that anyone can reach, and that carries
+long-lived WebSockets, that needs three bounds werkzeug does not have (issue 9, items 12-14):
+
+* **Pending connections.** From accept until its request authenticates (the agent token is
+  accepted) or ends, a connection is *pending*. Each gets ``handshake_timeout`` seconds in all
+  (a total deadline, not per read, so a byte every few seconds does not extend it); then the
+  server shuts its socket. At most ``max_pending`` are pending at once; beyond that a connection
+  is answered ``503`` with ``Retry-After`` from the accepting thread, without a thread of its own.
+* **After a WebSocket.** The socket belongs to the WebSocket once upgraded (simple-websocket
+  writes the ``101``). flask-sock's route still returns a response when the socket ends, which
+  werkzeug would write onto the upgraded socket (``HTTP/1.1 200 OK`` and HTML headers after the
+  close frame; flask-sock issues #20, #77) and log as ``200``: :class:`AgentRequestHandler`
+  swallows it and logs ``101``.
+* **Closing.** After the close handshake, or a bounded wait (``close_timeout``) for the peer's
+  close frame, the server closes the TCP connection itself: a peer that answers the close and
+  keeps the socket open no longer holds a thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import math
+import socket
+import threading
+import time
+
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
+
+log = logging.getLogger(__name__)
+
+#: environ key of a callable: the app calls it once the request's agent token is accepted.
+AUTHENTICATED = "rm.agent_plane.authenticated"
+#: environ key of the upgraded connection's ``simple_websocket.Server``, set when it starts reading.
+WEBSOCKET = "rm.agent_plane.websocket"
+
+#: How long a refused (503) connection may take to read its answer before it is closed.
+REFUSED_LINGER_S = 1.0
+#: How often the accepting thread looks for pending connections past their deadline.
+SWEEP_S = 0.1
+#: At most one warning about refused connections per this many seconds.
+REPORT_S = 10.0
+
+
+def mark_authenticated(environ) -> None:
+    """Tell the agent-plane server this request's connection is an authenticated agent's."""
+    hook = environ.get(AUTHENTICATED)
+    if hook is not None:
+        hook()
+
+
+class WebSocketReader(threading.Thread):
+    """simple-websocket's reader thread (``SOCK_SERVER_OPTIONS["thread_class"]``).
+
+    It records the upgraded socket in the request's environ, for :class:`AgentRequestHandler`.
+    And when it ends it wakes a waiting ``receive()``: simple-websocket signals an incoming close
+    (or its own 1009) *before* it marks the socket closed, so a ``receive(timeout)`` that woke in
+    between went back to sleep for its whole timeout (the 10 s hello wait after an oversized
+    first frame).
+    """
+
+    def __init__(self, *args, target=None, **kwargs):
+        super().__init__(*args, target=target, **kwargs)
+        self.websocket = getattr(target, "__self__", None)
+        environ = getattr(self.websocket, "environ", None)
+        if environ is not None:
+            environ[WEBSOCKET] = self.websocket
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.websocket is not None:
+                self.websocket.event.set()
+
+
+class _Discard(io.RawIOBase):
+    """Where the response written after a WebSocket goes: nowhere."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return len(b)
+
+
+class AgentRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler, aware of pending connections and of upgraded sockets."""
+
+    server: AgentServer
+
+    def make_environ(self):
+        environ = super().make_environ()
+        environ[AUTHENTICATED] = self._authenticated
+        return environ
+
+    def _authenticated(self) -> None:
+        self.server.authenticated(self.connection)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            self.server.release(self.connection)
+
+    def send_response(self, code, message=None) -> None:
+        if self._websocket() is None:
+            super().send_response(code, message)
+            return
+        # The WebSocket has ended: what the route returns now is not for the wire, and neither
+        # is werkzeug's drain of the request body (it would block on the peer's close frame).
+        self._wire = (self.rfile, self.wfile)
+        self.wfile = _Discard()
+        self.rfile = io.BytesIO()
+        self.close_connection = True
+        self.log_request(101)
+
+    def run_wsgi(self) -> None:
+        super().run_wsgi()
+        ws = self._websocket()
+        if ws is not None:
+            self._close_websocket(ws)
+
+    def _websocket(self):
+        environ = getattr(self, "environ", None)
+        return environ.get(WEBSOCKET) if environ else None
+
+    def _close_websocket(self, ws) -> None:
+        """Finish the close handshake (bounded), then close the TCP connection from this side."""
+        deadline = time.monotonic() + self.server.close_timeout
+        if ws.connected:  # the route ended without closing (an exception): close it now
+            try:
+                ws.close(1011, "server error")
+            except Exception:  # noqa: BLE001 - the socket may be gone already
+                pass
+        # The reader ends when the peer answers our close frame, sends its own, or goes away.
+        ws.thread.join(max(0.0, deadline - time.monotonic()))
+        if not ws.thread.is_alive() and ws.ws.state is not ConnectionState.CLOSED:
+            # It stopped at our own close (1009) without reading the peer's answer: read it here.
+            self._await_close_frame(ws, deadline)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # also wakes a reader still in recv()
+        except OSError:
+            pass
+        for f in getattr(self, "_wire", ()):
+            try:
+                f.close()  # the socket's descriptor is freed once its file objects are closed
+            except OSError:
+                pass
+
+    def _await_close_frame(self, ws, deadline: float) -> None:
+        sock = self.connection
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                sock.settimeout(remaining)
+                data = sock.recv(65536)
+                if not data:
+                    return
+                ws.ws.receive_data(data)
+                if any(isinstance(event, CloseConnection) for event in ws.ws.events()):
+                    return
+            except Exception:  # noqa: BLE001 - timeout, reset or a protocol error: stop waiting
+                return
+
+
+class AgentServer(ThreadedWSGIServer):
+    """werkzeug's threaded server with a listen backlog sized for reconnect storms, a cap and a
+    deadline on pending connections, and WebSocket-aware request handling (see the module)."""
+
+    request_queue_size = 4096
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app,
+        backlog: int,
+        handshake_timeout: float = 10.0,
+        max_pending: int = 256,
+        close_timeout: float = 5.0,
+        clock=time.monotonic,
+    ):
+        self.request_queue_size = backlog
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
+        self.close_timeout = close_timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[socket.socket, float] = {}  # socket -> deadline (inf once cut)
+        self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
+        self._refused_count = 0
+        self._next_sweep = self._next_report = 0.0
+        super().__init__(host, port, app, handler=AgentRequestHandler)
+
+    # -- pending connections -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            admit = len(self._pending) < self.max_pending
+            if admit:
+                self._pending[request] = self.clock() + self.handshake_timeout
+        if not admit:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.release(request)
+            raise
+
+    def authenticated(self, request) -> None:
+        with self._lock:
+            self._pending.pop(request, None)
+
+    def release(self, request) -> None:
+        with self._lock:
+            self._pending.pop(request, None)
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 from the accepting thread; the socket is closed by a later sweep."""
+        body = json.dumps(
+            {
+                "error": {
+                    "code": "server_busy",
+                    "message": f"more than {self.max_pending} connections are waiting to authenticate; retry later",
+                }
+            }
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {max(1, math.ceil(self.handshake_timeout))}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        self._refused_count += 1
+        try:
+            request.setblocking(False)
+            request.send(head + body)  # a few hundred bytes into an empty send buffer
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            request.close()
+            return
+        # Closed after the peer has had time to read the answer (closing a socket with its
+        # request unread would reset the connection and could lose the answer).
+        self._refused.append((request, self.clock() + REFUSED_LINGER_S))
+        while len(self._refused) > self.max_pending:
+            self._refused.popleft()[0].close()
+
+    def service_actions(self) -> None:
+        """Each turn of the accept loop: cut pending connections past their deadline, close
+        refused ones that have read their answer."""
+        super().service_actions()
+        now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_S
+        with self._lock:
+            expired = [s for s, deadline in self._pending.items() if deadline <= now]
+            for s in expired:
+                self._pending[s] = math.inf  # cut once; the handler thread releases it
+        for s in expired:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the handler thread blocked reading headers
+            except OSError:
+                pass
+        if expired:
+            log.info(
+                "agent plane: closed %d connection(s) silent past the %g s handshake timeout",
+                len(expired),
+                self.handshake_timeout,
+            )
+        if self._refused_count and now >= self._next_report:
+            self._next_report = now + REPORT_S
+            log.warning(
+                "agent plane: refused %d connection(s) with 503: more than %d waiting to authenticate",
+                self._refused_count,
+                self.max_pending,
+            )
+            self._refused_count = 0
+        for _ in range(len(self._refused)):
+            s, deadline = self._refused.popleft()
+            if self._drained(s) or deadline <= now:
+                s.close()
+            else:
+                self._refused.append((s, deadline))
+
+    @staticmethod
+    def _drained(s: socket.socket) -> bool:
+        """Read what the refused peer sent; True once it has closed its side (or on error)."""
+        try:
+            for _ in range(4):
+                if not s.recv(65536):
+                    return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return False
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            pending = list(self._pending)
+        for s in pending:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        while self._refused:
+            self._refused.popleft()[0].close()
+
+    def handle_error(self, request, client_address):  # quieter than the default traceback dump
+        log.debug("agent plane: error from %s", client_address, exc_info=True)
