@@ -529,6 +529,8 @@ def run(args) -> dict:
         tune["RM_SWITCH_INTERVAL"] = str(args.switch_interval)
     if args.backlog is not None:
         tune["RM_AGENT_BACKLOG"] = str(args.backlog)
+    if args.max_pending is not None:
+        tune["RM_AGENT_MAX_PENDING"] = str(args.max_pending)
     env = server_env(
         tmp, "sqlite:///" + db_path, RM_VERSION=VERSION, RM_HEARTBEAT_S=str(args.heartbeat),
         RM_HEARTBEAT_TIMEOUT=str(args.heartbeat * 3), RM_LOG_LEVEL=args.log_level, **tune,
@@ -768,6 +770,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stack-kib", type=int, default=None, help="RM_THREAD_STACK_KIB for the server (0 = libc default)")
     ap.add_argument("--switch-interval", type=float, default=None, help="RM_SWITCH_INTERVAL for the server")
     ap.add_argument("--backlog", type=int, default=None, help="RM_AGENT_BACKLOG for the server (listen backlog)")
+    ap.add_argument("--max-pending", type=int, default=None, help="RM_AGENT_MAX_PENDING for the server")
     ap.add_argument("--log-level", default="INFO", help="RM_LOG_LEVEL for the server (default INFO)")
     ap.add_argument("--connect-timeout", type=float, default=180.0, help="give up connecting N after this many s")
     ap.add_argument("--storm-timeout", type=float, default=90.0, help="give up on the storm after this many s")
