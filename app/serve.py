@@ -70,7 +70,11 @@ class Servers:
         )
         hhost, hport = cfg["HTTP_ADDR"]
         self.admin = waitress.create_server(
-            PlaneMiddleware(app, "admin"), host=hhost, port=hport, threads=8, ident="restic-manager",
+            PlaneMiddleware(app, "admin"),
+            host=hhost,
+            port=hport,
+            threads=8,
+            ident="restic-manager",
             clear_untrusted_proxy_headers=True,
             # poll(), not select(): with thousands of agent sockets open, admin sockets get
             # descriptors >= 1024 and select() kills the admin-plane thread (docs/capacity.md).
