@@ -171,7 +171,14 @@ class AgentRequestHandler(WSGIRequestHandler):
 
 class AgentServer(ThreadedWSGIServer):
     """werkzeug's threaded server with a listen backlog sized for reconnect storms, a cap and a
-    deadline on pending connections, and WebSocket-aware request handling (see the module)."""
+    deadline on pending connections, and WebSocket-aware request handling (see the module).
+
+    Everything slow happens on the connection's own thread, never in the accept loop (which
+    also runs the deadline sweep). TLS must keep it so: wrapping the *listening* socket (as
+    werkzeug's ``ssl_context`` does) runs each TLS handshake inside ``accept()``, where one
+    silent client would stall the whole port; wrap each accepted socket on its thread instead,
+    and the pending deadline covers the TLS handshake too.
+    """
 
     request_queue_size = 4096
 
