@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import logging
 import math
 import socket
@@ -32,6 +31,8 @@ import time
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
+
+from ..errors import error_bytes
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +237,9 @@ class AgentServer(ThreadedWSGIServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """Answer 503 from the accepting thread; the socket is closed by a later sweep."""
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "server_busy",
-                    "message": f"more than {self.max_pending} connections are waiting to authenticate; retry later",
-                }
-            }
-        ).encode()
+        body = error_bytes(
+            "server_busy", f"more than {self.max_pending} connections are waiting to authenticate; retry later"
+        )
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: {max(1, math.ceil(self.handshake_timeout))}\r\n"

@@ -20,6 +20,7 @@ import simple_websocket
 
 from agent import protocol
 from app.agents import link
+from app.runtime import runtime
 from tests.support.live import LiveServer, wait_until
 from tests.support.rawws import OP_CLOSE, OP_TEXT, RawWebSocket, close_code
 from tests.support.scripted import ScriptedAgent
@@ -175,7 +176,7 @@ def test_after_an_oversized_frame_on_a_live_link_the_server_closes_tcp(live, cas
     for ws in peers:
         assert ws.read_to_eof(timeout=CLOSE_TIMEOUT_S + 3) == b""
         ws.close()
-    wait_until(lambda: len(app.extensions["rm.connections"]) == 0, timeout=3, what="the links unregistered")
+    wait_until(lambda: len(runtime(app).connections) == 0, timeout=3, what="the links unregistered")
     wait_until(lambda: handler_threads() <= base, timeout=3, what="the connections' threads to end")
 
 
@@ -233,7 +234,7 @@ def connect_with_retry(live, token, timeout=10.0) -> tuple[ScriptedAgent, int]:
 
 
 def test_silent_connections_are_capped_answered_503_and_cut_while_agents_still_connect(live, cast, app):
-    registry = app.extensions["rm.connections"]
+    registry = runtime(app).connections
     connected, _ = connect_with_retry(live, cast.host_online_token)
     wait_until(lambda: registry.get(cast.host_online.id) is not None, what="the first agent registered")
     base = handler_threads()
