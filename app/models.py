@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 
@@ -26,6 +27,9 @@ FLEET_HOST_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "
 RESOLVED_ALERTS_LIMIT = 50
 
 
+_SESSION_ID = re.compile(r"(?P<id>[0-9]{1,18}):(?P<version>[0-9]{1,18})")
+
+
 def _in(col: str, values: tuple[str, ...]) -> str:
     return f"{col} IN ({', '.join(repr(v) for v in values)})"
 
@@ -42,6 +46,14 @@ def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
+class AccountRefusal(Exception):
+    """A refused account operation (the last admin); ``status`` and ``code`` are what the API answers."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 class User(UserMixin, db.Model):
     __tablename__ = "users"
     __table_args__ = (sa.CheckConstraint(_in("role", ROLES), name="role"),)
@@ -51,8 +63,9 @@ class User(UserMixin, db.Model):
     password_hash = sa.Column(sa.String(256), nullable=False)
     role = sa.Column(sa.String(16), nullable=False, default="viewer")
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
-    failed_logins = sa.Column(sa.Integer, nullable=False, default=0)
-    locked_until = sa.Column(sa.DateTime)
+    #: Every session carries the version it was made at; bumping it ends all of them at once.
+    session_version = sa.Column(sa.Integer, nullable=False, default=0)
+    disabled_at = sa.Column(sa.DateTime)
 
     @classmethod
     def create(cls, username: str, password: str, role: str = "viewer", actor: str | None = None) -> User:
@@ -84,13 +97,107 @@ class User(UserMixin, db.Model):
         if len(password) < MIN_PASSWORD_LENGTH:
             raise ValueError(f"the password must be at least {MIN_PASSWORD_LENGTH} characters")
         self.password_hash = generate_password_hash(password)
+        self.end_sessions()
 
-    def check_password(self, password: str) -> bool:
-        return check_password_hash(self.password_hash, password)
+    def get_id(self) -> str:
+        """What Flask-Login keeps in the session: the id and the session version (see ``load``)."""
+        return f"{self.id}:{self.session_version or 0}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.disabled_at is None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @classmethod
+    def load(cls, session_id: str) -> User | None:
+        """The user a session's ``id:version`` names, if the version is current and the user enabled.
+
+        A session made before a logout, a password or role change, or a disable carries an older
+        version and loads nobody; so does a session from before versions existed (no ``:``).
+        """
+        m = _SESSION_ID.fullmatch(session_id or "")
+        if m is None:
+            return None
+        user = db.session.get(cls, int(m["id"]))
+        if user is None or not user.is_active or user.session_version != int(m["version"]):
+            return None
+        return user
+
+    def end_sessions(self) -> None:
+        """Invalidate every session of this user, on every browser, from the next request on."""
+        self.session_version = (self.session_version or 0) + 1
+
+    def check_password(self, password: str) -> bool:
+        return check_password_hash(self.password_hash, password)
+
+    def set_role(self, role: str, actor: str) -> bool:
+        """Change the role (ending the user's sessions); refuse to demote the last admin."""
+        if role not in ROLES:
+            raise AccountRefusal(400, "invalid_role", f"role must be one of {', '.join(ROLES)}")
+        if role == self.role:
+            return False
+        if self.is_admin:
+            self._refuse_if_last_admin("demote")
+        old, self.role = self.role, role
+        self.end_sessions()
+        AuditEvent.record(actor, "user.role_changed", self.username, old=old, new=role)
+        return True
+
+    def disable(self, actor: str) -> bool:
+        """Disable the account: its sessions end and its API tokens stop working (401)."""
+        if not self.is_active:
+            return False
+        if self.is_admin:
+            self._refuse_if_last_admin("disable")
+        self.disabled_at = utcnow()
+        self.end_sessions()
+        AuditEvent.record(actor, "user.disabled", self.username, user_id=self.id)
+        return True
+
+    def enable(self, actor: str) -> bool:
+        if self.is_active:
+            return False
+        self.disabled_at = None
+        AuditEvent.record(actor, "user.enabled", self.username, user_id=self.id)
+        return True
+
+    def remove(self, actor: str) -> None:
+        """Delete the account and its API tokens; refuse to delete the last enabled admin."""
+        if self.is_admin and self.is_active:
+            self._refuse_if_last_admin("delete")
+        tokens = db.session.execute(sa.delete(ApiToken).where(ApiToken.user_id == self.id)).rowcount
+        AuditEvent.record(actor, "user.deleted", self.username, user_id=self.id, role=self.role, tokens=tokens)
+        db.session.delete(self)
+
+    def _refuse_if_last_admin(self, verb: str) -> None:
+        """Raise unless another enabled admin remains after this one stops being one.
+
+        The no-op UPDATE first takes the write lock (SQLite) or the admin rows' locks (PostgreSQL,
+        re-checked after a concurrent commit), so two admins disabling each other at the same
+        moment cannot both pass the count and leave none.
+        """
+        active_admin = sa.and_(User.role == "admin", User.disabled_at.is_(None))
+        db.session.execute(sa.update(User).where(active_admin).values(role=User.role))
+        others = db.session.scalar(sa.select(sa.func.count(User.id)).where(active_admin, User.id != self.id))
+        if not others:
+            raise AccountRefusal(409, "last_admin", f"cannot {verb} {self.username}: it is the last enabled admin")
+
+    def token_count(self) -> int:
+        q = sa.select(sa.func.count(ApiToken.id)).where(ApiToken.user_id == self.id, ApiToken.revoked_at.is_(None))
+        return db.session.scalar(q) or 0
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "username": self.username,
+            "role": self.role,
+            "created_at": isoformat(self.created_at),
+            "disabled": self.disabled_at is not None,
+            "disabled_at": isoformat(self.disabled_at),
+        }
 
 
 class ApiToken(db.Model):
@@ -128,15 +235,40 @@ class ApiToken(db.Model):
             return None
         return tok
 
+    def revoke(self, actor: str) -> bool:
+        """Stop the token working (the row stays, for the record); audited once."""
+        if self.revoked_at is not None:
+            return False
+        self.revoked_at = utcnow()
+        AuditEvent.record(actor, "token.revoked", f"token {self.prefix}", token_id=self.id, user=self.user.username)
+        return True
+
     def to_dict(self) -> dict:
         return {
             "id": self.id,
+            "user_id": self.user_id,
             "name": self.name,
             "prefix": self.prefix,
             "created_at": isoformat(self.created_at),
             "last_used_at": isoformat(self.last_used_at),
             "revoked": self.revoked_at is not None,
+            "revoked_at": isoformat(self.revoked_at),
         }
+
+
+class LoginThrottle(db.Model):
+    """Failed logins per key (``name:<username>`` or ``addr:<address>``), for names that exist or not.
+
+    Kept in the database, not in memory, so a lock-out survives a restart and ``users
+    set-password`` / ``users enable`` can lift one from another process.
+    """
+
+    __tablename__ = "login_throttle"
+
+    key = sa.Column(sa.String(200), primary_key=True)
+    failures = sa.Column(sa.Integer, nullable=False, default=0)
+    last_failure_at = sa.Column(sa.DateTime, nullable=False, index=True)
+    locked_until = sa.Column(sa.DateTime)
 
 
 class Host(db.Model):

@@ -70,13 +70,6 @@ class _TokenAuditMemo:
             return True
 
 
-def _load_user(user_id: str) -> User | None:
-    try:
-        return db.session.get(User, int(user_id))
-    except (TypeError, ValueError):
-        return None
-
-
 def _load_user_from_request(req) -> User | None:
     """Authenticate ``Authorization: Bearer <api token>``, on /api only (pages use the session)."""
     if not is_api_request():
@@ -87,9 +80,11 @@ def _load_user_from_request(req) -> User | None:
     tok = ApiToken.lookup(value.strip())
     if tok is None:
         return None
+    user = tok.user
+    if user is None or not user.is_active:
+        return None  # a disabled account's tokens answer 401 like unknown ones
     g.api_token_prefix = tok.prefix
     now = utcnow()
-    user = tok.user
     if tok.last_used_at is None or (now - tok.last_used_at).total_seconds() >= TOKEN_TOUCH_S:
         db.session.execute(sa.update(ApiToken).where(ApiToken.id == tok.id).values(last_used_at=now))
         if current_app.extensions["rm.token_audit"].due(tok.id, now.timestamp()):
@@ -110,11 +105,10 @@ def _unauthorized():
 def init_login(app: Flask) -> None:
     login.session_protection = "strong"
     login.login_view = "auth.login"
-    login.user_loader(_load_user)
+    login.user_loader(User.load)
     login.request_loader(_load_user_from_request)
     login.unauthorized_handler(_unauthorized)
     app.extensions["rm.token_audit"] = _TokenAuditMemo()
-    app.extensions["rm.login_throttle"] = throttle.AddressThrottle()
 
 
 from . import throttle, views  # noqa: E402,F401  (routes register on bp)

@@ -60,6 +60,7 @@ DATA_TABLES = (
     "hosts",
     "api_tokens",
     "users",
+    "login_throttle",
 )
 
 
