@@ -6,12 +6,13 @@ import os
 import sys
 
 import click
+import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .config import ConfigError
 from .extensions import db
-from .models import ROLES, ApiToken, AuditEvent, User
+from .models import ROLES, AccountRefusal, ApiToken, AuditEvent, User
 
 
 def _create_app():
@@ -75,16 +76,76 @@ def users_create(name, role, password_stdin):
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
 def users_set_password(name, password_stdin):
-    """Set a user's password (and lift a login lock-out)."""
+    """Set a user's password, end their sessions and lift a login lock-out."""
+    from .auth import throttle
+
     user = _existing_user(name)
     try:
         user.set_password(_read_password(password_stdin))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    user.failed_logins, user.locked_until = 0, None
+    throttle.lift(name)
     AuditEvent.record("cli", "user.password_set", name)
     db.session.commit()
-    click.echo(f"password set for {name}")
+    click.echo(f"password set for {name}; their sessions are ended")
+
+
+@users_group.command("list")
+def users_list():
+    """List users: name, role, status, active API tokens."""
+    click.echo(f"{'ID':>4}  {'USERNAME':<24} {'ROLE':<7} {'STATUS':<9} TOKENS")
+    for u in db.session.scalars(sa.select(User).order_by(User.username)):
+        status = "enabled" if u.is_active else "disabled"
+        click.echo(f"{u.id:>4}  {u.username:<24} {u.role:<7} {status:<9} {u.token_count()}")
+
+
+def _refusable(operation, *args):
+    """Run a user operation and commit; a refusal (the last admin) is a clean error exit."""
+    try:
+        result = operation(*args)
+    except AccountRefusal as r:
+        db.session.rollback()
+        raise click.ClickException(r.message) from None
+    db.session.commit()
+    return result
+
+
+@users_group.command("disable")
+@click.argument("name")
+def users_disable(name):
+    """Disable a user: their sessions end and their API tokens stop working."""
+    changed = _refusable(_existing_user(name).disable, "cli")
+    click.echo(f"disabled {name}" if changed else f"{name} was already disabled")
+
+
+@users_group.command("enable")
+@click.argument("name")
+def users_enable(name):
+    """Enable a disabled user again (and lift a login lock-out)."""
+    from .auth import throttle
+
+    user = _existing_user(name)
+    throttle.lift(name)
+    changed = _refusable(user.enable, "cli")
+    click.echo(f"enabled {name}" if changed else f"{name} was already enabled")
+
+
+@users_group.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(ROLES))
+def users_set_role(name, role):
+    """Change a user's role; their sessions end (they log in again with the new role)."""
+    changed = _refusable(_existing_user(name).set_role, role, "cli")
+    click.echo(f"{name} is now {role}" if changed else f"{name} already is {role}")
+
+
+@users_group.command("delete")
+@click.argument("name")
+@click.confirmation_option(prompt="Delete this user and all of their API tokens?")
+def users_delete(name):
+    """Delete a user and their API tokens (the audit log keeps their name)."""
+    _refusable(_existing_user(name).remove, "cli")
+    click.echo(f"deleted {name}")
 
 
 @tokens_group.command("create")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from flask import abort, current_app, jsonify, request
 from flask_login import current_user
 
@@ -9,7 +10,7 @@ from .. import hosts
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
-from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job
+from ..models import AccountRefusal, Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
 from . import bp
@@ -170,6 +171,75 @@ def token_create():
     tok, plain = ApiToken.issue(current_user, name.strip(), actor=current_user.username)
     db.session.commit()
     return jsonify({"token": plain, "api_token": tok.to_dict()}), 201
+
+
+# --- accounts (admins only: the list of names is not for viewers) ------------------------------
+
+
+def _user_or_404(user_id: int) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        abort(error_response(404, "user_not_found", f"no user with id {user_id}"))
+    return user
+
+
+def _account_change(operation, *args):
+    """Run a user operation and commit; a refusal (the last admin) is answered in the error shape."""
+    try:
+        operation(*args)
+    except AccountRefusal as r:
+        db.session.rollback()
+        abort(error_response(r.status, r.code, r.message))
+    db.session.commit()
+
+
+@bp.get("/users")
+@admin_required
+def user_list():
+    users = db.session.scalars(sa.select(User).order_by(User.username)).all()
+    return jsonify({"users": [u.to_dict() for u in users]})
+
+
+@bp.post("/users/<int:user_id>/disable")
+@admin_required
+def user_disable(user_id: int):
+    user = _user_or_404(user_id)
+    _account_change(user.disable, actor_name())
+    return jsonify({"user": user.to_dict()})
+
+
+@bp.post("/users/<int:user_id>/enable")
+@admin_required
+def user_enable(user_id: int):
+    user = _user_or_404(user_id)
+    _account_change(user.enable, actor_name())
+    return jsonify({"user": user.to_dict()})
+
+
+@bp.delete("/users/<int:user_id>")
+@admin_required
+def user_delete(user_id: int):
+    user = _user_or_404(user_id)
+    _account_change(user.remove, actor_name())
+    return "", 204
+
+
+@bp.get("/users/<int:user_id>/tokens")
+@admin_required
+def user_tokens(user_id: int):
+    user = _user_or_404(user_id)
+    rows = db.session.scalars(sa.select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id.desc()))
+    return jsonify({"api_tokens": [t.to_dict() for t in rows]})
+
+
+@bp.post("/tokens/<int:token_id>/revoke")
+@admin_required
+def token_revoke(token_id: int):
+    tok = db.session.get(ApiToken, token_id)
+    if tok is None:
+        return error_response(404, "token_not_found", f"no API token with id {token_id}")
+    _account_change(tok.revoke, actor_name())
+    return jsonify({"api_token": tok.to_dict()})
 
 
 # --- fleet rolling updates --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Login, logout, and the admin's API tokens page."""
+"""Login, logout, the admin's API tokens page, and the users page."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from flask_login import current_user, login_required, login_user, logout_user
 
 from ..extensions import db
 from ..htmx import redirect_or_hx
-from ..models import ApiToken, AuditEvent
-from ..timeutil import utcnow
-from . import admin_required, bp, throttle
+from ..models import AccountRefusal, ApiToken, AuditEvent, User
+from . import actor_name, admin_required, bp, throttle
 from .forms import EmptyForm, LoginForm, TokenForm
 
 
@@ -49,6 +48,8 @@ def login():
 @bp.route("/logout", methods=["POST"])
 @login_required
 def logout():
+    """Log out, ending every session of this user (a copied cookie dies with this one)."""
+    current_user.end_sessions()
     AuditEvent.record(current_user.username, "auth.logout", current_user.username)
     db.session.commit()
     logout_user()
@@ -82,9 +83,74 @@ def tokens():
 @admin_required
 def revoke_token(token_id: int):
     tok = _own_token_or_404(token_id)
-    if tok.revoked_at is None:
-        tok.revoked_at = utcnow()
-        AuditEvent.record(current_user.username, "token.revoked", f"token {tok.prefix}", token_id=tok.id)
+    if tok.revoke(current_user.username):
         db.session.commit()
         flash(f"Token {tok.prefix}… revoked.", "info")
     return redirect_or_hx(url_for("auth.tokens"))
+
+
+# --- users (admins only; viewers get 403: the list of accounts is not theirs to see) -----------
+
+
+def _user_or_404(user_id: int) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        abort(404, f"There is no user with id {user_id}.")
+    return user
+
+
+def _back_to_users():
+    return redirect_or_hx(url_for("auth.users"))
+
+
+def _account_change(operation, *args, done: str):
+    """Run a user operation, commit and flash; a refusal (the last admin) is flashed as an error."""
+    try:
+        operation(*args)
+    except AccountRefusal as r:
+        db.session.rollback()
+        flash(r.message, "error")
+        return _back_to_users()
+    db.session.commit()
+    flash(done, "info")
+    return _back_to_users()
+
+
+@bp.route("/settings/users")
+@admin_required
+def users():
+    rows = db.session.scalars(sa.select(User).order_by(User.username)).all()
+    tokens = db.session.scalars(
+        sa.select(ApiToken).join(User).where(ApiToken.revoked_at.is_(None)).order_by(User.username, ApiToken.id)
+    ).all()
+    return render_template("settings/users.html", users=rows, tokens=tokens, button=EmptyForm())
+
+
+@bp.route("/settings/users/<int:user_id>/disable", methods=["POST"])
+@admin_required
+def user_disable(user_id: int):
+    user = _user_or_404(user_id)
+    return _account_change(user.disable, actor_name(), done=f"{user.username} is disabled; their sessions ended.")
+
+
+@bp.route("/settings/users/<int:user_id>/enable", methods=["POST"])
+@admin_required
+def user_enable(user_id: int):
+    user = _user_or_404(user_id)
+    return _account_change(user.enable, actor_name(), done=f"{user.username} is enabled.")
+
+
+@bp.route("/settings/users/<int:user_id>/delete", methods=["POST"])
+@admin_required
+def user_delete(user_id: int):
+    user = _user_or_404(user_id)
+    return _account_change(user.remove, actor_name(), done=f"{user.username} and their API tokens are deleted.")
+
+
+@bp.route("/settings/users/tokens/<int:token_id>/revoke", methods=["POST"])
+@admin_required
+def user_token_revoke(token_id: int):
+    tok = db.session.get(ApiToken, token_id)
+    if tok is None:
+        abort(404, "No such API token.")
+    return _account_change(tok.revoke, actor_name(), done=f"Token {tok.prefix}… of {tok.user.username} revoked.")

@@ -197,6 +197,28 @@ class World:
         db.session.commit()
         return tok.id
 
+    def new_user(self, role: str = "viewer", disabled: bool = False) -> int:
+        """A throwaway account (password ``<role>-pass-123``), so no row touches the cast's users."""
+        db.session.remove()
+        user = User(username=unique(f"rbac-{role}"), role=role)
+        user.set_password(f"{role}-pass-123")
+        db.session.add(user)
+        db.session.flush()
+        if disabled:
+            user.disable("rbac-setup")
+        db.session.commit()
+        return user.id
+
+    def new_user_token(self) -> int:
+        db.session.remove()
+        tok, _ = ApiToken.issue(db.session.get(User, self.new_user()), unique("rbac"))
+        db.session.commit()
+        return tok.id
+
+    def username(self, user_id: int) -> str:
+        db.session.remove()
+        return db.session.get(User, user_id).username
+
     def no_rollout(self) -> None:
         db.session.remove()
         fu = fleet.running()
@@ -244,7 +266,8 @@ class Case:
     #: The status of an allowed mutation; with ``effect``, the side effect must happen iff it is seen.
     ok: Expect | None = None
     effect: Callable[[World, Target], bool] | None = None
-    #: Log in afresh for this route (it changes the session itself: login, logout).
+    #: Log in afresh, as a throwaway user of the same role (the route changes the session: login,
+    #: logout; a logout ends every session of its user).
     fresh_principal: bool = False
     note: str = field(default="", compare=False)
 
@@ -300,6 +323,22 @@ def _fresh_fleet_target(p: str, **body) -> Callable[[World], Target]:
 def _token_target(w):
     tid = w.new_admin_token()
     return Target(f"/settings/tokens/{tid}/revoke", ctx=tid)
+
+
+def _user_target(p: str, **kw) -> Callable[[World], Target]:
+    def make(w):
+        uid = w.new_user(**kw)
+        return Target(p.format(id=uid), ctx=uid, json={} if p.startswith("/api/") else None)
+
+    return make
+
+
+def _user_token_target(p: str) -> Callable[[World], Target]:
+    def make(w):
+        tid = w.new_user_token()
+        return Target(p.format(id=tid), ctx=tid, json={} if p.startswith("/api/") else None)
+
+    return make
 
 
 def _login_target(w):
@@ -416,6 +455,43 @@ MATRIX: list[Case] = [
         ok=303,
         effect=lambda w, t: w.row(ApiToken, t.ctx).revoked_at is not None,
     ),
+    Case("auth.users", "GET", "admin", ADMIN_PAGE, path("/settings/users"), note="viewers may not list accounts"),
+    Case(
+        "auth.user_disable",
+        "POST",
+        "admin",
+        admin_form(303),
+        _user_target("/settings/users/{id}/disable"),
+        ok=303,
+        effect=lambda w, t: w.row(User, t.ctx).disabled_at is not None,
+    ),
+    Case(
+        "auth.user_enable",
+        "POST",
+        "admin",
+        admin_form(303),
+        _user_target("/settings/users/{id}/enable", disabled=True),
+        ok=303,
+        effect=lambda w, t: w.row(User, t.ctx).disabled_at is None,
+    ),
+    Case(
+        "auth.user_delete",
+        "POST",
+        "admin",
+        admin_form(303),
+        _user_target("/settings/users/{id}/delete"),
+        ok=303,
+        effect=lambda w, t: w.row(User, t.ctx) is None,
+    ),
+    Case(
+        "auth.user_token_revoke",
+        "POST",
+        "admin",
+        admin_form(303),
+        _user_token_target("/settings/users/tokens/{id}/revoke"),
+        ok=303,
+        effect=lambda w, t: w.row(ApiToken, t.ctx).revoked_at is not None,
+    ),
     Case("static", "GET", "admin", PUBLIC, path("/static/htmx.min.js")),
     # --- admin plane: JSON API ---
     Case("api.version", "GET", "admin", API_READ, path("/api/version")),
@@ -491,6 +567,44 @@ MATRIX: list[Case] = [
         ok=200,
         effect=lambda w, t: w.row(FleetUpdate, t.ctx).status == "cancelled",
     ),
+    Case("api.user_list", "GET", "admin", api_admin(200), path("/api/users"), note="viewers may not list accounts"),
+    Case(
+        "api.user_disable",
+        "POST",
+        "admin",
+        api_admin(200),
+        _user_target("/api/users/{id}/disable"),
+        ok=200,
+        effect=lambda w, t: w.row(User, t.ctx).disabled_at is not None,
+    ),
+    Case(
+        "api.user_enable",
+        "POST",
+        "admin",
+        api_admin(200),
+        _user_target("/api/users/{id}/enable", disabled=True),
+        ok=200,
+        effect=lambda w, t: w.row(User, t.ctx).disabled_at is None,
+    ),
+    Case(
+        "api.user_delete",
+        "DELETE",
+        "admin",
+        api_admin(204),
+        _user_target("/api/users/{id}"),
+        ok=204,
+        effect=lambda w, t: w.row(User, t.ctx) is None,
+    ),
+    Case("api.user_tokens", "GET", "admin", api_admin(200), path("/api/users/{w.admin_id}/tokens")),
+    Case(
+        "api.token_revoke",
+        "POST",
+        "admin",
+        api_admin(200),
+        _user_token_target("/api/tokens/{id}/revoke"),
+        ok=200,
+        effect=lambda w, t: w.row(ApiToken, t.ctx).revoked_at is not None,
+    ),
     # --- agent plane ---
     Case("agentlink.download", "GET", "agent", agent_only(200), path("/agent/download/current")),
     Case("agentlink.install_script", "GET", "agent", PUBLIC, path("/agent/install.sh")),
@@ -523,7 +637,7 @@ _FORM_CSRF = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
 
 
 class Principal:
-    def __init__(self, name: str, world: World):
+    def __init__(self, name: str, world: World, username: str | None = None):
         self.name = name
         self.http = requests.Session()
         self.headers: dict[str, str] = {}
@@ -537,7 +651,7 @@ class Principal:
             form_token = _FORM_CSRF.search(page.text).group(1)
             r = self.http.post(
                 admin + "/login",
-                data={"username": name, "password": f"{name}-pass-123", "csrf_token": form_token},
+                data={"username": username or name, "password": f"{name}-pass-123", "csrf_token": form_token},
                 allow_redirects=False,
                 timeout=10,
             )
@@ -652,7 +766,12 @@ def test_rbac_matrix(case, world, principals):
     wrong_plane = "agent" if case.plane == "admin" else "admin"
     problems = []
     for name in PRINCIPALS:
-        who = Principal(name, world) if case.fresh_principal else principals[name]
+        who = principals[name]
+        if case.fresh_principal:
+            # A throwaway account of the same role: logging out ends every session of its user,
+            # and the shared principals must stay logged in.
+            user = world.username(world.new_user(name)) if name in ("viewer", "admin") else None
+            who = Principal(name, world, user)
         target = case.target(world)
 
         # The other plane never serves this route, for anybody, and nothing happens.
