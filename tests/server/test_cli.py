@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import signal
@@ -14,7 +15,8 @@ import requests
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import ApiToken, AuditEvent, Host, User
+from app.models import ApiToken, AuditEvent, Host, LoginThrottle, User
+from app.timeutil import utcnow
 from tests.support.live import ROOT, ServerProcess, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,14 +148,14 @@ def test_serve_registers_the_release_for_its_own_version(tmp_path, database_url,
 def test_users_set_password_changes_it_and_lifts_a_lockout(env):
     cli(["users", "create", "carol", "--password-stdin"], env, stdin="first-pass-1\n")
     db.session.rollback()
-    u = db.session.scalar(sa.select(User).where(User.username == "carol"))
-    u.failed_logins = 9
+    locked_until = utcnow() + dt.timedelta(hours=1)
+    db.session.add(LoginThrottle(key="name:carol", failures=0, last_failure_at=utcnow(), locked_until=locked_until))
     db.session.commit()
     r = cli(["users", "set-password", "carol", "--password-stdin"], env, stdin="second-pass-2\n")
     assert r.returncode == 0, r.stderr
     db.session.rollback()
     u = db.session.scalar(sa.select(User).where(User.username == "carol"))
-    assert u.check_password("second-pass-2") and u.failed_logins == 0
+    assert u.check_password("second-pass-2") and db.session.get(LoginThrottle, "name:carol") is None
 
 
 def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
@@ -200,7 +202,9 @@ def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
         assert r.status_code == 202, r.text
         job_id = r.json()["job"]["id"]
         job = wait_until(
-            lambda: (j := admin.get_json(f"/api/jobs/{job_id}")["job"])["status"] != "running" and j, 30, 0.05,
+            lambda: (j := admin.get_json(f"/api/jobs/{job_id}")["job"])["status"] != "running" and j,
+            30,
+            0.05,
             "the demo update",
         )
         assert job["status"] == "succeeded", job

@@ -89,3 +89,42 @@ def test_host_names_are_unique(app):
     Host.enrol("a")
     with pytest.raises(IntegrityError):
         db.session.commit()
+
+
+def test_migration_0004_keeps_users_and_their_api_tokens(tmp_path):
+    """Upgrading a 0003 database with users and tokens loses neither (no table rebuild cascades)."""
+    import flask_migrate
+
+    from app import create_app
+    from tests.support import dbsetup
+
+    url = dbsetup.empty_database(str(tmp_path), "upgrade")
+    other = create_app({"SQLALCHEMY_DATABASE_URI": url, "INSTANCE_PATH": str(tmp_path / "i"), "SECRET_KEY": "x"}, {})
+    with other.app_context():
+        flask_migrate.upgrade(revision="0003")
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO users (id, username, password_hash, role, created_at, failed_logins, locked_until) "
+                    "VALUES (7, 'old-admin', 'h', 'admin', '2026-01-01 00:00:00', 4, '2026-01-01 00:01:00')"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_tokens (id, user_id, name, prefix, token_hash, created_at) "
+                    "VALUES (3, 7, 'ci', 'rmt_abc', 'hash-1', '2026-01-01 00:00:00')"
+                )
+            )
+        flask_migrate.upgrade()
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id, user_id FROM api_tokens")).all() == [(3, 7)]
+            row = conn.execute(sa.text("SELECT username, session_version, disabled_at FROM users")).one()
+            assert tuple(row) == ("old-admin", 0, None)
+            cols = {c["name"] for c in sa.inspect(conn).get_columns("users")}
+            assert "failed_logins" not in cols and "locked_until" not in cols
+        flask_migrate.downgrade(revision="0003")
+        flask_migrate.upgrade()
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM api_tokens")).scalar() == 1
+        db.session.remove()
+        db.engine.dispose()

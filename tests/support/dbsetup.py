@@ -17,23 +17,32 @@ def using_postgres() -> bool:
     return bool(PG_URL)
 
 
-def pg_url_with_schema() -> str:
+def pg_url_with_schema(schema: str = PG_SCHEMA) -> str:
     from app.config import parse_db_url
 
     url = parse_db_url("RM_TEST_DATABASE_URL", PG_URL)
     sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options={quote('-csearch_path=' + PG_SCHEMA)}"
+    return f"{url}{sep}options={quote('-csearch_path=' + schema)}"
 
 
-def reset_postgres_schema() -> None:
+def reset_postgres_schema(schema: str = PG_SCHEMA) -> None:
     """Drop whatever an earlier run left and start from an empty schema."""
     from app.config import parse_db_url
 
     engine = sa.create_engine(parse_db_url("RM_TEST_DATABASE_URL", PG_URL))
     with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
-        conn.execute(sa.text(f"CREATE SCHEMA {PG_SCHEMA}"))
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     engine.dispose()
+
+
+def empty_database(dest_dir: str, name: str) -> str:
+    """A URL to an empty, unmigrated database of its own (a file, or a PostgreSQL schema ``<run>_<name>``)."""
+    if using_postgres():
+        schema = f"{PG_SCHEMA}_{name}"
+        reset_postgres_schema(schema)
+        return pg_url_with_schema(schema)
+    return "sqlite:///" + os.path.join(dest_dir, f"{name}.sqlite3")
 
 
 def migrate(url: str, instance: str) -> None:
