@@ -43,6 +43,7 @@ def test_the_session_cookie_is_httponly_and_samesite_lax(client, auth, cast):
 
 def test_pages_use_no_inline_script(client, auth, cast):
     auth.login()
-    for path in ("/", "/hosts", f"/hosts/{cast.host_online.id}", "/alerts", "/audit", "/settings/tokens"):
+    pages = ("/", "/hosts", f"/hosts/{cast.host_online.id}", "/alerts", "/audit", "/settings/tokens", "/settings/users")
+    for path in pages:
         html = client.get(path).get_data(as_text=True)
         assert "<script>" not in html and "onclick=" not in html and "style=" not in html, path

@@ -201,3 +201,12 @@ def test_viewer_tokens_get_403_and_change_nothing(client, cast, viewer_token, me
     r = getattr(client, method)(path.format(id=cast.admin.id), headers=bearer(viewer_token))
     assert r.status_code == 403 and error_code(r) == "forbidden"
     assert _user("admin").is_active
+
+
+def test_hostile_user_and_token_names_are_escaped_on_the_page(as_admin, cast):
+    hostile = _add('<img src=x onerror="alert(1)">')
+    ApiToken.issue(hostile, "<script>alert(2)</script>")
+    db.session.commit()
+    html = as_admin.get("/settings/users").get_data(as_text=True)
+    assert "<img src=x" not in html and "<script>alert" not in html
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html and "&lt;script&gt;alert(2)" in html
