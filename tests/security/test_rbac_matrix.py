@@ -200,9 +200,7 @@ class World:
     def new_user(self, role: str = "viewer", disabled: bool = False) -> int:
         """A throwaway account (password ``<role>-pass-123``), so no row touches the cast's users."""
         db.session.remove()
-        user = User(username=unique(f"rbac-{role}"), role=role)
-        user.set_password(f"{role}-pass-123")
-        db.session.add(user)
+        user = User.create(unique(f"rbac-{role}"), f"{role}-pass-123", role)
         db.session.flush()
         if disabled:
             user.disable("rbac-setup")

@@ -16,9 +16,7 @@ def _user(name: str) -> User | None:
 
 
 def _add(name: str, role: str = "viewer") -> User:
-    u = User(username=name, role=role)
-    u.set_password(f"{name}-pass-123")
-    db.session.add(u)
+    u = User.create(name, f"{name}-pass-123", role)
     db.session.commit()
     return u
 
