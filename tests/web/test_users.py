@@ -208,3 +208,45 @@ def test_hostile_user_and_token_names_are_escaped_on_the_page(as_admin, cast):
     html = as_admin.get("/settings/users").get_data(as_text=True)
     assert "<img src=x" not in html and "<script>alert" not in html
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html and "&lt;script&gt;alert(2)" in html
+
+
+def test_two_admins_disabling_each_other_at_once_leave_one_enabled(app, cast):
+    """Real server threads and a real database: the last-admin check cannot be raced."""
+    import threading
+
+    import requests
+
+    from tests.support.live import LiveServer
+
+    second = User.create("second-admin", "second-pass-123", "admin")
+    _, first_token = ApiToken.issue(cast.admin, "a")
+    _, second_token = ApiToken.issue(second, "b")
+    db.session.commit()
+    first_id, second_id = cast.admin.id, second.id
+    with LiveServer(app) as live:
+        for _ in range(5):
+            barrier = threading.Barrier(2)
+            answers = {}
+
+            def disable(token, victim, barrier=barrier, answers=answers):
+                barrier.wait()
+                r = requests.post(f"{live.admin_url}/api/users/{victim}/disable", headers=bearer(token), timeout=20)
+                answers[victim] = r.status_code
+
+            threads = [
+                threading.Thread(target=disable, args=(first_token, second_id)),
+                threading.Thread(target=disable, args=(second_token, first_id)),
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            db.session.remove()
+            enabled = [u for u in (db.session.get(User, first_id), db.session.get(User, second_id)) if u.is_active]
+            assert len(enabled) == 1, answers
+            # the loser was refused (409) or had already lost its token (401), never a 500
+            assert sorted(answers.values()) in ([200, 401], [200, 409]), answers
+            enabled_user = enabled[0]
+            other = db.session.get(User, second_id if enabled_user.id == first_id else first_id)
+            other.enable("test")
+            db.session.commit()
