@@ -11,8 +11,9 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .config import ConfigError
+from .errors import Refusal
 from .extensions import db
-from .models import ROLES, AccountRefusal, ApiToken, AuditEvent, User
+from .models import ROLES, ApiToken, AuditEvent, User
 
 
 def _create_app():
@@ -103,7 +104,7 @@ def _refusable(operation, *args):
     """Run a user operation and commit; a refusal (the last admin) is a clean error exit."""
     try:
         result = operation(*args)
-    except AccountRefusal as r:
+    except Refusal as r:
         db.session.rollback()
         raise click.ClickException(r.message) from None
     db.session.commit()

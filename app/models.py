@@ -12,6 +12,7 @@ from flask_login import UserMixin
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from .errors import Refusal
 from .extensions import db
 from .timeutil import isoformat, utcnow
 
@@ -44,14 +45,6 @@ def new_token(prefix: str) -> str:
 
 def new_uuid() -> str:
     return str(uuid.uuid4())
-
-
-class AccountRefusal(Exception):
-    """A refused account operation (the last admin); ``status`` and ``code`` are what the API answers."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class User(UserMixin, db.Model):
@@ -136,7 +129,7 @@ class User(UserMixin, db.Model):
     def set_role(self, role: str, actor: str) -> bool:
         """Change the role (ending the user's sessions); refuse to demote the last admin."""
         if role not in ROLES:
-            raise AccountRefusal(400, "invalid_role", f"role must be one of {', '.join(ROLES)}")
+            raise Refusal(400, "invalid_role", f"role must be one of {', '.join(ROLES)}")
         if role == self.role:
             return False
         if self.is_admin:
@@ -183,7 +176,7 @@ class User(UserMixin, db.Model):
         db.session.execute(sa.update(User).where(active_admin).values(role=User.role))
         others = db.session.scalar(sa.select(sa.func.count(User.id)).where(active_admin, User.id != self.id))
         if not others:
-            raise AccountRefusal(409, "last_admin", f"cannot {verb} {self.username}: it is the last enabled admin")
+            raise Refusal(409, "last_admin", f"cannot {verb} {self.username}: it is the last enabled admin")
 
     def token_count(self) -> int:
         q = sa.select(sa.func.count(ApiToken.id)).where(ApiToken.user_id == self.id, ApiToken.revoked_at.is_(None))

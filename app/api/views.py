@@ -10,7 +10,7 @@ from .. import hosts
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
-from ..models import AccountRefusal, Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
+from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
 from . import bp
@@ -173,7 +173,8 @@ def token_create():
     return jsonify({"token": plain, "api_token": tok.to_dict()}), 201
 
 
-# --- accounts (admins only: the list of names is not for viewers) ------------------------------
+# --- accounts: admins only (the list of names is not for viewers); a Refusal, such as the last
+# admin, is answered by the app's handler -----------------------------------------------------
 
 
 def _user_or_404(user_id: int) -> User:
@@ -181,16 +182,6 @@ def _user_or_404(user_id: int) -> User:
     if user is None:
         abort(error_response(404, "user_not_found", f"no user with id {user_id}"))
     return user
-
-
-def _account_change(operation, *args):
-    """Run a user operation and commit; a refusal (the last admin) is answered in the error shape."""
-    try:
-        operation(*args)
-    except AccountRefusal as r:
-        db.session.rollback()
-        abort(error_response(r.status, r.code, r.message))
-    db.session.commit()
 
 
 @bp.get("/users")
@@ -204,7 +195,8 @@ def user_list():
 @admin_required
 def user_disable(user_id: int):
     user = _user_or_404(user_id)
-    _account_change(user.disable, actor_name())
+    user.disable(actor_name())
+    db.session.commit()
     return jsonify({"user": user.to_dict()})
 
 
@@ -212,7 +204,8 @@ def user_disable(user_id: int):
 @admin_required
 def user_enable(user_id: int):
     user = _user_or_404(user_id)
-    _account_change(user.enable, actor_name())
+    user.enable(actor_name())
+    db.session.commit()
     return jsonify({"user": user.to_dict()})
 
 
@@ -220,7 +213,8 @@ def user_enable(user_id: int):
 @admin_required
 def user_delete(user_id: int):
     user = _user_or_404(user_id)
-    _account_change(user.remove, actor_name())
+    user.remove(actor_name())
+    db.session.commit()
     return "", 204
 
 
@@ -238,7 +232,8 @@ def token_revoke(token_id: int):
     tok = db.session.get(ApiToken, token_id)
     if tok is None:
         return error_response(404, "token_not_found", f"no API token with id {token_id}")
-    _account_change(tok.revoke, actor_name())
+    tok.revoke(actor_name())
+    db.session.commit()
     return jsonify({"api_token": tok.to_dict()})
 
 

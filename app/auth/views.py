@@ -8,9 +8,10 @@ import sqlalchemy as sa
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
+from ..errors import Refusal, renders_refusal
 from ..extensions import db
 from ..htmx import redirect_or_hx
-from ..models import AccountRefusal, ApiToken, AuditEvent, User
+from ..models import ApiToken, AuditEvent, User
 from . import actor_name, admin_required, bp, throttle
 from .forms import EmptyForm, LoginForm, TokenForm
 
@@ -103,14 +104,15 @@ def _back_to_users():
     return redirect_or_hx(url_for("auth.users"))
 
 
+def _account_refused(refusal: Refusal):
+    """A refused account change (the last admin): back to the users page, with the reason."""
+    flash(refusal.message, "error")
+    return _back_to_users()
+
+
 def _account_change(operation, *args, done: str):
-    """Run a user operation, commit and flash; a refusal (the last admin) is flashed as an error."""
-    try:
-        operation(*args)
-    except AccountRefusal as r:
-        db.session.rollback()
-        flash(r.message, "error")
-        return _back_to_users()
+    """Run a user operation, commit and flash; a :class:`Refusal` goes to ``_account_refused``."""
+    operation(*args)
     db.session.commit()
     flash(done, "info")
     return _back_to_users()
@@ -127,6 +129,7 @@ def users():
 
 
 @bp.route("/settings/users/<int:user_id>/disable", methods=["POST"])
+@renders_refusal(_account_refused)
 @admin_required
 def user_disable(user_id: int):
     user = _user_or_404(user_id)
@@ -134,6 +137,7 @@ def user_disable(user_id: int):
 
 
 @bp.route("/settings/users/<int:user_id>/enable", methods=["POST"])
+@renders_refusal(_account_refused)
 @admin_required
 def user_enable(user_id: int):
     user = _user_or_404(user_id)
@@ -141,6 +145,7 @@ def user_enable(user_id: int):
 
 
 @bp.route("/settings/users/<int:user_id>/delete", methods=["POST"])
+@renders_refusal(_account_refused)
 @admin_required
 def user_delete(user_id: int):
     user = _user_or_404(user_id)
@@ -148,6 +153,7 @@ def user_delete(user_id: int):
 
 
 @bp.route("/settings/users/tokens/<int:token_id>/revoke", methods=["POST"])
+@renders_refusal(_account_refused)
 @admin_required
 def user_token_revoke(token_id: int):
     tok = db.session.get(ApiToken, token_id)
