@@ -136,6 +136,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "REMEMBER_COOKIE_SAMESITE": "Lax",
         "LOGIN_MAX_FAILURES": 5,
         "LOGIN_LOCKOUT_S": 60.0,
+        "PASSWORD_HASH_METHOD": "scrypt",  # werkzeug method for new password hashes; tests lower it
         "WS_ALLOWED_ORIGINS": [],
         "AGENT_BACKLOG": 4096,
         "AGENT_HANDSHAKE_TIMEOUT_S": 10.0,  # from accept until the agent token is accepted

@@ -8,6 +8,7 @@ import secrets
 import uuid
 
 import sqlalchemy as sa
+from flask import current_app, has_app_context
 from flask_login import UserMixin
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -16,6 +17,7 @@ from .errors import Refusal
 from .extensions import db
 from .timeutil import isoformat, utcnow
 
+DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
 ROLES = ("admin", "viewer")
 MIN_PASSWORD_LENGTH = 8
 MAX_USERNAME_LENGTH = 64
@@ -33,6 +35,16 @@ _SESSION_ID = re.compile(r"(?P<id>[0-9]{1,18}):(?P<version>[0-9]{1,18})")
 
 def _in(col: str, values: tuple[str, ...]) -> str:
     return f"{col} IN ({', '.join(repr(v) for v in values)})"
+
+
+def password_hash_method() -> str:
+    """The werkzeug hash method for new passwords: ``PASSWORD_HASH_METHOD`` (scrypt by default).
+
+    Only the test configuration lowers it (a cheap method per persona); a stored hash names its own
+    method, so checking a password never depends on this setting.
+    """
+    method = current_app.config.get("PASSWORD_HASH_METHOD") if has_app_context() else None
+    return method or DEFAULT_PASSWORD_HASH_METHOD
 
 
 def hash_token(token: str) -> str:
@@ -89,7 +101,7 @@ class User(UserMixin, db.Model):
         """Store a hash of ``password``; raise :class:`ValueError` if it is shorter than the minimum."""
         if len(password) < MIN_PASSWORD_LENGTH:
             raise ValueError(f"the password must be at least {MIN_PASSWORD_LENGTH} characters")
-        self.password_hash = generate_password_hash(password)
+        self.password_hash = generate_password_hash(password, method=password_hash_method())
         self.end_sessions()
 
     def get_id(self) -> str:

@@ -20,6 +20,7 @@ settings.load_profile("deterministic")
 
 SERVER_VERSION = "2.0.0"
 OLD_VERSION = "1.0.0"
+TEST_PASSWORD_HASH_METHOD = "pbkdf2:sha256:1"
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,9 @@ def app_config(tmp_path, database_url):
         "WTF_CSRF_ENABLED": False,
         "LOGIN_MAX_FAILURES": 3,
         "LOGIN_LOCKOUT_S": 60.0,
+        # One pbkdf2 round instead of scrypt: every persona and login would otherwise pay ~0.1 s.
+        # tests/server/test_config.py proves the production default is still scrypt.
+        "PASSWORD_HASH_METHOD": TEST_PASSWORD_HASH_METHOD,
     }
 
 
@@ -126,6 +130,19 @@ class AuthActions:
 @pytest.fixture
 def auth(client):
     return AuthActions(client)
+
+
+@pytest.fixture
+def live_fleet(app, tmp_path, tmp_path_factory, database_url):
+    """A :class:`~tests.support.live.LiveFleet` on the test's database (server process + real agents),
+    everything stopped at teardown. Seed it, start the server, then the agents."""
+    from tests.support.live import LiveFleet
+
+    fleet = LiveFleet(str(tmp_path), database_url, str(tmp_path_factory.getbasetemp() / "agent-builds"))
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,7 +29,7 @@ from flask import current_app
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..extensions import db
-from ..models import AuditEvent, LoginThrottle, User
+from ..models import AuditEvent, LoginThrottle, User, password_hash_method
 from ..timeutil import utcnow
 
 INVALID = "Invalid username or password."
@@ -38,7 +38,7 @@ DISABLED = "This account is disabled. Ask an administrator to enable it."
 FAILURE_MEMORY_S = 24 * 3600.0
 KEY_MAX = 200
 
-_dummy_hash: str | None = None
+_dummy_hashes: dict[str, str] = {}  # one per hash method, so unknown names cost what known ones do
 _dummy_lock = threading.Lock()
 
 
@@ -109,13 +109,14 @@ def lift(username: str) -> None:
 
 def _check(user: User | None, password: str) -> bool:
     """Check the password; for no user, spend the same hash time against a dummy hash."""
-    global _dummy_hash
     if user is not None:
         return user.check_password(password)
+    method = password_hash_method()
     with _dummy_lock:
-        if _dummy_hash is None:
-            _dummy_hash = generate_password_hash("not-a-real-password")
-    check_password_hash(_dummy_hash, password)
+        dummy = _dummy_hashes.get(method)
+        if dummy is None:
+            dummy = _dummy_hashes[method] = generate_password_hash("not-a-real-password", method=method)
+    check_password_hash(dummy, password)
     return False
 
 

@@ -1,6 +1,6 @@
 """Small helpers shared by the benchmarks in scripts/bench: a real server process, /proc readings, stats.
 
-Everything here is stdlib only and talks to 127.0.0.1 only.
+Everything here is stdlib only (plus the suite's ``wait_until``) and talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.support.wait import wait_until  # noqa: E402  (the suite's one polling helper)
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -74,18 +77,6 @@ def percentile(values, p: float) -> float | None:
         return None
     k = max(0, min(len(vals) - 1, int(round(p / 100.0 * len(vals) + 0.5)) - 1))
     return vals[k]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until truthy; raise TimeoutError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def kill_group(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 10.0) -> int | None:

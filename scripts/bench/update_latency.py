@@ -56,7 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from _common import cli, percentile, server_env  # noqa: E402
+from _common import cli, percentile, server_env, wait_until  # noqa: E402
 
 A, B = "1.0.0", "2.0.0"
 TARGET_RATIO = 1.5
@@ -150,15 +150,8 @@ class DbProbe:
 
 
 def poll(fn, interval: float, timeout: float, what: str):
-    """Call ``fn`` every ``interval`` s until it returns a truthy value; return (value, time.time())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value, time.time()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """Wait (the suite's ``wait_until``) until ``fn`` is truthy; return (value, time.time())."""
+    return wait_until(fn, timeout, interval, what), time.time()
 
 
 class ExitWatcher:

@@ -10,9 +10,10 @@ directory); the supervisor restarts it.
 import hashlib
 
 import pytest
-from conftest import UpdatePeer, update_command, wait_until
 
 from agent import signing
+from tests.support.peers import UpdatePeer, update_command
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +82,7 @@ def test_killed_after_the_swap_the_new_program_commits_once_welcomed(
     if failpoint == "before_welcome_commit":  # killed after the welcome: one more start, same report
         hello = server.next_hello(host=host)
         assert hello["agent_version"] == "2.0.0" and hello["last_update"]["outcome"] == "swapped"
-    assert wait_until(lambda: (host.state() or {}).get("outcome") == "committed"), host.log()
+    wait_until(lambda: (host.state() or {}).get("outcome") == "committed", what=lambda: f"a commit; log:\n{host.log()}")
     assert not (host.home / "probation.json").exists()
     assert -9 in host.supervisor.exit_codes
     host.stop()

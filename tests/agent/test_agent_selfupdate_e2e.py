@@ -4,9 +4,10 @@ import sys
 import time
 
 import pytest
-from conftest import UpdatePeer, update_command, wait_until
 
+from tests.support.peers import UpdatePeer, update_command
 from tests.support.supervisor import Supervisor
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,7 +52,7 @@ def test_a_zipapp_agent_updates_itself_commits_and_keeps_the_old_program(
         "version": "2.0.0",
     }
     # welcomed at the new version: committed, the marker gone, .old kept as the previous version
-    assert wait_until(lambda: (host.state() or {}).get("outcome") == "committed"), host.log()
+    wait_until(lambda: (host.state() or {}).get("outcome") == "committed", what=lambda: f"a commit; log:\n{host.log()}")
     assert not (host.home / "probation.json").exists()
     assert server.phases() == ["downloading", "verifying", "staging", "restarting"]
     assert host.supervisor.restarts == 1 and host.supervisor.exit_codes == [0]

@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import Host, User
-from tests.support.live import AdminSession, AgentProcess, ServerProcess, built_agent, wait_until
+from app.models import Host
+from tests.support.live import LiveClient
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -24,50 +25,13 @@ A, B = "1.0.0", "2.0.0"
 
 
 @pytest.fixture
-def fleet_db(app):
-    """An admin and one enrolled host in the test database; return (host id, agent token)."""
-    User.create("admin", "admin-pass-123", "admin")
-    host, token = Host.enrol("smoke-1")
-    db.session.commit()
-    return host.id, token
-
-
-@pytest.fixture
-def server(tmp_path, database_url, fleet_db):
-    procs = []
-
-    def start(**env):
-        s = ServerProcess(str(tmp_path / "server"), database_url, B, extra_env=env).start()
-        procs.append(s)
-        return s
-
-    yield start
-    for s in procs:
-        s.stop()
-
-
-@pytest.fixture
-def agent(tmp_path, tmp_path_factory, fleet_db):
-    agents = []
-
-    def start(server, version=A, extra_config=""):
-        _, token = fleet_db
-        src = built_agent(version, str(tmp_path_factory.getbasetemp() / "agent-builds"))
-        a = AgentProcess(str(tmp_path / f"agent{len(agents)}"), src, server.agent_ws_url, token, extra_config)
-        agents.append(a)
-        return a.start()
-
-    yield start
-    for a in agents:
-        a.stop()
-
-
-def host_json(session, host_id):
-    return session.get_json(f"/api/hosts/{host_id}")["host"]
+def fleet(live_fleet):
+    """An admin and one enrolled host, ``smoke-1``, in the test database (no processes yet)."""
+    return live_fleet.seed(["smoke-1"])
 
 
 def latest_job(session, host_id):
-    jobs = session.get_json(f"/api/hosts/{host_id}/jobs")["jobs"]
+    jobs = session.jobs(host_id)
     return jobs[0] if jobs else None
 
 
@@ -92,22 +56,14 @@ def terminal_job(session, host_id, timeout=30):
     return wait_until(done, timeout, 0.05, "the update job to end")
 
 
-def audit_actions(session):
-    return [e["action"] for e in session.get_json("/api/audit?limit=200")["events"]]
-
-
-def open_alerts(session):
-    return session.get_json("/api/alerts?status=open")["alerts"]
-
-
 def online_at(session, host_id, version):
-    h = host_json(session, host_id)
+    h = session.host(host_id)
     return h["online"] and h["agent_version"] == version
 
 
 def admin_when_online(srv, host_id, version=A):
     """Log in as the admin and wait until the host's agent is online at ``version``."""
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    admin = LiveClient(srv.admin_url).login()
     wait_until(lambda: online_at(admin, host_id, version), 20, what=f"agent online at {version}")
     return admin
 
@@ -116,10 +72,10 @@ def release_path(server_proc):
     return os.path.join(server_proc.instance_dir, "releases", f"restic-manager-agent-{B}.pyz")
 
 
-def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_version(server, agent, fleet_db):
-    host_id, _ = fleet_db
-    srv = server()
-    ag = agent(srv)
+def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_version(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server()
+    ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
 
@@ -137,15 +93,15 @@ def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_versio
     log = srv.log()
     for phase in ("downloading", "verifying", "staging", "restarting"):
         assert re.search(rf"phase {phase}\b", log), f"phase {phase} not reported"
-    actions = audit_actions(admin)
+    actions = admin.audit_actions()
     assert "host.update_dispatched" in actions and "host.update_succeeded" in actions
-    assert open_alerts(admin) == []
+    assert admin.open_alerts() == []
 
 
-def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(server, agent, fleet_db):
-    host_id, _ = fleet_db
-    srv = server()
-    ag = agent(srv)
+def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server()
+    ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
     path = release_path(srv)
@@ -163,15 +119,15 @@ def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(server
     assert not os.path.exists(ag.program + ".new")
     assert ag.supervisor.restarts == 0
     assert online_at(admin, host_id, A)
-    alerts = open_alerts(admin)
+    alerts = admin.open_alerts()
     assert len(alerts) == 1 and alerts[0]["kind"] == "update_failed" and "sha256" in alerts[0]["message"]
-    assert "host.update_failed" in audit_actions(admin)
+    assert "host.update_failed" in admin.audit_actions()
 
 
-def test_a_download_that_breaks_off_half_way_leaves_the_old_program(server, agent, fleet_db):
-    host_id, _ = fleet_db
-    srv = server(RM_DOWNLOAD_RATE_KIB="64", RM_UPDATE_TIMEOUT="6")
-    ag = agent(srv)
+def test_a_download_that_breaks_off_half_way_leaves_the_old_program(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server(RM_DOWNLOAD_RATE_KIB="64", RM_UPDATE_TIMEOUT="6")
+    ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
 
@@ -179,7 +135,7 @@ def test_a_download_that_breaks_off_half_way_leaves_the_old_program(server, agen
     wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "downloading", 10, what="downloading")
     srv.stop(signal.SIGKILL)  # the connection breaks off mid-body
     srv.start()
-    admin = AdminSession(srv.admin_url).login("admin", "admin-pass-123")
+    admin = LiveClient(srv.admin_url).login()
     job = terminal_job(admin, host_id, timeout=30)
     assert job["status"] == "failed"
     assert job["error"]
@@ -188,26 +144,26 @@ def test_a_download_that_breaks_off_half_way_leaves_the_old_program(server, agen
     wait_until(lambda: online_at(admin, host_id, A), 20, what="agent back online at A")
 
 
-def test_an_agent_that_never_comes_back_times_out_with_a_clear_message(server, agent, fleet_db):
-    host_id, _ = fleet_db
-    srv = server(RM_UPDATE_TIMEOUT="3")
-    ag = agent(srv)
+def test_an_agent_that_never_comes_back_times_out_with_a_clear_message(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server(RM_UPDATE_TIMEOUT="3")
+    ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     ag.supervisor.restart_sec = 3600  # the service manager gives up on it
     press_update(admin, host_id)
     job = terminal_job(admin, host_id, timeout=20)
     assert job["status"] == "failed"
     assert job["error"] == f"timed out after 3 s waiting for version {B}"
-    assert [a["kind"] for a in open_alerts(admin)] == ["update_failed"]
+    assert [a["kind"] for a in admin.open_alerts()] == ["update_failed"]
 
 
-def test_an_agent_that_comes_back_at_the_old_version_fails_the_job_at_once(server, agent, fleet_db, tmp_path_factory):
-    host_id, _ = fleet_db
-    srv = server()
-    agent(srv)
+def test_an_agent_that_comes_back_at_the_old_version_fails_the_job_at_once(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server()
+    fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     # The server offers B, but the artifact it serves is really an A build (sha256 consistent).
-    a_build = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
+    a_build = fleet.program(A)
     with open(a_build, "rb") as src, open(release_path(srv), "wb") as dst:
         dst.write(src.read())
     db.session.rollback()
@@ -240,10 +196,10 @@ def _serve_signed_artifact(srv, body: bytes) -> None:
     releases.register(release_path(srv), B)
 
 
-def test_a_new_program_that_crash_loops_is_rolled_back_and_the_job_fails_with_the_reason(server, agent, fleet_db):
-    host_id, _ = fleet_db
-    srv = server()
-    ag = agent(srv)
+def test_a_new_program_that_crash_loops_is_rolled_back_and_the_job_fails_with_the_reason(fleet):
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server()
+    ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
     _serve_signed_artifact(srv, b"#!/usr/bin/env python3\nimport sys\nsys.exit(3)\n")
@@ -254,30 +210,25 @@ def test_a_new_program_that_crash_loops_is_rolled_back_and_the_job_fails_with_th
     assert "crash-looped" in job["error"], job["error"]
     wait_until(lambda: online_at(admin, host_id, A), 20, what="the restored program online at A")
     assert ag.program_bytes() == old_bytes
-    assert [a["kind"] for a in open_alerts(admin)] == ["update_failed"]
+    assert [a["kind"] for a in admin.open_alerts()] == ["update_failed"]
 
 
-def test_a_new_program_that_never_reaches_the_server_is_rolled_back(server, fleet_db, tmp_path, tmp_path_factory):
+def test_a_new_program_that_never_reaches_the_server_is_rolled_back(fleet):
     from tests.support.faultproxy import FaultProxy
 
-    host_id, token = fleet_db
-    srv = server()
-    proxy = FaultProxy(srv.agent_port).start()
-    src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
-    ag = AgentProcess(str(tmp_path / "cutoff"), src, proxy.ws_url, token, "probation_s = 2\n").start()
-    try:
-        admin = admin_when_online(srv, host_id)
-        old_bytes = ag.program_bytes()
-        press_update(admin, host_id)
-        wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "restarting", 20, 0.01, "restarting")
-        proxy.set_mode("refuse")  # the new program starts but cannot reach the server
-        wait_until(lambda: "never reached the server" in ag.log(), 20, 0.1, "the probation rollback")
-        proxy.set_mode("pass")
-        job = terminal_job(admin, host_id, timeout=30)
-        assert job["status"] == "failed"
-        assert "never reached the server within 2 s" in job["error"], job["error"]
-        wait_until(lambda: online_at(admin, host_id, A), 20, what="the restored program online at A")
-        assert ag.program_bytes() == old_bytes
-    finally:
-        ag.stop()
-        proxy.stop()
+    host_id, token = fleet.host_ids[0], fleet.tokens[0]
+    srv = fleet.start_server()
+    proxy = fleet.add(FaultProxy(srv.agent_port).start())
+    ag = fleet.start_agent(token, url=proxy.ws_url, extra_config="probation_s = 2\n")
+    admin = admin_when_online(srv, host_id)
+    old_bytes = ag.program_bytes()
+    press_update(admin, host_id)
+    wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "restarting", 20, 0.01, "restarting")
+    proxy.set_mode("refuse")  # the new program starts but cannot reach the server
+    wait_until(lambda: "never reached the server" in ag.log(), 20, 0.1, "the probation rollback")
+    proxy.set_mode("pass")
+    job = terminal_job(admin, host_id, timeout=30)
+    assert job["status"] == "failed"
+    assert "never reached the server within 2 s" in job["error"], job["error"]
+    wait_until(lambda: online_at(admin, host_id, A), 20, what="the restored program online at A")
+    assert ag.program_bytes() == old_bytes

@@ -12,7 +12,7 @@ from agent import protocol
 from app.extensions import db
 from app.models import Host
 from app.runtime import runtime
-from tests.support.live import wait_until
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

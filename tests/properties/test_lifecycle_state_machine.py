@@ -40,8 +40,8 @@ from app.models import (
 from app.runtime import runtime
 from app.updates import dispatch, fleet, watcher
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import wait_until
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -54,8 +54,9 @@ from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
 from app.updates import fleet
 from tests.conftest import OLD_VERSION, SERVER_VERSION, Cast
-from tests.support.live import LiveServer, wait_until
+from tests.support.live import LiveServer
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from app.extensions import db
 from app.models import ApiToken, AuditEvent, Host, LoginThrottle, User
 from app.timeutil import utcnow
-from tests.support.live import ROOT, ServerProcess, wait_until
+from tests.support.live import ROOT, ServerProcess
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,7 +160,7 @@ def test_users_set_password_changes_it_and_lifts_a_lockout(env):
 
 
 def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
     env.update(
@@ -187,7 +188,7 @@ def test_demo_prints_where_to_log_in_and_its_agent_comes_online(tmp_path):
         text = "".join(lines)
         url = re.search(r"open:\s+(http://\S+)/", text).group(1)
         password = re.search(r"login: admin / (\S+)", text).group(1)
-        admin = AdminSession(url).login("admin", password)
+        admin = LiveClient(url).login("admin", password)
 
         def demo_host():
             hosts = admin.get_json("/api/hosts")["hosts"]

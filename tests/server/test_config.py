@@ -82,3 +82,20 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
             pytest.skip("SQLite only")
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 15000
+
+
+def test_production_hashes_passwords_with_scrypt_and_only_tests_lower_it(tmp_path, app, cast):
+    from app.models import User
+
+    prod = create_app({"INSTANCE_PATH": str(tmp_path / "prod")}, environ={})
+    assert prod.config["PASSWORD_HASH_METHOD"] == "scrypt"
+    with prod.app_context():
+        user = User(username="u", role="viewer")
+        user.set_password("s3cret-pass")
+    assert user.password_hash.startswith("scrypt:")
+    assert user.check_password("s3cret-pass") and not user.check_password("wrong")
+
+    # The test configuration's cheap method, and a stored scrypt hash still checks under it.
+    assert cast.admin.password_hash.startswith("pbkdf2:sha256:1$")
+    assert cast.admin.check_password("admin-pass-123")
+    assert user.check_password("s3cret-pass")

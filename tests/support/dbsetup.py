@@ -101,7 +101,7 @@ def module_app(db_template: str, tmp, **overrides):
     from app import create_app
     from app.extensions import db
     from app.updates import releases
-    from tests.conftest import SERVER_VERSION
+    from tests.conftest import SERVER_VERSION, TEST_PASSWORD_HASH_METHOD
 
     config = {
         "TESTING": True,
@@ -110,6 +110,7 @@ def module_app(db_template: str, tmp, **overrides):
         "SECRET_KEY": "module-secret",
         "VERSION": SERVER_VERSION,
         "BUILD_AGENT_ON_START": False,
+        "PASSWORD_HASH_METHOD": TEST_PASSWORD_HASH_METHOD,
         **overrides,
     }
     app = create_app(config, environ={})

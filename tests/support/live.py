@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import requests
 
 from tests.support.supervisor import Supervisor
+from tests.support.wait import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,18 +39,6 @@ def release_key() -> tuple[str, str]:
                 f.write(pem)
             _release_key = (path, public)
         return _release_key
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail loudly after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class LiveServer:
@@ -168,23 +156,34 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.agent_port}"
 
 
-_build_cache: dict[str, str] = {}
+_build_cache: dict = {}
 _build_lock = threading.Lock()
 
 
-def built_agent(version: str, cache_dir: str) -> str:
+def agent_build(version: str, cache_dir: str):
     """Build (once per version per run) the agent zipapp claiming ``version``, signed with the run's
-    release key (``<artifact>.sig`` beside it, as a release process leaves it); return its path."""
+    release key (``<artifact>.sig`` beside it, as a release process leaves it); return its BuildResult.
+
+    Every test that needs a real agent program shares these builds (building one takes a while).
+    """
     from agent.build import build_agent
 
     with _build_lock:
-        path = _build_cache.get(version)
-        if path is None or not os.path.exists(path):
-            with open(release_key()[0], "rb") as f:
-                built = build_agent(version, os.path.join(cache_dir, version), sign_key=f.read())
-            path = built.path
-            _build_cache[version] = path
-        return path
+        built = _build_cache.get(version)
+        if built is None or not os.path.exists(built.path):
+            built = build_agent(version, os.path.join(cache_dir, version), sign_key=release_key_pem())
+            _build_cache[version] = built
+        return built
+
+
+def built_agent(version: str, cache_dir: str) -> str:
+    """The path of :func:`agent_build`'s zipapp for ``version``."""
+    return agent_build(version, cache_dir).path
+
+
+def release_key_pem() -> bytes:
+    with open(release_key()[0], "rb") as f:
+        return f.read()
 
 
 class AgentProcess:
@@ -239,6 +238,65 @@ class AgentProcess:
             return f.read()
 
 
+class ZipappHost:
+    """One host directory running a real agent zipapp the way the systemd unit does.
+
+    The supervised command is ``sh guard DIR && exec python3 -I program --config FILE``: the
+    sh guard runs before every start (ExecStartPre=), then the program replaces the shell.
+    """
+
+    def __init__(self, root, program_src: str, server_url: str, public_key: str | None, **config):
+        import shutil
+
+        from agent.recovery import install_guard
+
+        self.home = root / "home"
+        self.home.mkdir()
+        self.program = self.home / "restic-manager-agent.pyz"
+        shutil.copyfile(program_src, self.program)
+        self.guard = install_guard(str(self.home))
+        self.config = self.home / "agent.toml"
+        lines = [f'server_url = "{server_url}"', 'token = "tok"', 'log_level = "DEBUG"', "backoff_max_s = 0.5"]
+        if public_key:
+            lines.append(f'release_public_key = "{public_key}"')
+        for key, value in config.items():
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.supervisor = None
+
+    def start(self, **env_overrides):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RM_"))}
+        env.update(env_overrides)
+        script = 'sh "$1" "$2" && exec "$3" -I "$4" --config "$5"'
+        args = [self.guard, str(self.home), sys.executable, str(self.program), str(self.config)]
+        cmd = ["sh", "-c", script, "agent", *args]
+        self.supervisor = Supervisor(cmd, cwd=str(self.home), env=env).start()
+        return self
+
+    def stop(self):
+        if self.supervisor is not None:
+            self.supervisor.stop()
+
+    def log(self) -> str:
+        return self.supervisor.log_text() if self.supervisor else ""
+
+    def installed_version(self) -> str:
+        out = subprocess.run(
+            [sys.executable, "-I", str(self.program), "--version"], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def state(self) -> dict | None:
+        from agent.statefile import read_state
+
+        return read_state(str(self.home))
+
+    def leftovers(self) -> list[str]:
+        names = ("restic-manager-agent.pyz.new", "restic-manager-agent.pyz.old.tmp", "probation.json.tmp")
+        return [n for n in names if (self.home / n).exists()]
+
+
 def seed_fleet(host_names, password: str = "admin-pass-123"):
     """Create user ``admin`` (with an API token) and enrol ``host_names``; return (ids, agent tokens, API token)."""
     from app.extensions import db
@@ -251,14 +309,17 @@ def seed_fleet(host_names, password: str = "admin-pass-123"):
     return [h.id for h, _ in hosts], [t for _, t in hosts], api_token
 
 
-class AdminSession:
-    """A logged-in admin talking to a live server over HTTP, as a browser or script would."""
+class LiveClient:
+    """The one HTTP client of the end-to-end tests: a live server's admin plane over ``requests``,
+    as a browser (``login``: cookie session + CSRF) or a script (``token``: an API bearer token)."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, token: str | None = None):
         self.base = base_url
         self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
 
-    def login(self, username: str, password: str) -> AdminSession:
+    def login(self, username: str = "admin", password: str = "admin-pass-123") -> LiveClient:
         import re
 
         page = self.http.get(self.base + "/login", timeout=10)
@@ -286,3 +347,94 @@ class AdminSession:
 
     def post_json(self, path: str, body=None):
         return self.http.post(self.base + path, json=body if body is not None else {}, timeout=10)
+
+    # Reads the end-to-end tests share.
+    def host(self, host_id: int) -> dict:
+        return self.get_json(f"/api/hosts/{host_id}")["host"]
+
+    def jobs(self, host_id: int) -> list[dict]:
+        return self.get_json(f"/api/hosts/{host_id}/jobs")["jobs"]
+
+    def fleet_update(self, fid: int) -> dict:
+        return self.get_json(f"/api/fleet-updates/{fid}")["fleet_update"]
+
+    def fleet_update_ended(self, fid: int) -> dict | None:
+        """The rollout once it is no longer running (None while it runs): a ``wait_until`` predicate."""
+        fu = self.fleet_update(fid)
+        return fu if fu["status"] != "running" else None
+
+    def audit_actions(self, limit: int = 500) -> list[str]:
+        return [e["action"] for e in self.get_json(f"/api/audit?limit={limit}")["events"]]
+
+    def open_alerts(self) -> list[dict]:
+        return self.get_json("/api/alerts?status=open")["alerts"]
+
+    def all_online(self, host_ids) -> bool:
+        return all(self.host(i)["online"] for i in host_ids)
+
+
+class LiveFleet:
+    """A ``restic-manager serve`` process plus real agents on one test's database: the one
+    server-plus-agents harness of the end-to-end and fault tests (fixture ``live_fleet``).
+
+    ``seed`` creates the admin (with an API token) and enrols hosts in the test database;
+    ``start_server`` / ``start_agent`` start processes that ``stop`` (run at teardown) ends.
+    """
+
+    def __init__(self, root: str, database_url: str, builds_dir: str, version: str = "2.0.0"):
+        self.root = root
+        self.database_url = database_url
+        self.builds_dir = builds_dir
+        self.version = version
+        self.host_ids: list[int] = []
+        self.tokens: list[str] = []
+        self.api_token: str | None = None
+        self.server: ServerProcess | None = None
+        self.agents: list[AgentProcess] = []
+        self._stoppables: list = []
+
+    def seed(self, host_names, password: str = "admin-pass-123") -> LiveFleet:
+        self.host_ids, self.tokens, self.api_token = seed_fleet(host_names, password)
+        return self
+
+    def start_server(self, **env: str) -> ServerProcess:
+        assert self.server is None, "one server per fleet (restart it with server.stop()/start())"
+        self.server = ServerProcess(os.path.join(self.root, "server"), self.database_url, self.version, env)
+        self._stoppables.append(self.server)
+        return self.server.start()
+
+    def program(self, version: str = "1.0.0") -> str:
+        return built_agent(version, self.builds_dir)
+
+    def start_agent(
+        self, token: str, version: str = "1.0.0", url: str | None = None, extra_config: str = "", **kwargs
+    ) -> AgentProcess:
+        """Start a real agent at ``version`` for ``token``, on the server's agent plane (or ``url``)."""
+        workdir = os.path.join(self.root, f"agent{len(self.agents)}")
+        url = url or self.server.agent_ws_url
+        agent = AgentProcess(workdir, self.program(version), url, token, extra_config, **kwargs)
+        self.agents.append(agent)
+        self._stoppables.append(agent)
+        return agent.start()
+
+    def start_agents(self, **kwargs) -> list[AgentProcess]:
+        """One agent per seeded host."""
+        return [self.start_agent(token, **kwargs) for token in self.tokens]
+
+    def add(self, stoppable):
+        """Stop ``stoppable`` (e.g. a FaultProxy) at teardown too, before the server."""
+        self._stoppables.append(stoppable)
+        return stoppable
+
+    def api(self) -> LiveClient:
+        """A client authenticated with the seeded admin's API token."""
+        return LiveClient(self.server.admin_url, self.api_token)
+
+    def admin(self, username: str = "admin", password: str = "admin-pass-123") -> LiveClient:
+        """A client logged in as a browser would be (cookie session, CSRF)."""
+        return LiveClient(self.server.admin_url).login(username, password)
+
+    def stop(self) -> None:
+        # agents and proxies first, the server last
+        for item in sorted(reversed(self._stoppables), key=lambda x: isinstance(x, ServerProcess)):
+            item.stop()

@@ -6,8 +6,9 @@ from app.extensions import db
 from app.runtime import runtime
 from app.updates import releases
 from tests.conftest import SERVER_VERSION
-from tests.support.live import LiveServer, wait_until
+from tests.support.live import LiveServer
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 
 @pytest.fixture

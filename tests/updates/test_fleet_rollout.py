@@ -13,7 +13,7 @@ from app.models import Alert, AuditEvent, FleetUpdate, Host, Job
 from app.runtime import runtime
 from app.updates import fleet, watcher
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import wait_until
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,7 +14,7 @@ from app.runtime import runtime
 from app.updates import dispatch, watcher
 from app.updates.inflight import InFlightRegistry
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import wait_until
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,7 +16,8 @@ from app.extensions import db
 from app.models import Host, Job
 from app.updates import releases
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import AgentProcess, LiveServer, built_agent, wait_until
+from tests.support.live import AgentProcess, LiveServer, built_agent
+from tests.support.wait import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 
