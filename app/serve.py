@@ -8,6 +8,7 @@ tag the WSGI environ with their plane, so each answers 404 for the other's route
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
@@ -17,6 +18,7 @@ import time
 import sqlalchemy as sa
 import waitress
 from flask import Flask
+from waitress.channel import HTTPChannel
 
 from agent.daemon import StopFlag, install_signal_handlers
 
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: URL prefixes served by the agent plane; everything else is the admin plane's.
 AGENT_PLANE_PREFIXES = ("/ws/", "/agent/")
+# How often the agent plane's accept loop checks for a stop: it bounds how long stop() waits for it
+# (socketserver's default 0.5 s); an idle wake-up is one select() call.
+AGENT_PLANE_POLL_S = 0.05
 
 
 class PlaneMiddleware:
@@ -99,7 +104,8 @@ class Servers:
             from . import scheduler
 
             self.scheduler = scheduler.start(self.app)
-        for name, target in (("agent-plane", self.agent.serve_forever), ("admin-plane", self.admin.run)):
+        agent_loop = functools.partial(self.agent.serve_forever, poll_interval=AGENT_PLANE_POLL_S)
+        for name, target in (("agent-plane", agent_loop), ("admin-plane", self.admin.run)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -114,16 +120,31 @@ class Servers:
         self.agent.shutdown()
         self.agent.server_close()
         runtime(self.app).connections.close_all(1001, "server shutting down")
-        self.admin.close()
+        self._close_admin_plane()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         for t in self._threads:
             t.join(timeout=2)
+        self._close_admin_channels()  # a no-op when the loop closed them; else (never started) now
         with self.app.app_context():
             try:
                 db.engine.dispose()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
+
+    def _close_admin_plane(self) -> None:
+        """Close the admin plane inside its own loop thread, woken by waitress's trigger, so the
+        loop ends now instead of at its next idle timeout (1 s), and idle keep-alive connections
+        don't keep it running."""
+        try:
+            self.admin.trigger.pull_trigger(self._close_admin_channels)
+        except OSError:  # the trigger is already closed: nothing left to wake
+            pass
+
+    def _close_admin_channels(self) -> None:
+        for channel in list(self.admin._map.values()):  # the listener, its trigger, open connections
+            # a connection's handle_close also releases a request thread waiting to write to it
+            (channel.handle_close if isinstance(channel, HTTPChannel) else channel.close)()
 
 
 def prepare(app: Flask) -> None:

@@ -64,8 +64,10 @@ def live_demo_scheduled(app, cast, tmp_path_factory, tmp_path):
         yield live
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium for the module (launching it takes a second); each test opens its own page,
+    and ``new_page`` gives every page a fresh context (no cookies shared between tests)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
