@@ -206,6 +206,16 @@ class AgentServer(ThreadedWSGIServer):
         self._next_sweep = self._next_report = 0.0
         super().__init__(host, port, app, handler=AgentRequestHandler)
 
+    def get_request(self):
+        """Accept, with TCP_NODELAY: agent sockets carry small frames, often two in a row (a
+        command, then a pong); Nagle would hold the second until the peer's delayed ACK (~40 ms)."""
+        sock, addr = super().get_request()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (or already gone): nothing to tune
+            pass
+        return sock, addr
+
     # -- pending connections -------------------------------------------------------------
 
     @property

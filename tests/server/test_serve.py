@@ -1,9 +1,12 @@
-"""The two-plane server stops promptly: both accept loops end at once, idle connections included."""
+"""The two-plane server: it stops promptly (both loops at once, idle connections included) and its
+agent sockets send small frames without delay."""
 
 from __future__ import annotations
 
+import socket
 import time
 
+from app.agents.server import AgentServer
 from tests.support.live import LiveClient, LiveServer
 
 
@@ -16,3 +19,15 @@ def test_stop_ends_both_planes_at_once_even_with_an_idle_keep_alive_connection(a
     assert time.monotonic() - t0 < 1.0  # was bounded only by the loops' idle timeouts (0.5 s + 1 s)
     assert not any(t.is_alive() for t in server.servers._threads)
     assert not server.servers.admin._map  # listener, trigger and the idle connection all closed
+
+
+def test_agent_plane_sockets_send_small_frames_at_once(app):
+    """TCP_NODELAY on every accepted agent socket: a command then a pong are not held by Nagle."""
+    server = AgentServer("127.0.0.1", 0, app, backlog=16)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=5):
+            accepted, _ = server.get_request()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        server.server_close()

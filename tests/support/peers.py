@@ -82,6 +82,7 @@ class PeerServer:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the real agent plane does
             self._clients.append(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 

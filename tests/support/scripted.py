@@ -7,6 +7,7 @@ coming back at some version); the end-to-end tests use the real agent program in
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 
 import simple_websocket
@@ -31,6 +32,9 @@ class ScriptedAgent:
         self.ws = simple_websocket.Client.connect(
             self.ws_url + "/ws/agent", headers={"Authorization": f"Bearer {self.token}"}
         )
+        # A frame and the ping after it go out at once, not held by Nagle until the server's
+        # delayed ACK (~40 ms per round trip on Linux): tests send thousands of such pairs.
+        self.ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.send(
             "hello",
             agent_version=self.version,
