@@ -21,9 +21,10 @@ import simple_websocket
 from agent import protocol
 from app.agents import link
 from app.runtime import runtime
-from tests.support.live import LiveServer, wait_until
+from tests.support.live import LiveServer
 from tests.support.rawws import OP_CLOSE, OP_TEXT, RawWebSocket, close_code
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
