@@ -48,6 +48,9 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     # Every scheduler run at INFO would drown the log; its warnings and errors still show.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
+    from . import inputs
+
+    inputs.init_app(app)  # first: the id converter must be in place before any route is added
     _init_db(app)
     migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"), compare_type=True, render_as_batch=True)
     login.init_app(app)

@@ -113,6 +113,7 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_RELEASE_SIGNING_KEY": ("RELEASE_SIGNING_KEY", parse_str),
     "RM_RELEASE_PUBLIC_KEY": ("RELEASE_PUBLIC_KEY", parse_public_key),
     "RM_DOWNLOAD_RATE_KIB": ("DOWNLOAD_RATE_KIB", lambda n, v: parse_int(n, v, 0)),
+    "RM_MAX_BODY_KIB": ("MAX_BODY_KIB", lambda n, v: parse_int(n, v, 1, 1024 * 1024)),
 }
 
 
@@ -148,6 +149,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "FLEET_OFFLINE_GRACE_S": 30.0,
         "LOG_LEVEL": "INFO",
         "DOWNLOAD_RATE_KIB": 0,
+        "MAX_BODY_KIB": 1024,  # request bodies on both planes; the API's are a few hundred bytes
         "AGENT_MSG_RATE": 20.0,
         "AGENT_MSG_BURST": 100.0,
         "RELEASE_SIGNING_KEY": None,

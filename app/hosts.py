@@ -24,7 +24,7 @@ from .extensions import db
 from .models import Alert, AuditEvent, Host, Job
 from .runtime import runtime
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: "$" would let a trailing newline in
 JOB_HISTORY_LIMIT = 20
 
 

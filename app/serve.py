@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import io
 import logging
 import sys
 import threading
@@ -17,14 +18,17 @@ import time
 
 import sqlalchemy as sa
 import waitress
+import waitress.utilities
 from flask import Flask
 from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask, WSGITask
 
 from agent.daemon import StopFlag, install_signal_handlers
 
 from .agents.server import AgentServer
 from .errors import error_bytes
 from .extensions import db
+from .inputs import BODY_TOO_LARGE_KEY
 from .runtime import runtime
 from .timeutil import utcnow
 
@@ -56,6 +60,32 @@ class PlaneMiddleware:
         return self.app(environ, start_response)
 
 
+class _BodyTooLargeTask(WSGITask):
+    """waitress refused a request body over the limit (by its Content-Length, or as a chunked body
+    grew past it) without buffering it: the app words the 413 (JSON on /api, a page elsewhere)."""
+
+    def get_environment(self):
+        environ = super().get_environment()
+        environ["wsgi.input"] = io.BytesIO()  # what waitress kept of the body is not the body
+        environ["CONTENT_LENGTH"] = "0"
+        environ[BODY_TOO_LARGE_KEY] = True
+        return environ
+
+    def build_response_header(self):
+        self.set_close_on_finish()  # the rest of the body may still be on its way: don't read it
+        return super().build_response_header()
+
+
+def _error_task(channel, request):
+    if isinstance(request.error, waitress.utilities.RequestEntityTooLarge):
+        return _BodyTooLargeTask(channel, request)
+    return ErrorTask(channel, request)
+
+
+class _AdminChannel(HTTPChannel):
+    error_task_class = staticmethod(_error_task)
+
+
 class Servers:
     """The two listeners and the scheduler of one ``serve`` run."""
 
@@ -84,7 +114,10 @@ class Servers:
             # poll(), not select(): with thousands of agent sockets open, admin sockets get
             # descriptors >= 1024 and select() kills the admin-plane thread (docs/capacity.md).
             asyncore_use_poll=True,
+            # waitress buffers a whole body before the app runs: never more than the app accepts.
+            max_request_body_size=cfg["MAX_CONTENT_LENGTH"] + 1,  # waitress refuses at >= this
         )
+        self.admin.channel_class = _AdminChannel
         self.scheduler = None
         self._want_scheduler = scheduler
         self._threads: list[threading.Thread] = []

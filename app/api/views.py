@@ -10,6 +10,7 @@ from .. import hosts
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
+from ..inputs import MAX_ID, bounded_int
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
@@ -41,16 +42,13 @@ def _host_or_404(host_id: int) -> Host:
     return host
 
 
-def _int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+def _int_arg(name: str, default: int | None, lo: int, hi: int = MAX_ID) -> int | None:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        n = int(raw)
-    except ValueError:
-        abort(error_response(400, "invalid_parameter", f"{name} must be a whole number"))
-    if n < lo or (hi is not None and n > hi):
-        abort(error_response(400, "invalid_parameter", f"{name} must be between {lo} and {hi or 'any'}"))
+    n = bounded_int(raw, lo, hi)
+    if n is None:
+        abort(error_response(400, "invalid_parameter", f"{name} must be a whole number from {lo} to {hi}"))
     return n
 
 
@@ -61,7 +59,7 @@ def version():
 
 @bp.get("/hosts")
 def host_list():
-    updates = request.args.get("updates") or None
+    updates = request.args.get("updates")
     if updates not in (None, "behind"):
         return error_response(400, "invalid_parameter", "updates only accepts 'behind'")
     return jsonify({"hosts": [h.to_dict(_version()) for h in hosts.list_hosts(updates)]})

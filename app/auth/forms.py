@@ -1,19 +1,20 @@
 """Forms of the auth area (Flask-WTF: every one carries a CSRF token)."""
 
-from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
+from ..inputs import TextForm
 
-class LoginForm(FlaskForm):
+
+class LoginForm(TextForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
     next = HiddenField()
 
 
-class TokenForm(FlaskForm):
+class TokenForm(TextForm):
     name = StringField("Name", validators=[Length(max=100)], description="What the token is for, e.g. 'ci deploy'")
 
 
-class EmptyForm(FlaskForm):
+class EmptyForm(TextForm):
     """A form with only its CSRF token: for POST buttons (logout, revoke, delete)."""

@@ -1,13 +1,13 @@
 """Forms of the admin pages."""
 
-from flask_wtf import FlaskForm
 from wtforms import StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
 from ..hosts import NAME_RE
+from ..inputs import TextForm
 
 
-class AddHostForm(FlaskForm):
+class AddHostForm(TextForm):
     name = StringField(
         "Host name",
         validators=[

@@ -16,6 +16,7 @@ from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..extensions import db
 from ..htmx import is_htmx, redirect_or_hx
+from ..inputs import bounded_int
 from ..models import Alert, AuditEvent, Host
 from ..updates import dispatch
 from . import bp
@@ -147,7 +148,7 @@ def alert_list():
 @bp.route("/audit")
 @login_required
 def audit():
-    before_id = request.args.get("before_id", type=int)
+    before_id = bounded_int(request.args.get("before_id"), 1)  # anything else: the first page
     events, next_before = AuditEvent.page(AUDIT_PAGE_SIZE, before_id)
     return render_template("main/audit.html", events=events, next_before=next_before, before_id=before_id)
 

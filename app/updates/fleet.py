@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from ..errors import Refusal
 from ..extensions import db
 from ..hosts import behind_hosts
+from ..inputs import MAX_ID, is_id
 from ..models import Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
 from ..runtime import FLEET_TICK_JOB_ID, runtime
 from ..timeutil import utcnow
@@ -45,10 +46,11 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
     if host_ids is None:
         hosts = behind_hosts()
     else:
-        if not isinstance(host_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in host_ids):
-            raise Refusal(422, "invalid_host_ids", "host_ids must be a list of host ids (integers)")
+        # A malformed list is the caller's mistake (400); well-formed ids of no host are 422 below.
+        if not isinstance(host_ids, list) or not host_ids or not all(is_id(i) for i in host_ids):
+            raise Refusal(400, "invalid_host_ids", f"host_ids must list host ids (1 to {MAX_ID})")
         if len(set(host_ids)) != len(host_ids):
-            raise Refusal(422, "invalid_host_ids", "host_ids lists a host more than once")
+            raise Refusal(400, "invalid_host_ids", "host_ids lists a host more than once")
         found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
         missing = [i for i in host_ids if i not in found]
         if missing:

@@ -23,6 +23,8 @@ from app.config import ConfigError, from_env, parse_addr
         ("RM_AGENT_MAX_PENDING", "0", "RM_AGENT_MAX_PENDING='0': must be at least 1"),
         ("RM_AGENT_MAX_PENDING", "2.5", "expected a whole number"),
         ("RM_AGENT_CLOSE_TIMEOUT_S", "-1", "RM_AGENT_CLOSE_TIMEOUT_S='-1': must be at least 0.1"),
+        ("RM_MAX_BODY_KIB", "0", "RM_MAX_BODY_KIB='0': must be at least 1"),
+        ("RM_MAX_BODY_KIB", "1M", "RM_MAX_BODY_KIB='1M': expected a whole number"),
     ],
 )
 def test_a_bad_environment_value_names_the_variable(var, value, fragment):
@@ -41,6 +43,17 @@ def test_the_agent_plane_bounds_are_parsed_into_config():
         {"RM_AGENT_HANDSHAKE_TIMEOUT_S": "2.5", "RM_AGENT_MAX_PENDING": "64", "RM_AGENT_CLOSE_TIMEOUT_S": "1"}
     )
     assert cfg == {"AGENT_HANDSHAKE_TIMEOUT_S": 2.5, "AGENT_MAX_PENDING": 64, "AGENT_CLOSE_TIMEOUT_S": 1.0}
+
+
+def test_the_body_limit_is_flasks_max_content_length(tmp_path):
+    app = create_app(
+        {"INSTANCE_PATH": str(tmp_path), "SQLALCHEMY_DATABASE_URI": "sqlite://", "SECRET_KEY": "x"},
+        environ={"RM_MAX_BODY_KIB": "64"},
+    )
+    assert app.config["MAX_CONTENT_LENGTH"] == 64 * 1024
+    assert create_app(
+        {"INSTANCE_PATH": str(tmp_path), "SQLALCHEMY_DATABASE_URI": "sqlite://", "SECRET_KEY": "x"}, environ={}
+    ).config["MAX_CONTENT_LENGTH"] == (1024 * 1024)
 
 
 def test_postgres_urls_use_psycopg3():
