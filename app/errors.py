@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from flask import Flask, Response, current_app, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.http import HTTP_STATUS_CODES
 
@@ -69,8 +69,8 @@ def error_response(status: int, code: str, message: str, realm: str = REALM) -> 
 
 
 def wants_json() -> bool:
-    """True for ``/api`` paths and for clients that prefer JSON over HTML."""
-    if request.path == "/api" or request.path.startswith("/api/"):
+    """True for ``/api`` paths, the agent plane, and clients that prefer JSON over HTML."""
+    if request.path == "/api" or request.path.startswith("/api/") or request.environ.get("rm.plane") == "agent":
         return True
     if is_htmx():
         return False
@@ -97,16 +97,21 @@ def _code_for(e: HTTPException) -> str:
     return STATUS_CODES.get(e.code or 500, "error")
 
 
-def _render(status: int, code: str, title: str, message: str):
+def _render(status: int, code: str, title: str, message: str) -> Response:
     if wants_json():
         return error_response(status, code, message)
     # An HTMX request swaps the answer into part of a page: give it a fragment, not a document.
     template = "errors/_error.html" if is_htmx() else "errors/error.html"
-    return render_template(template, status=status, title=title, message=message), status
+    return make_response(render_template(template, status=status, title=title, message=message), status)
 
 
-def _render_http(e: HTTPException):
-    return _render(e.code or 500, _code_for(e), e.name, e.description or e.name)
+def _render_http(e: HTTPException) -> Response:
+    resp = _render(e.code or 500, _code_for(e), e.name, e.description or e.name)
+    # Keep the headers werkzeug's exception carries: ``Allow`` on a 405 (RFC 9110), and the like.
+    for name, value in e.get_headers():
+        if name.lower() != "content-type":
+            resp.headers.setdefault(name, value)
+    return resp
 
 
 def register_error_handlers(app: Flask) -> None:
