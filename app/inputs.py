@@ -5,8 +5,9 @@ of text fields only. Every refusal here is a 4xx in the caller's format, never a
   refuses larger bodies before buffering them, and hands the refusal back to the app to word it
   (see ``app/serve.py``).
 - JSON nested deeper than :data:`MAX_JSON_DEPTH` is invalid JSON (400), not a ``RecursionError``.
-- ``<int:...>`` URL parts and integer query values stop at :data:`MAX_ID` (SQLite's and
-  PostgreSQL's largest integer): a larger id is simply unknown (404), not an ``OverflowError``.
+- ``<int:...>`` URL parts and integer query and body values stop at :data:`MAX_ID`: a larger id
+  is no id at all (404 in a path, 400 in a query or body), not an ``OverflowError`` (SQLite, from
+  2^63) or a ``NumericValueOutOfRange`` (PostgreSQL, from 2^31).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from flask_wtf import FlaskForm
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import IntegerConverter
 
-#: The largest integer an id or an integer column holds (signed 64 bits).
-MAX_ID = 2**63 - 1
+#: The largest id: id columns are ``Integer``, 32 bits on PostgreSQL (SQLite's hold 64).
+MAX_ID = 2**31 - 1
 #: The deepest JSON a request body may nest; the API's bodies nest two levels.
 MAX_JSON_DEPTH = 32
 #: Set on the WSGI environ by a server that refused the body before the app saw it.

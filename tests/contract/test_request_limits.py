@@ -11,12 +11,15 @@ import socket
 
 import pytest
 import requests
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from app.inputs import MAX_ID, MAX_JSON_DEPTH
+from app.inputs import MAX_ID, MAX_JSON_DEPTH, BoundedIntConverter
 
 pytestmark = pytest.mark.timeout(60)
 
-TOO_BIG = MAX_ID + 1  # 2**63: an OverflowError on SQLite before
+TOO_BIG = MAX_ID + 1  # 2**31: NumericValueOutOfRange on PostgreSQL before
+HUGE = 2**63  # the attack run's value: OverflowError on SQLite before
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +199,17 @@ ID_ROUTES = [
 ]
 
 
+@given(st.integers(min_value=0, max_value=10**25))
+@example(MAX_ID)
+@example(MAX_ID + 1)
+@example(2**63)
+@example(0)
+def test_the_id_converter_matches_exactly_the_numbers_an_id_column_holds(n):
+    assert (re.fullmatch(BoundedIntConverter.regex, str(n)) is not None) == (n <= MAX_ID)
+
+
 @pytest.mark.parametrize("method,route", ID_ROUTES)
-@pytest.mark.parametrize("value", [TOO_BIG, 10**30, MAX_ID])
+@pytest.mark.parametrize("value", [TOO_BIG, HUGE, 10**30, MAX_ID])
 def test_an_id_too_large_for_the_database_is_404_json(module_live, api, method, route, value):
     r = api.request(method, module_live.admin_url + route.format(id=value), json={})
     assert r.status_code == 404 and r.headers["Content-Type"].startswith("application/json"), r.text[:200]
@@ -210,14 +222,16 @@ def test_an_id_too_large_for_the_database_is_404_on_pages(module_live, path):
     s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
     method = "POST" if path.endswith("cancel") else "GET"
     token = s.csrf_token()
-    r = s.http.request(method, module_live.admin_url + path.format(id=TOO_BIG), headers={"X-CSRFToken": token})
-    assert r.status_code == 404 and r.headers["Content-Type"].startswith("text/html")
+    for value in (TOO_BIG, HUGE):
+        r = s.http.request(method, module_live.admin_url + path.format(id=value), headers={"X-CSRFToken": token})
+        assert r.status_code == 404 and r.headers["Content-Type"].startswith("text/html")
 
 
 @pytest.mark.parametrize(
     "query",
     [
         f"audit?before_id={TOO_BIG}",
+        f"audit?before_id={HUGE}",
         "audit?before_id=0",
         "audit?before_id=1_000",
         "audit?before_id=%EF%BC%91",  # a full-width digit: int() takes it
@@ -240,8 +254,9 @@ def test_the_audit_page_ignores_a_before_id_it_cannot_use(module_live):
     from tests.support.live import AdminSession
 
     s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
-    r = s.http.get(module_live.admin_url + f"/audit?before_id={TOO_BIG}", timeout=10)
-    assert r.status_code == 200
+    for value in (TOO_BIG, HUGE):
+        r = s.http.get(module_live.admin_url + f"/audit?before_id={value}", timeout=10)
+        assert r.status_code == 200
 
 
 @pytest.mark.parametrize("host_ids", [[TOO_BIG], [0], [-1], [], [1, 1], ["1"], [True], [1.5], "1", {"a": 1}], ids=repr)
