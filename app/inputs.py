@@ -104,6 +104,14 @@ def is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control_characters(text: str) -> bool:
+    """True if ``text`` holds a C0 control character or DEL (NUL is one PostgreSQL cannot store)."""
+    return _CONTROL.search(text) is not None
+
+
 _FROM_REQUEST = object()
 _SUBMIT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -120,6 +128,15 @@ class TextForm(FlaskForm):
         if formdata is _FROM_REQUEST:
             formdata = request.form if request.method in _SUBMIT_METHODS and request.form else None
         super().__init__(formdata=formdata, **kwargs)
+
+    def validate(self, extra_validators=None) -> bool:
+        """Also refuse NUL in any field: no field needs it, and PostgreSQL cannot store or compare it."""
+        ok = super().validate(extra_validators)
+        for field in self:
+            if isinstance(field.data, str) and "\x00" in field.data:
+                field.errors = [*field.errors, "Must not contain NUL characters."]
+                ok = False
+        return ok
 
 
 def init_app(app: Flask) -> None:

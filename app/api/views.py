@@ -10,7 +10,7 @@ from .. import hosts
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
-from ..inputs import MAX_ID, bounded_int
+from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
@@ -19,6 +19,7 @@ from . import bp
 PING_TIMEOUT_S = 5.0
 AUDIT_DEFAULT_LIMIT = 100
 AUDIT_MAX_LIMIT = 500
+JOB_ID_MAX_CHARS = 36  # a UUID
 
 
 def _version() -> str:
@@ -137,7 +138,7 @@ def host_jobs(host_id: int):
 
 @bp.get("/jobs/<job_id>")
 def job_get(job_id: str):
-    job = db.session.get(Job, job_id)
+    job = db.session.get(Job, job_id) if len(job_id) <= JOB_ID_MAX_CHARS and "\x00" not in job_id else None
     if job is None:
         return error_response(404, "job_not_found", f"no job with id {job_id}")
     return jsonify({"job": job.to_dict()})
@@ -164,8 +165,10 @@ def audit():
 def token_create():
     body = _json_body()
     name = body.get("name", "")
-    if not isinstance(name, str) or len(name) > 100:
-        return error_response(400, "invalid_name", "name must be a string of at most 100 characters")
+    if not isinstance(name, str) or len(name) > 100 or has_control_characters(name):
+        return error_response(
+            400, "invalid_name", "name must be a string of at most 100 characters, without control characters"
+        )
     tok, plain = ApiToken.issue(current_user, name.strip(), actor=current_user.username)
     db.session.commit()
     return jsonify({"token": plain, "api_token": tok.to_dict()}), 201

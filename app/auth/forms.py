@@ -1,7 +1,7 @@
 """Forms of the auth area (Flask-WTF: every one carries a CSRF token)."""
 
 from wtforms import HiddenField, PasswordField, StringField
-from wtforms.validators import DataRequired, Length
+from wtforms.validators import DataRequired, Length, Regexp
 
 from ..inputs import TextForm
 
@@ -13,7 +13,11 @@ class LoginForm(TextForm):
 
 
 class TokenForm(TextForm):
-    name = StringField("Name", validators=[Length(max=100)], description="What the token is for, e.g. 'ci deploy'")
+    name = StringField(
+        "Name",
+        validators=[Length(max=100), Regexp(r"^[^\x00-\x1f\x7f]*\Z", message="No control characters.")],
+        description="What the token is for, e.g. 'ci deploy'",
+    )
 
 
 class EmptyForm(TextForm):

@@ -281,3 +281,52 @@ def test_405_carries_allow_on_the_api_and_on_pages(module_live, api):
     r = requests.delete(module_live.admin_url + "/login", timeout=10)
     assert r.status_code == 405 and r.headers["Content-Type"].startswith("text/html")
     assert set(r.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "OPTIONS", "POST"}
+
+
+# --- NUL characters (PostgreSQL refuses them in text: a DataError, 500, before) -----------------
+
+
+def test_a_job_id_with_nul_is_404(module_live, api):
+    r = api.get(module_live.admin_url + "/api/jobs/a%00b")
+    assert r.status_code == 404 and error_code(r) == "job_not_found"
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "line\nbreak", "\x7f"], ids=["nul", "newline", "del"])
+def test_an_api_token_name_with_control_characters_is_400(module_live, api, name):
+    r = api.post(module_live.admin_url + "/api/tokens", json={"name": name})
+    assert r.status_code == 400 and error_code(r) == "invalid_name"
+
+
+def test_a_login_with_nul_in_the_username_is_a_form_error(module_live):
+    s = requests.Session()
+    csrf = _login_page_csrf(s, module_live.admin_url)
+    r = s.post(
+        module_live.admin_url + "/login",
+        data={"username": "limits\x00admin", "password": "x", "csrf_token": csrf},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert r.status_code == 400 and r.headers["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "line\nbreak"], ids=["nul", "newline"])
+def test_a_token_name_with_control_characters_is_a_form_error_on_the_page(module_live, name):
+    from tests.support.live import AdminSession
+
+    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    page = s.http.get(module_live.admin_url + "/settings/tokens", timeout=10).text
+    csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)
+    before = _token_count()
+    r = s.http.post(module_live.admin_url + "/settings/tokens", data={"name": name, "csrf_token": csrf}, timeout=10)
+    assert r.status_code == 200 and "No control characters." in r.text
+    assert _token_count() == before
+
+
+def _token_count() -> int:
+    import sqlalchemy as sa
+
+    from app.extensions import db
+    from app.models import ApiToken
+
+    db.session.remove()
+    return db.session.scalar(sa.select(sa.func.count()).select_from(ApiToken))
