@@ -67,9 +67,11 @@ def download(version: str):
     platform = request.args.get("platform", "py3-any")
     if version == "current":
         version = current_app.config["SERVER_VERSION"]
-    release = db.session.scalar(
-        db.select(AgentRelease).where(AgentRelease.version == version, AgentRelease.platform == platform)
-    )
+    release = None
+    if "\x00" not in version and "\x00" not in platform:  # PostgreSQL cannot compare text with NUL
+        release = db.session.scalar(
+            db.select(AgentRelease).where(AgentRelease.version == version, AgentRelease.platform == platform)
+        )
     db.session.close()
     if release is None or not os.path.isfile(release.path):
         abort(error_response(404, "release_not_found", f"no agent release {version} for platform {platform}"))

@@ -11,6 +11,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 from ..errors import Refusal, renders_refusal
 from ..extensions import db
 from ..htmx import redirect_or_hx
+from ..inputs import has_control_characters
 from ..models import ApiToken, AuditEvent, User
 from . import actor_name, admin_required, bp, throttle
 from .forms import EmptyForm, LoginForm, TokenForm
@@ -22,6 +23,8 @@ def _safe_next(target: str | None) -> str:
         return url_for("main.dashboard")
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return url_for("main.dashboard")
+    if has_control_characters(target):  # a CR or LF cannot go into the Location header (was a 500)
         return url_for("main.dashboard")
     return target
 

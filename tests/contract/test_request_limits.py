@@ -31,9 +31,14 @@ def setup(module_live, module_app):
     admin.set_password("admin-pass-123")
     db.session.add(admin)
     _, token = ApiToken.issue(admin, "limits")
-    host, _ = Host.enrol("limits-host")
+    host, agent_token = Host.enrol("limits-host")
     db.session.commit()
-    return {"token": token, "host_id": host.id, "limit": module_app.config["MAX_CONTENT_LENGTH"]}
+    return {
+        "token": token,
+        "agent_token": agent_token,
+        "host_id": host.id,
+        "limit": module_app.config["MAX_CONTENT_LENGTH"],
+    }
 
 
 @pytest.fixture
@@ -330,3 +335,20 @@ def _token_count() -> int:
 
     db.session.remove()
     return db.session.scalar(sa.select(sa.func.count()).select_from(ApiToken))
+
+
+@pytest.mark.parametrize("target", ["/a%0d%0aSet-Cookie:%20x=1", "/a%0ab", "/a%00b"], ids=["crlf", "lf", "nul"])
+def test_a_next_url_with_control_characters_goes_to_the_dashboard(module_live, target):
+    from tests.support.live import AdminSession
+
+    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    r = s.http.get(module_live.admin_url + "/login?next=" + target, allow_redirects=False, timeout=10)
+    assert r.status_code == 302 and r.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("path", ["/agent/download/1.0%00", "/agent/download/current?platform=a%00b"])
+def test_a_download_name_with_nul_is_404_json(module_live, setup, path):
+    r = requests.get(
+        module_live.agent_http_url + path, headers={"Authorization": f"Bearer {setup['agent_token']}"}, timeout=10
+    )
+    assert r.status_code == 404 and error_code(r) == "release_not_found"
