@@ -219,7 +219,7 @@ def test_explicit_host_ids_roll_in_the_given_order_and_unknown_ids_are_422(cast)
     assert (e.value.status, e.value.code) == (422, "unknown_host_ids")
     with pytest.raises(Refusal) as e:
         fleet.start("admin", host_ids=["x"])
-    assert e.value.status == 422
+    assert (e.value.status, e.value.code) == (400, "invalid_host_ids")  # malformed, not unknown
     fu = fleet.start("admin", host_ids=[cast.host_offline.id, cast.host_behind.id])
     assert [h["name"] for h in rollout(fu.id)["hosts"]] == ["db-1", "app-1"]
 
