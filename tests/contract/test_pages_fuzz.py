@@ -44,7 +44,7 @@ def _page_rules(app) -> list[tuple[str, str]]:
 def admin(module_live, module_app):
     from app.extensions import db
     from app.models import Host, User
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
     user = User(username="fuzz-admin", role="admin")
     user.set_password("admin-pass-123")
@@ -52,7 +52,7 @@ def admin(module_live, module_app):
     for name in ("fuzz-1", "fuzz-2"):
         Host.enrol(name)
     db.session.commit()
-    session = AdminSession(module_live.admin_url).login("fuzz-admin", "admin-pass-123")
+    session = LiveClient(module_live.admin_url).login("fuzz-admin", "admin-pass-123")
     return session, session.csrf_token()
 
 

@@ -222,9 +222,9 @@ def test_an_id_too_large_for_the_database_is_404_json(module_live, api, method, 
 
 @pytest.mark.parametrize("path", ["/hosts/{id}", "/hosts/{id}/update-status", "/settings/fleet-update/{id}/cancel"])
 def test_an_id_too_large_for_the_database_is_404_on_pages(module_live, path):
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
-    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
     method = "POST" if path.endswith("cancel") else "GET"
     token = s.csrf_token()
     for value in (TOO_BIG, HUGE):
@@ -256,9 +256,9 @@ def test_an_out_of_range_query_is_400_invalid_parameter(module_live, api, query)
 
 
 def test_the_audit_page_ignores_a_before_id_it_cannot_use(module_live):
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
-    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
     for value in (TOO_BIG, HUGE):
         r = s.http.get(module_live.admin_url + f"/audit?before_id={value}", timeout=10)
         assert r.status_code == 200
@@ -316,9 +316,9 @@ def test_a_login_with_nul_in_the_username_is_a_form_error(module_live):
 
 @pytest.mark.parametrize("name", ["a\x00b", "line\nbreak"], ids=["nul", "newline"])
 def test_a_token_name_with_control_characters_is_a_form_error_on_the_page(module_live, name):
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
-    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
     page = s.http.get(module_live.admin_url + "/settings/tokens", timeout=10).text
     csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)
     before = _token_count()
@@ -339,9 +339,9 @@ def _token_count() -> int:
 
 @pytest.mark.parametrize("target", ["/a%0d%0aSet-Cookie:%20x=1", "/a%0ab", "/a%00b"], ids=["crlf", "lf", "nul"])
 def test_a_next_url_with_control_characters_goes_to_the_dashboard(module_live, target):
-    from tests.support.live import AdminSession
+    from tests.support.live import LiveClient
 
-    s = AdminSession(module_live.admin_url).login("limits-admin", "admin-pass-123")
+    s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
     r = s.http.get(module_live.admin_url + "/login?next=" + target, allow_redirects=False, timeout=10)
     assert r.status_code == 302 and r.headers["Location"] == "/"
 
