@@ -13,7 +13,6 @@ import pytest
 
 from agent import signing
 from tests.support.peers import UpdatePeer, update_command
-from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,8 +81,7 @@ def test_killed_after_the_swap_the_new_program_commits_once_welcomed(
     if failpoint == "before_welcome_commit":  # killed after the welcome: one more start, same report
         hello = server.next_hello(host=host)
         assert hello["agent_version"] == "2.0.0" and hello["last_update"]["outcome"] == "swapped"
-    wait_until(lambda: (host.state() or {}).get("outcome") == "committed", what=lambda: f"a commit; log:\n{host.log()}")
-    assert not (host.home / "probation.json").exists()
+    host.wait_committed()
     assert -9 in host.supervisor.exit_codes
     host.stop()
     assert_runnable_and_verified(host, a, b, "2.0.0")

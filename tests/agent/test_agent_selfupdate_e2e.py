@@ -7,7 +7,6 @@ import pytest
 
 from tests.support.peers import UpdatePeer, update_command
 from tests.support.supervisor import Supervisor
-from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,11 +51,7 @@ def test_a_zipapp_agent_updates_itself_commits_and_keeps_the_old_program(
         "version": "2.0.0",
     }
     # welcomed at the new version: committed, the marker gone, .old kept as the previous version
-    # The commit writes the state, then removes the marker: wait for both, not just the first.
-    wait_until(
-        lambda: (host.state() or {}).get("outcome") == "committed" and not (host.home / "probation.json").exists(),
-        what=lambda: f"a commit and the marker gone; log:\n{host.log()}",
-    )
+    host.wait_committed()
     assert server.phases() == ["downloading", "verifying", "staging", "restarting"]
     assert host.supervisor.restarts == 1 and host.supervisor.exit_codes == [0]
     assert host.program.read_bytes() == b_bytes

@@ -292,6 +292,13 @@ class ZipappHost:
 
         return read_state(str(self.home))
 
+    def wait_committed(self) -> None:
+        """Wait for the probation's commit: it writes the state, then removes the marker (two steps)."""
+        wait_until(
+            lambda: (self.state() or {}).get("outcome") == "committed" and not (self.home / "probation.json").exists(),
+            what=lambda: f"a commit and the marker gone; log:\n{self.log()}",
+        )
+
     def leftovers(self) -> list[str]:
         names = ("restic-manager-agent.pyz.new", "restic-manager-agent.pyz.old.tmp", "probation.json.tmp")
         return [n for n in names if (self.home / n).exists()]
