@@ -82,6 +82,7 @@ def renders_refusal(render: Callable[[Refusal], object]):
     """Mark a page view: a :class:`Refusal` it raises is answered by ``render(refusal)``.
 
     Put it right under the route decorator. The handler has already rolled the session back.
+    ``render`` may return None to leave the refusal to the error page (a missing object).
     """
 
     def mark(view):
@@ -121,7 +122,9 @@ def register_error_handlers(app: Flask) -> None:
         view = current_app.view_functions.get(request.endpoint or "")
         render = getattr(view, "render_refusal", None)
         if render is not None and not wants_json():
-            return render(refusal)
+            answer = render(refusal)
+            if answer is not None:  # None: the renderer has no page for it (a 404), so the error page
+                return answer
         return _render(refusal.status, refusal.code, HTTP_STATUS_CODES.get(refusal.status, "Error"), refusal.message)
 
     @app.errorhandler(HTTPException)

@@ -35,6 +35,14 @@ class Enrolment:
     install_command: str
 
 
+def get(host_id: int) -> Host:
+    """The host with this id; :class:`Refusal` 404 ``host_not_found`` (one wording everywhere) if none."""
+    host = db.session.get(Host, host_id)
+    if host is None:
+        raise Refusal(404, "host_not_found", f"no host with id {host_id}")
+    return host
+
+
 def validate_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise Refusal(400, "invalid_name", "host name must be 1-128 characters of letters, digits, '.', '_' or '-'")
@@ -99,6 +107,22 @@ def revoke(host: Host, actor: str) -> None:
     db.session.commit()
     # After the commit, so a reconnect racing the close is already refused by the token check.
     runtime().connections.close(host.id, protocol.CLOSE_REVOKED, "token revoked")
+
+
+def reissue_token(host: Host, actor: str, request_host: str | None = None) -> Enrolment:
+    """Give the host a new agent token (shown once), replacing the old one and lifting a revocation.
+
+    The old token stops working at the commit; a connection made with it is closed, so the agent
+    must be reinstalled (or its config edited) with the new token. Audited ``host.token_reissued``.
+    """
+    was_revoked = host.revoked_at is not None
+    token = host.rotate_token()
+    AuditEvent.record(
+        actor, "host.token_reissued", host.name, host_id=host.id, prefix=host.token_prefix, was_revoked=was_revoked
+    )
+    db.session.commit()
+    runtime().connections.close(host.id, protocol.CLOSE_REVOKED, "token replaced")
+    return Enrolment(host, token, install_command(token, request_host))
 
 
 def delete(host: Host, actor: str) -> None:

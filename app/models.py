@@ -434,8 +434,33 @@ class Alert(db.Model):
     first_seen = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     last_seen = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     resolved_at = sa.Column(sa.DateTime)
+    acknowledged_at = sa.Column(sa.DateTime)
+    acknowledged_by = sa.Column(sa.String(128))
 
     host = db.relationship("Host")
+
+    @classmethod
+    def get(cls, alert_id: int) -> Alert:
+        """The alert with this id; :class:`Refusal` 404 ``alert_not_found`` if none."""
+        alert = db.session.get(cls, alert_id)
+        if alert is None:
+            raise Refusal(404, "alert_not_found", f"no alert with id {alert_id}")
+        return alert
+
+    def acknowledge(self, actor: str) -> bool:
+        """Record that ``actor`` has seen this open alert (audited ``alert.acknowledged``); the caller commits.
+
+        Return False, changing nothing, if it was already acknowledged. It stays acknowledged if it
+        recurs (its count goes up) and until it is resolved; a later alert of the same kind is a new,
+        unacknowledged row. A resolved alert is refused: there is nothing left to acknowledge.
+        """
+        if self.resolved_at is not None:
+            raise Refusal(409, "alert_resolved", f"alert {self.id} is already resolved")
+        if self.acknowledged_at is not None:
+            return False
+        self.acknowledged_at, self.acknowledged_by = utcnow(), actor
+        AuditEvent.record(actor, "alert.acknowledged", f"alert:{self.id}", kind=self.kind, message=self.message)
+        return True
 
     @classmethod
     def raise_or_touch(cls, kind: str, dedup_key: str, message: str, host_id: int | None = None) -> Alert:
@@ -495,6 +520,8 @@ class Alert(db.Model):
             "last_seen": isoformat(self.last_seen),
             "resolved_at": isoformat(self.resolved_at),
             "open": self.resolved_at is None,
+            "acknowledged_at": isoformat(self.acknowledged_at),
+            "acknowledged_by": self.acknowledged_by,
         }
 
 
@@ -579,6 +606,15 @@ class FleetUpdate(db.Model):
         "FleetUpdateHost", order_by="FleetUpdateHost.position", back_populates="fleet_update", cascade="all"
     )
 
+    @property
+    def total(self) -> int:
+        return len(self.hosts)
+
+    @property
+    def done(self) -> int:
+        """Hosts finished without trouble: updated, or skipped as already current."""
+        return sum(r.status in ("succeeded", "skipped") for r in self.hosts)
+
     def to_dict(self) -> dict:
         rows = list(self.hosts)
         return {
@@ -590,8 +626,8 @@ class FleetUpdate(db.Model):
             "created_at": isoformat(self.created_at),
             "finished_at": isoformat(self.finished_at),
             "halt_reason": self.halt_reason,
-            "total": len(rows),
-            "done": sum(r.status in ("succeeded", "skipped") for r in rows),
+            "total": self.total,
+            "done": self.done,
             "hosts": [r.to_dict() for r in rows],
         }
 

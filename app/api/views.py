@@ -11,7 +11,7 @@ from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
 from ..inputs import MAX_ID, bounded_int, has_control_characters
-from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
+from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
 from . import bp
@@ -36,13 +36,6 @@ def _json_body() -> dict:
     return data
 
 
-def _host_or_404(host_id: int) -> Host:
-    host = db.session.get(Host, host_id)
-    if host is None:
-        abort(error_response(404, "host_not_found", f"no host with id {host_id}"))
-    return host
-
-
 def _int_arg(name: str, default: int | None, lo: int, hi: int = MAX_ID) -> int | None:
     raw = request.args.get(name)
     if raw is None:
@@ -51,6 +44,17 @@ def _int_arg(name: str, default: int | None, lo: int, hi: int = MAX_ID) -> int |
     if n is None:
         abort(error_response(400, "invalid_parameter", f"{name} must be a whole number from {lo} to {hi}"))
     return n
+
+
+def _enrolment_json(enrolment: hosts.Enrolment):
+    """A host with its new agent token and install command (the only time the token is shown)."""
+    return jsonify(
+        {
+            "host": enrolment.host.to_dict(_version()),
+            "token": enrolment.token,
+            "install_command": enrolment.install_command,
+        }
+    )
 
 
 @bp.get("/version")
@@ -70,19 +74,12 @@ def host_list():
 @admin_required
 def host_create():
     body = _json_body()
-    enrolment = hosts.enrol(body.get("name"), actor_name(), request.host)
-    return jsonify(
-        {
-            "host": enrolment.host.to_dict(_version()),
-            "token": enrolment.token,
-            "install_command": enrolment.install_command,
-        }
-    ), 201
+    return _enrolment_json(hosts.enrol(body.get("name"), actor_name(), request.host)), 201
 
 
 @bp.get("/hosts/<int:host_id>")
 def host_get(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     job = hosts.latest_update_job(host.id)
     return jsonify({"host": host.to_dict(_version()), "latest_update_job": job.to_dict() if job else None})
 
@@ -90,7 +87,7 @@ def host_get(host_id: int):
 @bp.delete("/hosts/<int:host_id>")
 @admin_required
 def host_delete(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     hosts.delete(host, actor_name())
     return "", 204
 
@@ -98,16 +95,22 @@ def host_delete(host_id: int):
 @bp.post("/hosts/<int:host_id>/revoke")
 @admin_required
 def host_revoke(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     if host.revoked_at is None:
         hosts.revoke(host, actor_name())
     return jsonify({"host": host.to_dict(_version())})
 
 
+@bp.post("/hosts/<int:host_id>/token")
+@admin_required
+def host_token(host_id: int):
+    return _enrolment_json(hosts.reissue_token(hosts.get(host_id), actor_name(), request.host))
+
+
 @bp.post("/hosts/<int:host_id>/ping")
 @admin_required
 def host_ping(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     conn = runtime().connections.get(host.id)
     if conn is None:
         return error_response(409, "host_offline", f"host {host.name} is not connected")
@@ -131,7 +134,7 @@ def host_update(host_id: int):
 
 @bp.get("/hosts/<int:host_id>/jobs")
 def host_jobs(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     limit = _int_arg("limit", 50, 1, 500)
     return jsonify({"jobs": [j.to_dict() for j in hosts.jobs_for(host.id, limit)]})
 
@@ -150,6 +153,15 @@ def alert_list():
     if status not in ("open", "resolved", "all"):
         return error_response(400, "invalid_parameter", "status must be open, resolved or all")
     return jsonify({"alerts": [a.to_dict() for a in Alert.listing(status)]})
+
+
+@bp.post("/alerts/<int:alert_id>/ack")
+@admin_required
+def alert_ack(alert_id: int):
+    alert = Alert.get(alert_id)
+    alert.acknowledge(actor_name())
+    db.session.commit()
+    return jsonify({"alert": alert.to_dict()})
 
 
 @bp.get("/audit")

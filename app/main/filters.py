@@ -1,4 +1,4 @@
-"""Template filters for times and sizes."""
+"""Template filters for times, sizes and audit details."""
 
 from __future__ import annotations
 
@@ -36,3 +36,21 @@ def human_bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def _detail_text(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(_detail_text(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_detail_text(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+@bp.app_template_filter("details")
+def audit_details(details: dict | None) -> list[tuple[str, str]]:
+    """An audit row's details as ``(key, text)`` pairs: lists joined with commas, never Python reprs."""
+    return [(str(k), _detail_text(v)) for k, v in (details or {}).items()]

@@ -1,16 +1,18 @@
-"""The fleet rolling-update page: start, watch (HTMX polling partial), cancel, history."""
+"""The fleet rolling-update page: start, watch (HTMX polling partial), cancel, history.
+
+Every user sees the page (viewers read-only, without the start and cancel controls).
+"""
 
 from __future__ import annotations
 
-from flask import abort, flash, redirect, render_template, url_for
+from flask import flash, redirect, render_template, url_for
+from flask_login import login_required
 
 from .. import hosts
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
-from ..extensions import db
 from ..htmx import is_htmx, redirect_or_hx
-from ..models import FleetUpdate
 from ..updates import fleet
 from . import bp
 
@@ -21,8 +23,9 @@ def _context(message: str | None = None) -> dict:
     return {
         "current": current,
         "current_dict": current.to_dict() if current is not None else None,
+        "waiting": fleet.offline_wait(current) if current is not None else None,
         "behind": hosts.behind_hosts(),
-        "history": [fu.to_dict() for fu in history],
+        "history": history,
         "message": message,
         "button": EmptyForm(),
     }
@@ -30,6 +33,8 @@ def _context(message: str | None = None) -> dict:
 
 def _refused(refusal: Refusal):
     """Show a refused start or cancel: in place for HTMX, as a flash message otherwise."""
+    if refusal.status == 404:
+        return None  # the error page
     if is_htmx():
         return render_template("fleet/_status.html", **_context(message=refusal.message)), refusal.status
     flash(refusal.message, "error")
@@ -37,13 +42,13 @@ def _refused(refusal: Refusal):
 
 
 @bp.route("/settings/fleet-update")
-@admin_required
+@login_required
 def fleet_update():
     return render_template("fleet/page.html", **_context())
 
 
 @bp.route("/settings/fleet-update/status")
-@admin_required
+@login_required
 def fleet_status():
     if is_htmx():
         return render_template("fleet/_status.html", oob_history=True, **_context())
@@ -63,8 +68,6 @@ def fleet_start():
 @renders_refusal(_refused)
 @admin_required
 def fleet_cancel(fleet_id: int):
-    if db.session.get(FleetUpdate, fleet_id) is None:
-        abort(404, f"There is no fleet update {fleet_id}.")
     fleet.cancel(fleet_id, actor_name())
     flash(f"Fleet update {fleet_id} cancelled; the host being updated finishes its own job.", "info")
     return redirect_or_hx(url_for("main.fleet_update"))

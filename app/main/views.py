@@ -25,20 +25,14 @@ from .forms import AddHostForm
 AUDIT_PAGE_SIZE = 50
 
 
-def _host_or_404(host_id: int) -> Host:
-    host = db.session.get(Host, host_id)
-    if host is None:
-        abort(404, f"There is no host with id {host_id}.")
-    return host
-
-
-def _update_status_context(host: Host, message: str | None = None) -> dict:
+def _update_status_context(host: Host, message: str | None = None, message_kind: str = "error") -> dict:
     return {
         "host": host,
         "job": hosts.latest_update_job(host.id),
         "jobs": hosts.jobs_for(host.id),
         "refusal": dispatch.precheck(host) if current_user.is_admin else None,
         "message": message,
+        "message_kind": message_kind,
         "button": EmptyForm(),
     }
 
@@ -82,14 +76,14 @@ def host_new():
 @bp.route("/hosts/<int:host_id>")
 @login_required
 def host_detail(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     return render_template("hosts/detail.html", **_update_status_context(host))
 
 
 @bp.route("/hosts/<int:host_id>/update-status")
 @login_required
 def update_status(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     ctx = _update_status_context(host)
     if is_htmx():
         return render_template("hosts/_update_status.html", oob_history=True, **ctx)
@@ -98,9 +92,11 @@ def update_status(host_id: int):
 
 def _update_refused(refusal: Refusal):
     """In place for HTMX (the status fragment with the message), as a flash message otherwise."""
+    if refusal.code == "host_not_found":
+        return None  # no page to show it on: the error page
     host_id = request.view_args["host_id"]
     if is_htmx():
-        ctx = _update_status_context(_host_or_404(host_id), message=refusal.message)
+        ctx = _update_status_context(hosts.get(host_id), message=refusal.message)
         return render_template("hosts/_update_status.html", **ctx), refusal.status
     flash(refusal.message, "error")
     return redirect(url_for("main.host_detail", host_id=host_id), code=303)
@@ -110,19 +106,35 @@ def _update_refused(refusal: Refusal):
 @renders_refusal(_update_refused)
 @admin_required
 def host_update(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     job = dispatch.dispatch_update(host.id, actor_name())
     if job.status == "running":
-        flash(f"Update of {host.name} to {job.target_version} dispatched.", "info")
+        message, kind = f"Update of {host.name} to {job.target_version} dispatched.", "info"
     else:
-        flash(f"Update of {host.name} failed: {job.error}", "error")
-    return redirect_or_hx(url_for("main.host_detail", host_id=host_id))
+        message, kind = f"Update of {host.name} failed: {job.error}", "error"
+    if is_htmx():
+        # The panel itself, polling: the message goes with the next poll instead of staying on the page.
+        ctx = _update_status_context(host, message=message, message_kind=kind)
+        return render_template("hosts/_update_status.html", oob_history=True, **ctx)
+    flash(message, kind)
+    return redirect(url_for("main.host_detail", host_id=host_id), code=303)
+
+
+@bp.route("/hosts/<int:host_id>/token", methods=["POST"])
+@admin_required
+def host_token(host_id: int):
+    """Replace the agent token (lifting a revocation); the new token is in this response only.
+
+    The same full page for a plain form and for htmx (which swaps it into the body).
+    """
+    enrolment = hosts.reissue_token(hosts.get(host_id), actor_name(), request.host)
+    return render_template("hosts/enrolled.html", host=enrolment.host, enrolment=enrolment, reissued=True)
 
 
 @bp.route("/hosts/<int:host_id>/revoke", methods=["POST"])
 @admin_required
 def host_revoke(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     if host.revoked_at is None:
         hosts.revoke(host, actor_name())
         flash(f"The agent token of {host.name} is revoked; its connection was closed.", "info")
@@ -132,7 +144,7 @@ def host_revoke(host_id: int):
 @bp.route("/hosts/<int:host_id>/delete", methods=["POST"])
 @admin_required
 def host_delete(host_id: int):
-    host = _host_or_404(host_id)
+    host = hosts.get(host_id)
     name = host.name
     hosts.delete(host, actor_name())
     flash(f"Host {name} deleted.", "info")
@@ -142,7 +154,27 @@ def host_delete(host_id: int):
 @bp.route("/alerts")
 @login_required
 def alert_list():
-    return render_template("main/alerts.html", open_alerts=Alert.listing("open"), resolved=Alert.listing("resolved"))
+    return render_template(
+        "main/alerts.html", open_alerts=Alert.listing("open"), resolved=Alert.listing("resolved"), button=EmptyForm()
+    )
+
+
+def _ack_refused(refusal: Refusal):
+    if refusal.code == "alert_not_found":
+        return None
+    flash(refusal.message, "error")
+    return redirect_or_hx(url_for("main.alert_list"))
+
+
+@bp.route("/alerts/<int:alert_id>/ack", methods=["POST"])
+@renders_refusal(_ack_refused)
+@admin_required
+def alert_ack(alert_id: int):
+    alert = Alert.get(alert_id)
+    if alert.acknowledge(actor_name()):
+        db.session.commit()
+        flash(f"Alert {alert.id} acknowledged.", "info")
+    return redirect_or_hx(url_for("main.alert_list"))
 
 
 @bp.route("/audit")

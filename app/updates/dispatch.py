@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from agent import protocol
 
+from .. import hosts
 from ..errors import Refusal
 from ..extensions import db
 from ..models import AuditEvent, FleetUpdateHost, Host, Job
@@ -28,10 +29,18 @@ def running_update_job(host_id: int) -> Job | None:
     )
 
 
-def precheck(host: Host | None, allow_downgrade: bool = False) -> Refusal | None:
-    """Return why ``host`` cannot be updated now, or None if it can."""
-    if host is None:
-        return Refusal(404, "host_not_found", "no such host")
+def precheck(host: Host, allow_downgrade: bool = False) -> Refusal | None:
+    """Return why ``host`` cannot be updated now, or None if it can.
+
+    A running update is checked first: while its agent restarts the host is briefly offline, and
+    the answer to a second request is that the update is under way, not that the host is gone.
+    """
+    if host.revoked_at is not None:
+        return Refusal(
+            409, "host_revoked", f"the agent token of {host.name} is revoked; issue a new token to reconnect it"
+        )
+    if running_update_job(host.id) is not None:
+        return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     if not host.connected or not runtime().connections.is_connected(host.id):
         return Refusal(409, "host_offline", f"host {host.name} is offline")
     target = current_app.config["SERVER_VERSION"]
@@ -53,8 +62,6 @@ def precheck(host: Host | None, allow_downgrade: bool = False) -> Refusal | None
             "'update' capability: it is too old to update itself or does not run from a replaceable program "
             "file; install the new agent by hand once",
         )
-    if running_update_job(host.id) is not None:
-        return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     return None
 
 
@@ -66,7 +73,7 @@ def dispatch_update(
     The job, its audit event and (for a rollout) the fleet row are written in one transaction,
     so a crash can never leave a sent command without its job, nor a fleet row without its job.
     """
-    host = db.session.get(Host, host_id)
+    host = hosts.get(host_id)
     refusal = precheck(host, allow_downgrade)
     if refusal is not None:
         raise refusal

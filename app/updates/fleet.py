@@ -11,6 +11,7 @@ safety net. The wake-up state lives on the runtime (``runtime().fleet_waker``), 
 from __future__ import annotations
 
 import logging
+import re
 
 import sqlalchemy as sa
 from flask import current_app
@@ -56,6 +57,15 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
         if missing:
             raise Refusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
         hosts = [found[i] for i in host_ids]
+        target = current_app.config["SERVER_VERSION"]
+        if hosts and not any(h.version_state(target) in ("behind", "unknown") for h in hosts):
+            # Every one would be skipped: the rollout would "succeed" having done nothing.
+            raise Refusal(
+                422,
+                "no_hosts_to_update",
+                f"none of the selected hosts is behind the server's version {target}: "
+                f"{', '.join(h.name for h in hosts)} already run it or a newer one",
+            )
     if not hosts:
         raise Refusal(422, "no_hosts_to_update", "no host is behind the server's version")
     if running() is not None:
@@ -88,7 +98,7 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
 def cancel(fleet_id: int, actor: str) -> FleetUpdate:
     fu = db.session.get(FleetUpdate, fleet_id)
     if fu is None:
-        raise Refusal(404, "fleet_update_not_found", "no such fleet update")
+        raise Refusal(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
     now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
@@ -205,6 +215,31 @@ def _offline_grace_left(host: Host) -> float:
     return float(current_app.config["FLEET_OFFLINE_GRACE_S"]) - (utcnow() - since).total_seconds()
 
 
+def offline_wait(fu: FleetUpdate) -> dict | None:
+    """What a running rollout is waiting for, if it waits for an offline host to come back.
+
+    ``{"host_id", "name", "left_s"}``: the host at the front of the queue is offline and the
+    rollout gives it ``left_s`` more seconds (``FLEET_OFFLINE_GRACE_S``) before halting there.
+    """
+    if fu.status != "running" or _first_row(fu.id, "running") is not None:
+        return None
+    row = _first_row(fu.id, "pending")
+    host = row.host if row is not None else None
+    if host is None or host.agent_version == fu.target_version:
+        return None
+    if host.connected and runtime().connections.is_connected(host.id):
+        return None
+    return {"host_id": host.id, "name": host.name, "left_s": max(0, round(_offline_grace_left(host)))}
+
+
+def halt_reason(name: str, error: str | None) -> str:
+    """``host <name>: <error>``, naming the host once: a refusal's message often names it already."""
+    error = error or "update failed"
+    if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", error):
+        return error
+    return f"host {name}: {error}"
+
+
 def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
     waker = runtime().fleet_waker
     host = row.host
@@ -217,7 +252,8 @@ def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
             waker.waiting_for = host.id  # its hello wakes us; the periodic tick re-checks the grace
             db.session.rollback()
             return False
-        _finish_row(row, "failed", f"host {host.name} is offline")
+        grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
+        _finish_row(row, "failed", f"stayed offline past the {grace:g} s grace to reconnect")
         _halt(fu, row)
         return True
     waker.waiting_for = None
@@ -243,7 +279,7 @@ def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
 
 def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
     name = row.host.name if row.host else str(row.host_id)
-    reason = f"host {name}: {row.error or 'update failed'}"
+    reason = halt_reason(name, row.error)
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
@@ -292,7 +328,7 @@ def correct_host_row(job_id: str, reason: str) -> None:
     fu = row.fleet_update
     if fu.status == "succeeded":
         name = row.host.name if row.host else str(row.host_id)
-        fu.status, fu.halt_reason = "halted", f"host {name}: {reason}"
+        fu.status, fu.halt_reason = "halted", halt_reason(name, reason)
         AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=fu.halt_reason)
         Alert.raise_or_touch(
             "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {fu.halt_reason}"

@@ -49,7 +49,7 @@ import requests
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import ApiToken, FleetUpdate, Host, Job, User
+from app.models import Alert, ApiToken, FleetUpdate, Host, Job, User
 from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
 from app.updates import fleet
@@ -192,6 +192,12 @@ class World:
         self.connect_agent(host.id, token, OLD_VERSION)
         return host.id
 
+    def new_alert(self) -> int:
+        db.session.remove()
+        alert = Alert.raise_or_touch("update_failed", unique("rbac"), "an alert to acknowledge")
+        db.session.commit()
+        return alert.id
+
     def new_admin_token(self) -> int:
         db.session.remove()
         tok, _ = ApiToken.issue(db.session.get(User, self.admin_id), unique("rbac"))
@@ -238,6 +244,10 @@ class World:
         db.session.remove()
         q = sa.select(Job.id).where(Job.host_id == host_id, Job.status == "running")
         return db.session.scalar(q) is not None
+
+    def token_replaced(self, ctx: tuple[int, str]) -> bool:
+        host_id, old_hash = ctx
+        return self.row(Host, host_id).token_hash != old_hash
 
     def host_named(self, name: str) -> bool:
         db.session.remove()
@@ -319,6 +329,22 @@ def _fresh_fleet_target(p: str, **body) -> Callable[[World], Target]:
     return make
 
 
+def _reissue_target(p: str) -> Callable[[World], Target]:
+    def make(w):
+        host_id = w.new_host()
+        return Target(p.format(id=host_id), ctx=(host_id, w.row(Host, host_id).token_hash))
+
+    return make
+
+
+def _alert_target(p: str) -> Callable[[World], Target]:
+    def make(w):
+        alert_id = w.new_alert()
+        return Target(p.format(id=alert_id), ctx=alert_id)
+
+    return make
+
+
 def _token_target(w):
     tid = w.new_admin_token()
     return Target(f"/settings/tokens/{tid}/revoke", ctx=tid)
@@ -382,6 +408,24 @@ MATRIX: list[Case] = [
         effect=lambda w, t: w.row(Host, t.ctx).revoked_at is not None,
     ),
     Case(
+        "main.host_token",
+        "POST",
+        "admin",
+        admin_form(200),
+        _reissue_target("/hosts/{id}/token"),
+        ok=200,
+        effect=lambda w, t: w.token_replaced(t.ctx),
+    ),
+    Case(
+        "main.alert_ack",
+        "POST",
+        "admin",
+        admin_form(303),
+        _alert_target("/alerts/{id}/ack"),
+        ok=303,
+        effect=lambda w, t: w.row(Alert, t.ctx).acknowledged_at is not None,
+    ),
+    Case(
         "main.host_delete",
         "POST",
         "admin",
@@ -390,8 +434,8 @@ MATRIX: list[Case] = [
         ok=303,
         effect=lambda w, t: w.row(Host, t.ctx) is None,
     ),
-    Case("main.fleet_update", "GET", "admin", ADMIN_PAGE, path("/settings/fleet-update")),
-    Case("main.fleet_status", "GET", "admin", ADMIN_PAGE, path("/settings/fleet-update/status")),
+    Case("main.fleet_update", "GET", "admin", PAGE, path("/settings/fleet-update"), note="viewers read it"),
+    Case("main.fleet_status", "GET", "admin", PAGE, path("/settings/fleet-update/status")),
     Case(
         "main.fleet_start",
         "POST",
@@ -526,6 +570,15 @@ MATRIX: list[Case] = [
         effect=lambda w, t: w.row(Host, t.ctx).revoked_at is not None,
     ),
     Case(
+        "api.host_token",
+        "POST",
+        "admin",
+        api_admin(200),
+        _reissue_target("/api/hosts/{id}/token"),
+        ok=200,
+        effect=lambda w, t: w.token_replaced(t.ctx),
+    ),
+    Case(
         "api.host_update",
         "POST",
         "admin",
@@ -536,6 +589,15 @@ MATRIX: list[Case] = [
     ),
     Case("api.job_get", "GET", "admin", API_READ, path("/api/jobs/{w.job_id}")),
     Case("api.alert_list", "GET", "admin", API_READ, path("/api/alerts")),
+    Case(
+        "api.alert_ack",
+        "POST",
+        "admin",
+        api_admin(200),
+        _alert_target("/api/alerts/{id}/ack"),
+        ok=200,
+        effect=lambda w, t: w.row(Alert, t.ctx).acknowledged_at is not None,
+    ),
     Case("api.audit", "GET", "admin", API_READ, path("/api/audit")),
     Case(
         "api.token_create",

@@ -56,7 +56,7 @@ def test_db_upgrade_brings_an_empty_database_to_head(tmp_path):
         sa.inspect(engine).get_table_names()
     )
     with engine.connect() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0004"
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
     engine.dispose()
 
 

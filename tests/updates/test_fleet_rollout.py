@@ -119,7 +119,34 @@ def test_an_offline_host_halts_the_rollout_once_its_grace_to_reconnect_is_over(c
     drive()
     r = rollout(fid)
     assert r["status"] == "halted" and "offline" in r["halt_reason"]
+    assert r["halt_reason"] == "host app-1: stayed offline past the 30 s grace to reconnect"
     assert statuses(fid) == ["failed"]
+
+
+@pytest.mark.parametrize(
+    "error,reason",
+    [
+        ("host web-3 is offline", "host web-3 is offline"),
+        ("the agent on web-3 (1.0) does not announce the 'update' capability", None),
+        ("timed out after 90 s", "host web-3: timed out after 90 s"),
+        ("host web-30 is offline", "host web-3: host web-30 is offline"),  # another host's name is not ours
+        (None, "host web-3: update failed"),
+    ],
+)
+def test_a_halt_reason_names_the_host_once(error, reason):
+    assert fleet.halt_reason("web-3", error) == (reason or error)
+
+
+def test_a_rollout_of_hosts_already_current_is_refused_like_an_empty_one(cast):
+    with pytest.raises(Refusal) as e:
+        fleet.start("admin", host_ids=[cast.host_online.id, cast.host_offline.id])  # both run 2.0.0
+    assert (e.value.status, e.value.code) == (422, "no_hosts_to_update")
+    assert "web-1" in e.value.message and "db-1" in e.value.message
+    db.session.rollback()
+    assert db.session.scalar(sa.select(sa.func.count(FleetUpdate.id))) == 0
+    # One behind host among current ones is enough: the current ones are skipped as before.
+    fu = fleet.start("admin", host_ids=[cast.host_online.id, cast.host_behind.id])
+    assert [h["name"] for h in rollout(fu.id)["hosts"]] == ["web-1", "app-1"]
 
 
 def test_a_host_that_reconnects_within_the_grace_is_updated(cast, agent_for, clock):

@@ -4,6 +4,7 @@ import pytest
 
 from app.extensions import db
 from app.models import AuditEvent, Job
+from app.runtime import runtime
 from tests.web.helpers import bearer, error_code
 
 
@@ -46,9 +47,35 @@ def test_a_second_dispatch_is_409_update_in_progress(client, cast, online, relea
     assert r.status_code == 409 and error_code(r) == "update_in_progress"
 
 
-def test_an_unknown_host_is_404(client, cast, release, admin_token):
+def test_a_second_request_while_the_agent_restarts_is_update_in_progress_not_host_offline(
+    client, cast, online, release, admin_token
+):
+    url = f"/api/hosts/{cast.host_behind.id}/update"
+    assert client.post(url, headers=bearer(admin_token)).status_code == 202
+    # The agent restarts into the new version: its socket is gone and the host reads offline.
+    runtime().connections.unregister(online["app-1"].conn)
+    cast.host_behind.connected = False
+    db.session.commit()
+    r = client.post(url, headers=bearer(admin_token))
+    assert r.status_code == 409 and error_code(r) == "update_in_progress"
+    assert db.session.scalar(db.select(db.func.count(Job.id))) == 1
+
+
+def test_a_revoked_host_is_refused_as_revoked(client, cast, online, release, admin_token):
+    client.post(f"/api/hosts/{cast.host_behind.id}/revoke", headers=bearer(admin_token))
+    r = client.post(f"/api/hosts/{cast.host_behind.id}/update", headers=bearer(admin_token))
+    assert r.status_code == 409 and error_code(r) == "host_revoked"
+    assert "revoked" in r.get_json()["error"]["message"]
+
+
+def test_an_unknown_host_is_404_in_the_same_words_as_every_host_route(client, cast, release, admin_token):
     r = client.post("/api/hosts/9999/update", headers=bearer(admin_token))
     assert r.status_code == 404 and error_code(r) == "host_not_found"
+    assert r.get_json()["error"]["message"] == "no host with id 9999"
+    others = (("GET", "/api/hosts/9999"), ("POST", "/api/hosts/9999/token"), ("GET", "/api/hosts/9999/jobs"))
+    for method, path in others:
+        other = client.open(path, method=method, headers=bearer(admin_token))
+        assert other.status_code == 404 and other.get_json() == r.get_json(), path
 
 
 def test_viewers_get_403(client, cast, online, release, viewer_token):

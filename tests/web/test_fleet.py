@@ -4,6 +4,8 @@ The rollout's state machine is the update module's (tested there); these tests c
 endpoints: start, read, list, cancel, their refusals, roles, and the HTMX page.
 """
 
+import re
+
 import pytest
 
 from app.extensions import db
@@ -107,10 +109,60 @@ def test_the_idle_page_shows_how_many_hosts_are_behind_and_a_start_button(as_adm
     assert "No fleet update has run yet." in html
 
 
-def test_viewers_cannot_open_or_use_the_page(as_viewer, cast):
-    assert as_viewer.get("/settings/fleet-update").status_code == 403
+def test_viewers_see_the_page_without_its_controls_and_cannot_start(as_viewer, cast):
+    r = as_viewer.get("/settings/fleet-update")
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "1 host behind 2.0.0: app-1." in html
+    assert 'id="fleet-start"' not in html and "fleet-update/start" not in html
     assert as_viewer.post("/settings/fleet-update/start", headers=HX).status_code == 403
     assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_viewers_watch_a_running_rollout_without_the_cancel_button(as_viewer, cast):
+    from app.updates import fleet
+
+    fu = fleet.start("admin")
+    html = as_viewer.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert 'hx-trigger="every 1s"' in html and 'data-host="app-1"' in html
+    assert 'id="fleet-cancel"' not in html and "/cancel" not in html
+    assert as_viewer.post(f"/settings/fleet-update/{fu.id}/cancel", headers=HX).status_code == 403
+    assert _fleet(fu.id).status == "running"
+
+
+def test_the_start_card_is_its_own_card_beside_the_latest_rollout(as_admin, cast):
+    as_admin.post("/settings/fleet-update/start")
+    fu = db.session.scalar(db.select(FleetUpdate))
+    as_admin.post(f"/settings/fleet-update/{fu.id}/cancel")
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    start_card = html.index('id="fleet-start-card"')
+    rollout_card = html.index('id="fleet-rollout"')
+    button = html.index('id="fleet-start"')
+    assert start_card < button < rollout_card  # the button is in the start card, not the old rollout's
+
+
+def test_history_times_read_to_the_second(as_admin, cast):
+    as_admin.post("/settings/fleet-update/start")
+    fu = db.session.scalar(db.select(FleetUpdate))
+    as_admin.post(f"/settings/fleet-update/{fu.id}/cancel")
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    history = html[html.index('id="fleet-history"') :]
+    assert fu.created_at.strftime("%Y-%m-%d %H:%M:%S UTC") in history
+    assert not re.search(r"\d\d:\d\d:\d\d\.\d", history)  # no microseconds
+
+
+def test_a_host_waiting_out_the_offline_grace_says_so_with_the_time_left(as_admin, app, cast, clock):
+    from app.updates import fleet
+
+    app.config["FLEET_OFFLINE_GRACE_S"] = 120
+    cast.host_offline.agent_version = "1.0.0"  # db-1: behind and offline
+    db.session.commit()
+    fleet.start("admin", host_ids=[cast.host_offline.id])
+    clock.advance(30)
+    assert fleet.tick() is False  # waits
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    row = html[html.index('data-host="db-1"') :]
+    assert "waiting · 90 s" in row[: row.index("</tr>")]
+    assert "Waiting for db-1 to come back online" in html and "halts there in 90 s" in html
 
 
 def test_the_htmx_start_button_starts_a_rollout_and_redirects(as_admin, cast):

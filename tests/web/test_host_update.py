@@ -12,16 +12,23 @@ def _jobs(host_id):
     return db.session.scalars(db.select(Job).where(Job.host_id == host_id)).all()
 
 
-def test_the_htmx_button_dispatches_and_redirects_to_the_host_page(as_admin, cast, online, release):
+def test_the_htmx_button_dispatches_and_answers_the_polling_panel_with_the_message(as_admin, cast, online, release):
     host_id = cast.host_behind.id
     r = as_admin.post(f"/hosts/{host_id}/update", headers=HX)
-    assert r.status_code == 204
-    assert r.headers["HX-Redirect"] == f"/hosts/{host_id}"
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert "<html" not in html and 'id="update-status"' in html and 'hx-trigger="every 1s"' in html
+    assert "Update of app-1 to 2.0.0 dispatched." in html
+    assert 'id="host-status" hx-swap-oob="true"' in html  # the rest of the page follows the panel
     [job] = _jobs(host_id)
     assert job.status == "running" and job.target_version == "2.0.0" and job.actor == "admin"
     assert "host.update_dispatched" in audit_actions()
     assert online["app-1"].types() == ["command.update"]
     assert online["app-1"].sent[0]["data"]["job_id"] == job.id
+    # The next poll replaces the panel: the banner does not outlive the moment (nor the job).
+    poll = as_admin.get(f"/hosts/{host_id}/update-status", headers=HX).get_data(as_text=True)
+    assert "dispatched." not in poll and 'data-job-status="running"' in poll
+    assert "dispatched." not in as_admin.get(f"/hosts/{host_id}").get_data(as_text=True)
 
 
 def test_a_plain_form_post_dispatches_and_answers_303(as_admin, cast, online, release):
@@ -33,11 +40,21 @@ def test_a_plain_form_post_dispatches_and_answers_303(as_admin, cast, online, re
     assert "dispatched" in html and 'hx-trigger="every 1s"' in html
 
 
-def test_the_button_is_disabled_with_the_reason_while_an_update_runs(as_admin, cast, online, release):
+def test_while_an_update_runs_the_button_waits_without_calling_it_a_refusal(as_admin, cast, online, release):
     host_id = cast.host_behind.id
     as_admin.post(f"/hosts/{host_id}/update")
     html = as_admin.get(f"/hosts/{host_id}").get_data(as_text=True)
-    assert 'id="update-button" disabled' in html and "already running" in html
+    assert 'id="update-button" disabled' in html and "Updating…" in html
+    assert "already running" not in html and 'id="update-refusal"' not in html
+
+
+def test_a_revoked_hosts_panel_says_revoked_not_offline(as_admin, cast, online, release):
+    host_id = cast.host_behind.id
+    as_admin.post(f"/hosts/{host_id}/revoke")
+    html = as_admin.get(f"/hosts/{host_id}").get_data(as_text=True)
+    panel = html[html.index('id="update-status"') : html.index("</section>", html.index('id="update-status"'))]
+    assert "revoked" in panel and "offline" not in panel
+    assert 'id="token-button"' in html  # and the page offers the way back
 
 
 @pytest.mark.parametrize(
@@ -85,8 +102,9 @@ def test_viewers_get_403(as_viewer, cast, online, release):
 
 
 def test_an_unknown_host_is_404(as_admin, release):
-    assert as_admin.post("/hosts/9999/update").status_code == 404
-    assert as_admin.post("/hosts/9999/update", headers=HX).status_code == 404
+    for headers in ({}, HX):
+        r = as_admin.post("/hosts/9999/update", headers=headers)
+        assert r.status_code == 404 and "no host with id 9999" in r.get_data(as_text=True)
 
 
 def test_get_is_not_allowed(as_admin, cast):

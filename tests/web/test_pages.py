@@ -1,5 +1,7 @@
 """Read-only pages: dashboard, hosts list, host detail, alerts, audit."""
 
+import re
+
 from app.extensions import db
 from app.models import Alert, AuditEvent, Job
 from app.updates import fleet
@@ -159,3 +161,31 @@ def test_the_audit_page_is_newest_first_and_paginated(as_viewer, cast):
     older = html.split('href="/audit?before_id=')[1].split('"')[0]
     html2 = as_viewer.get(f"/audit?before_id={older}").get_data(as_text=True)
     assert "target-9<" in html2 and "target-59<" not in html2
+
+
+def test_audit_details_read_as_text_not_python_reprs(as_viewer, cast):
+    AuditEvent.record(
+        "admin", "fleet.update_started", "fleet_update:1", target_version="2.0.0", hosts=["web-1", "web-2"], dry=False
+    )
+    db.session.commit()
+    html = as_viewer.get("/audit").get_data(as_text=True)
+    cell = html[html.index('<td class="details">') :]
+    cell = cell[: cell.index("</td>")]
+    assert '<span class="muted">hosts:</span> web-1, web-2' in cell
+    assert '<span class="muted">target_version:</span> 2.0.0' in cell and "dry:</span> no" in cell
+    text = re.sub(r"<[^>]+>", "", cell.split(">", 1)[1])
+    assert text == "target_version: 2.0.0 hosts: web-1, web-2 dry: no"
+
+
+def test_the_details_filter_joins_lists_and_names_empty_values():
+    from app.main.filters import audit_details
+
+    assert audit_details({"hosts": ["a", "b"], "n": 3, "x": None, "ok": True, "m": {"k": [1]}, "e": []}) == [
+        ("hosts", "a, b"),
+        ("n", "3"),
+        ("x", "—"),
+        ("ok", "yes"),
+        ("m", "k 1"),
+        ("e", "none"),
+    ]
+    assert audit_details(None) == []
