@@ -54,3 +54,13 @@ def _detail_text(value) -> str:
 def audit_details(details: dict | None) -> list[tuple[str, str]]:
     """An audit row's details as ``(key, text)`` pairs: lists joined with commas, never Python reprs."""
     return [(str(k), _detail_text(v)) for k, v in (details or {}).items()]
+
+
+@bp.app_template_filter("took")
+def took(span: tuple[dt.datetime | None, dt.datetime | None]) -> str:
+    """How long from ``start`` to ``end`` (``(start, end)``), as ``42 s`` or ``3 min 12 s``."""
+    start, end = span
+    if start is None or end is None:
+        return "—"
+    s = max(0, int((end - start).total_seconds()))
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
