@@ -71,36 +71,24 @@ def _seed(cast) -> dict:
         h.agent_version, h.last_seen = SERVER_VERSION, now
     db.session.flush()
     behind = cast.host_behind  # app-1: behind and "online"; its update runs (and polls) below
+    params = {"version": SERVER_VERSION, "from_version": OLD_VERSION}
     for i in range(12):
+        started = now - dt.timedelta(hours=i + 1)
         db.session.add(
             Job(
-                host_id=behind.id,
-                kind="update",
-                status="failed",
-                phase="verifying",
-                actor="admin (token rmt_abcdefgh)",
-                params={"version": SERVER_VERSION, "from_version": OLD_VERSION},
+                host_id=behind.id, kind="update", status="failed", phase="verifying", params=params,
+                actor="admin (token rmt_abcdefgh)", created_at=started, finished_at=started + dt.timedelta(seconds=42),
                 error="the artifact's sha256 did not match: expected 3f5a9c0e1b2d4f6a8c0e2b4d6f8a0c2e, got "
                 "9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a (the download was cut short by a proxy at 12.5 MiB)",
-                created_at=now - dt.timedelta(hours=i + 1),
-                finished_at=now - dt.timedelta(hours=i + 1) + dt.timedelta(seconds=42),
             )
-        )
+        )  # fmt: skip
     db.session.add(
         Job(
-            host_id=behind.id,
-            kind="update",
-            status="running",
-            phase="downloading",
-            actor="admin",
-            params={"version": SERVER_VERSION, "from_version": OLD_VERSION},
-            bytes_done=3 * 1024 * 1024,
-            bytes_total=12 * 1024 * 1024,
-            created_at=now,
-            updated_at=now,
-            deadline=now + dt.timedelta(hours=1),
+            host_id=behind.id, kind="update", status="running", phase="downloading", params=params, actor="admin",
+            bytes_done=3 * 1024 * 1024, bytes_total=12 * 1024 * 1024,
+            created_at=now, updated_at=now, deadline=now + dt.timedelta(hours=1),
         )
-    )
+    )  # fmt: skip
     names = [LONG_NAME, *(h.name for h in more), "app-1", "db-1", "web-1"]
     halted = FleetUpdate(
         target_version=SERVER_VERSION,
