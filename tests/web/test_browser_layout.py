@@ -163,6 +163,7 @@ def test_no_page_is_wider_than_the_window_and_the_nav_stays_in_its_bar(lived_in,
         "audit": "/audit",
         "fleet": "/settings/fleet-update",
         "tokens": "/settings/tokens",
+        "users": "/settings/users",
     }
     too_wide, outside, scrolling = {}, {}, {}
     for name, path in pages.items():
