@@ -149,7 +149,9 @@ def test_an_admin_presses_update_and_watches_the_job_finish_live(live_demo, brow
     page.click("#tile-behind")  # the dashboard tile leads to the filtered list
     page.wait_for_url(server.admin_url + "/hosts?updates=behind")
     page.click('tr[data-host="demo-1"] a')
-    page.click("#update-button")  # hx-post; 204 + HX-Redirect reloads the page with the polling panel
+    page.click("#update-button")  # hx-post; the answer is the polling panel with the "dispatched" message
+    page.wait_for_selector("#update-status .flash-info")
+    assert "already running" not in page.locator("#update-status").inner_text()
     # The panel polls every second; it turns terminal when the agent says hello at the new version.
     page.wait_for_selector('#update-status[data-job-status="succeeded"]')
     panel = page.locator("#update-status").inner_text()
@@ -157,6 +159,7 @@ def test_an_admin_presses_update_and_watches_the_job_finish_live(live_demo, brow
     assert page.locator("#update-status").get_attribute("hx-trigger") is None  # polling stopped
     assert "succeeded" in page.locator("#job-history").inner_text()  # history swapped out of band
     assert f"{SERVER_VERSION} · current" in page.locator("#host-status").inner_text()
+    assert "dispatched" not in page.locator("main").inner_text()  # the banner went with the first poll
     page.screenshot(path=str(tmp_path / "updated.png"), full_page=True)
 
     db.session.expire_all()
