@@ -38,6 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = cfg.ensure_secret_key(app.instance_path)
     app.config["REMEMBER_COOKIE_SECURE"] = app.config["SESSION_COOKIE_SECURE"]
+    cfg.agent_tls_context(app.config)  # a bad certificate or key stops start-up here, not at serve
     os.makedirs(app.config["RELEASES_DIR"], exist_ok=True)
 
     from .versioning import server_version

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -83,6 +84,62 @@ def parse_public_key(name: str, value: str) -> str:
     return value.strip()
 
 
+def parse_file(name: str, value: str) -> str:
+    """A path to a readable file, made absolute (the server may change its working directory)."""
+    path = os.path.abspath(os.path.expanduser(parse_str(name, value)))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name}={value!r}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}={value!r}: not readable by this user")
+    return path
+
+
+def agent_tls_context(config: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """Build the agent plane's server TLS context (TLS 1.2 or newer) from ``AGENT_TLS_CERT`` and
+    ``AGENT_TLS_KEY``, or return None when neither is set.
+
+    :raise ConfigError: only one is set, or a file is missing, not PEM, or the key does not match
+        the certificate; the message names the variable.
+    """
+    cert, key = config.get("AGENT_TLS_CERT"), config.get("AGENT_TLS_KEY")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        have, missing = ("RM_AGENT_TLS_CERT", "RM_AGENT_TLS_KEY") if cert else ("RM_AGENT_TLS_KEY", "RM_AGENT_TLS_CERT")
+        raise ConfigError(f"{have} is set but {missing} is not: set both (or neither) to serve agents over TLS")
+    cert, key = parse_file("RM_AGENT_TLS_CERT", cert), parse_file("RM_AGENT_TLS_KEY", key)
+    _check_pem(cert, key)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"RM_AGENT_TLS_KEY={key!r}: does not match the certificate in RM_AGENT_TLS_CERT ({exc.reason or exc})"
+        ) from None
+    return ctx
+
+
+def _check_pem(cert: str, key: str) -> None:
+    """Parse each file on its own, so an error names the variable whose file is wrong."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    with open(cert, "rb") as f:
+        data = f.read()
+    try:
+        if not x509.load_pem_x509_certificates(data):
+            raise ValueError("no certificate")
+    except ValueError:
+        raise ConfigError(f"RM_AGENT_TLS_CERT={cert!r}: not a PEM certificate (chain)") from None
+    with open(key, "rb") as f:
+        data = f.read()
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise ConfigError(f"RM_AGENT_TLS_KEY={key!r}: not an unencrypted PEM private key") from None
+
+
 # env var -> (config key, parser)
 ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_DATABASE_URL": ("SQLALCHEMY_DATABASE_URI", parse_db_url),
@@ -103,6 +160,8 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_AGENT_HANDSHAKE_TIMEOUT_S": ("AGENT_HANDSHAKE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_AGENT_MAX_PENDING": ("AGENT_MAX_PENDING", lambda n, v: parse_int(n, v, 1, 100000)),
     "RM_AGENT_CLOSE_TIMEOUT_S": ("AGENT_CLOSE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_AGENT_TLS_CERT": ("AGENT_TLS_CERT", parse_file),
+    "RM_AGENT_TLS_KEY": ("AGENT_TLS_KEY", parse_file),
     "RM_THREAD_STACK_KIB": ("THREAD_STACK_KIB", lambda n, v: parse_int(n, v, 0, 65536)),
     "RM_SWITCH_INTERVAL": ("SWITCH_INTERVAL", lambda n, v: parse_float(n, v, 0.0001)),
     "RM_FLEET_TICK_S": ("FLEET_TICK_S", lambda n, v: parse_float(n, v, 0.05)),
@@ -143,6 +202,8 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "AGENT_HANDSHAKE_TIMEOUT_S": 10.0,  # from accept until the agent token is accepted
         "AGENT_MAX_PENDING": 256,  # connections not yet authenticated; beyond it 503 + Retry-After
         "AGENT_CLOSE_TIMEOUT_S": 5.0,  # wait for the peer's close frame before closing TCP
+        "AGENT_TLS_CERT": None,  # PEM certificate chain: with AGENT_TLS_KEY, the agent plane serves TLS
+        "AGENT_TLS_KEY": None,
         "THREAD_STACK_KIB": 512,
         "SWITCH_INTERVAL": None,  # sys.setswitchinterval for serve; None keeps Python's 0.005 s
         "FLEET_TICK_S": 5.0,

@@ -50,7 +50,8 @@ def validate_name(name) -> str:
 
 
 def agent_base_url(request_host: str | None = None) -> str:
-    """The agent plane's public HTTP base: ``PUBLIC_AGENT_URL`` or derived from ``AGENT_ADDR``."""
+    """The agent plane's public HTTP base: ``PUBLIC_AGENT_URL`` or derived from ``AGENT_ADDR``
+    (``https://`` when the agent plane serves TLS itself)."""
     public = current_app.config.get("PUBLIC_AGENT_URL")
     if public:
         return public.rstrip("/")
@@ -60,7 +61,8 @@ def agent_base_url(request_host: str | None = None) -> str:
         host = (urlsplit("//" + request_host).hostname if request_host else None) or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    scheme = "https" if current_app.config.get("AGENT_TLS_CERT") else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 def agent_ws_url(request_host: str | None = None) -> str:

@@ -26,6 +26,7 @@ from waitress.task import ErrorTask, WSGITask
 from agent.daemon import StopFlag, install_signal_handlers
 
 from .agents.server import AgentServer
+from .config import agent_tls_context
 from .errors import error_bytes
 from .extensions import db
 from .inputs import BODY_TOO_LARGE_KEY
@@ -102,6 +103,7 @@ class Servers:
             handshake_timeout=cfg["AGENT_HANDSHAKE_TIMEOUT_S"],
             max_pending=cfg["AGENT_MAX_PENDING"],
             close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
+            tls=agent_tls_context(cfg),
         )
         hhost, hport = cfg["HTTP_ADDR"]
         self.admin = waitress.create_server(
@@ -129,6 +131,10 @@ class Servers:
     @property
     def agent_port(self) -> int:
         return self.agent.server_port
+
+    @property
+    def agent_tls(self) -> bool:
+        return self.agent.ssl_context is not None
 
     def start(self) -> None:
         with self.app.app_context():
@@ -241,9 +247,10 @@ def serve(app: Flask, ready_file: str | None = None) -> int:
     gc.freeze()
     admin_host, _ = app.config["HTTP_ADDR"]
     agent_host, _ = app.config["AGENT_ADDR"]
+    ws = "wss" if servers.agent_tls else "ws"
     print(
         f"restic-manager {app.config['SERVER_VERSION']}: admin http://{admin_host}:{servers.admin_port}/ "
-        f"agents ws://{agent_host}:{servers.agent_port}/ws/agent",
+        f"agents {ws}://{agent_host}:{servers.agent_port}/ws/agent",
         flush=True,
     )
     if ready_file:

@@ -14,6 +14,9 @@ from app.runtime import runtime
 from app.timeutil import FakeClock
 from tests.support import dbsetup
 
+# Session fixtures that live beside the helpers they serve.
+pytest_plugins = ["tests.support.pki"]
+
 # The same examples on every run: a property test must not pass or fail by the draw of the day.
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")

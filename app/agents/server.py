@@ -16,6 +16,11 @@ long-lived WebSockets, that needs three bounds werkzeug does not have (issue 9, 
 * **Closing.** After the close handshake, or a bounded wait (``close_timeout``) for the peer's
   close frame, the server closes the TCP connection itself: a peer that answers the close and
   keeps the socket open no longer holds a thread.
+
+With a TLS context (``RM_AGENT_TLS_CERT``/``RM_AGENT_TLS_KEY``) the accepting thread only wraps
+each accepted socket (no I/O); the TLS handshake runs first thing on the connection's own
+thread, inside the pending deadline. A connection refused with 503 before its handshake is
+simply closed (the answer cannot be written in the clear).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import io
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
 
@@ -106,9 +112,23 @@ class AgentRequestHandler(WSGIRequestHandler):
 
     def handle(self) -> None:
         try:
+            if isinstance(self.connection, ssl.SSLSocket) and not self._tls_handshake():
+                return
             super().handle()
         finally:
             self.server.release(self.connection)
+
+    def _tls_handshake(self) -> bool:
+        """Complete the TLS handshake; the pending deadline cuts a peer that stalls it."""
+        try:
+            self.connection.do_handshake()
+        except ssl.SSLError as exc:  # e.g. the agent does not trust our certificate: say so
+            log.info("agent plane: TLS handshake with %s failed: %s", self.client_address[0], exc)
+            return False
+        except OSError as exc:  # cut at the deadline, a reset, a port scan
+            log.debug("agent plane: TLS handshake with %s failed: %s", self.client_address[0], exc)
+            return False
+        return True
 
     def send_response(self, code, message=None) -> None:
         if self._websocket() is None:
@@ -175,10 +195,12 @@ class AgentServer(ThreadedWSGIServer):
     deadline on pending connections, and WebSocket-aware request handling (see the module).
 
     Everything slow happens on the connection's own thread, never in the accept loop (which
-    also runs the deadline sweep). TLS must keep it so: wrapping the *listening* socket (as
-    werkzeug's ``ssl_context`` does) runs each TLS handshake inside ``accept()``, where one
-    silent client would stall the whole port; wrap each accepted socket on its thread instead,
-    and the pending deadline covers the TLS handshake too.
+    also runs the deadline sweep). TLS keeps it so: wrapping the *listening* socket (as
+    werkzeug's ``ssl_context`` does) would run each TLS handshake inside ``accept()``, where one
+    silent client would stall the whole port. Instead :meth:`get_request` wraps each accepted
+    socket without a handshake (the same object is then the pending entry, the handler's
+    connection and what the sweep shuts down), and :class:`AgentRequestHandler` shakes hands on
+    the connection's thread, so the pending deadline covers the TLS handshake too.
     """
 
     request_queue_size = 4096
@@ -193,6 +215,7 @@ class AgentServer(ThreadedWSGIServer):
         max_pending: int = 256,
         close_timeout: float = 5.0,
         clock=time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ):
         self.request_queue_size = backlog
         self.handshake_timeout = handshake_timeout
@@ -205,6 +228,16 @@ class AgentServer(ThreadedWSGIServer):
         self._refused_count = 0
         self._next_sweep = self._next_report = 0.0
         super().__init__(host, port, app, handler=AgentRequestHandler)
+        # Not werkzeug's ssl_context argument (see the class); set here, it still makes werkzeug
+        # report wsgi.url_scheme "https" and treat SSL errors as dropped connections.
+        self.ssl_context = tls
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # No I/O here: the handshake runs on the connection's thread (AgentRequestHandler).
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def get_request(self):
         """Accept, with TCP_NODELAY: agent sockets carry small frames, often two in a row (a

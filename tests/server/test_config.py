@@ -112,3 +112,82 @@ def test_production_hashes_passwords_with_scrypt_and_only_tests_lower_it(tmp_pat
     assert cast.admin.password_hash.startswith("pbkdf2:sha256:1$")
     assert cast.admin.check_password("admin-pass-123")
     assert user.check_password("s3cret-pass")
+
+
+def tls_env(tmp_path, cert, key):
+    env = {"RM_SECRET_KEY": "k", "RM_INSTANCE_PATH": str(tmp_path / "inst")}
+    if cert is not None:
+        env["RM_AGENT_TLS_CERT"] = cert
+    if key is not None:
+        env["RM_AGENT_TLS_KEY"] = key
+    return env
+
+
+def test_agent_tls_needs_both_the_certificate_and_the_key(tmp_path, pki):
+    with pytest.raises(ConfigError, match="RM_AGENT_TLS_CERT is set but RM_AGENT_TLS_KEY is not"):
+        create_app(environ=tls_env(tmp_path, pki.server.cert, None))
+    with pytest.raises(ConfigError, match="RM_AGENT_TLS_KEY is set but RM_AGENT_TLS_CERT is not"):
+        create_app(environ=tls_env(tmp_path, None, pki.server.key))
+
+
+@pytest.mark.parametrize(
+    "which,fragment",
+    [
+        ("missing-cert", "RM_AGENT_TLS_CERT='{missing}': no such file"),
+        ("missing-key", "RM_AGENT_TLS_KEY='{missing}': no such file"),
+        ("cert-is-a-key", "RM_AGENT_TLS_CERT='{server_key}': not a PEM certificate"),
+        ("key-is-a-cert", "RM_AGENT_TLS_KEY='{server_cert}': not an unencrypted PEM private key"),
+        ("key-of-another-cert", "RM_AGENT_TLS_KEY='{foreign_key}': does not match the certificate"),
+    ],
+)
+def test_a_bad_agent_tls_file_stops_start_up_naming_the_variable(tmp_path, pki, which, fragment):
+    missing = str(tmp_path / "nope.pem")
+    cert, key = {
+        "missing-cert": (missing, pki.server.key),
+        "missing-key": (pki.server.cert, missing),
+        "cert-is-a-key": (pki.server.key, pki.server.key),
+        "key-is-a-cert": (pki.server.cert, pki.server.cert),
+        "key-of-another-cert": (pki.server.cert, pki.foreign.key),
+    }[which]
+    with pytest.raises(ConfigError) as e:
+        create_app(environ=tls_env(tmp_path, cert, key))
+    expected = fragment.format(
+        missing=missing, server_key=pki.server.key, server_cert=pki.server.cert, foreign_key=pki.foreign.key
+    )
+    assert expected in str(e.value)
+
+
+def test_a_good_certificate_and_key_give_a_tls_1_2_server_context(tmp_path, pki):
+    import ssl
+
+    from app.config import agent_tls_context
+
+    app = create_app(environ=tls_env(tmp_path, pki.server.cert, pki.server.key))
+    ctx = agent_tls_context(app.config)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert agent_tls_context({"AGENT_TLS_CERT": None, "AGENT_TLS_KEY": None}) is None
+
+
+def test_serve_refuses_to_start_with_a_bad_agent_certificate(tmp_path, pki):
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.live import ROOT
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    env.update(tls_env(tmp_path, str(bad), pki.server.key))
+    env.update(RM_HTTP_ADDR="127.0.0.1:0", RM_AGENT_ADDR="127.0.0.1:0")
+    r = subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", str(tmp_path / "ready")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"config error: RM_AGENT_TLS_CERT={str(bad)!r}: not a PEM certificate" in r.stderr
+    assert not (tmp_path / "ready").exists()

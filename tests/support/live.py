@@ -67,11 +67,13 @@ class LiveServer:
 
     @property
     def agent_http_url(self) -> str:
-        return f"http://127.0.0.1:{self.servers.agent_port}"
+        scheme = "https" if self.servers.agent_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.servers.agent_port}"
 
     @property
     def agent_ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.servers.agent_port}"
+        scheme = "wss" if self.servers.agent_tls else "ws"
+        return f"{scheme}://127.0.0.1:{self.servers.agent_port}"
 
 
 class ServerProcess:
@@ -153,7 +155,8 @@ class ServerProcess:
 
     @property
     def agent_ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.agent_port}"
+        scheme = "wss" if self.env.get("RM_AGENT_TLS_CERT") else "ws"
+        return f"{scheme}://127.0.0.1:{self.agent_port}"
 
 
 _build_cache: dict = {}

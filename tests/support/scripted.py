@@ -16,8 +16,9 @@ from agent import protocol
 
 
 class ScriptedAgent:
-    def __init__(self, ws_url: str, token: str, version: str, capabilities=("update",)):
+    def __init__(self, ws_url: str, token: str, version: str, capabilities=("update",), ssl_context=None):
         self.ws_url = ws_url
+        self.ssl_context = ssl_context  # for a wss:// server: the context that trusts its certificate
         self.token = token
         self.version = version
         self.capabilities = list(capabilities)
@@ -30,7 +31,7 @@ class ScriptedAgent:
         if version is not None:
             self.version = version
         self.ws = simple_websocket.Client.connect(
-            self.ws_url + "/ws/agent", headers={"Authorization": f"Bearer {self.token}"}
+            self.ws_url + "/ws/agent", headers={"Authorization": f"Bearer {self.token}"}, ssl_context=self.ssl_context
         )
         # A frame and the ping after it go out at once, not held by Nagle until the server's
         # delayed ACK (~40 ms per round trip on Linux): tests send thousands of such pairs.

@@ -35,6 +35,19 @@ def test_the_install_command_uses_the_public_agent_url_when_configured(as_admin,
     assert "--server wss://agents.example.org --token" in html
 
 
+def test_the_install_command_uses_https_and_wss_when_the_agent_plane_serves_tls(as_admin, app, pki):
+    app.config.update(AGENT_TLS_CERT=pki.server.cert, AGENT_TLS_KEY=pki.server.key)
+    html = as_admin.post("/hosts/new", data={"name": "mail-3"}).get_data(as_text=True)
+    assert (
+        "curl -fsSL https://127.0.0.1:8081/agent/install.sh | sudo sh -s -- --server wss://127.0.0.1:8081 --token"
+        in html
+    )
+    app.config["PUBLIC_AGENT_URL"] = "https://agents.example.org:8443"  # still wins when set
+    html = as_admin.post("/hosts/new", data={"name": "mail-4"}).get_data(as_text=True)
+    assert "curl -fsSL https://agents.example.org:8443/agent/install.sh" in html
+    assert "--server wss://agents.example.org:8443 --token" in html
+
+
 def test_it_rejects_an_invalid_name(as_admin):
     r = as_admin.post("/hosts/new", data={"name": "bad name!"})
     assert r.status_code == 400
