@@ -25,6 +25,7 @@ _KNOWN_KEYS = (
     "release_public_key",
     "allow_unsigned_updates",
     "probation_s",
+    "server_ca",
 )
 
 
@@ -44,6 +45,7 @@ class AgentConfig:
     release_public_key: str | None = None  # base64 raw ed25519 key pinned at install
     allow_unsigned_updates: bool = False  # lab opt-out: accept unsigned releases when no key is pinned
     probation_s: float = DEFAULT_PROBATION_S  # a new program must reach the server within this
+    server_ca: str | None = None  # PEM CA file the server's certificate must chain to (else the system store)
 
     @property
     def updates_allowed(self) -> bool:
@@ -138,6 +140,10 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
     if "probation_s" in raw:
         probation_s = _number(raw, "probation_s", fail, low=0.5, high=86400)
 
+    server_ca = None
+    if "server_ca" in raw:
+        server_ca = _ca_file(raw, path, parts.scheme, fail)
+
     return AgentConfig(
         path=path,
         server_url=server_url.rstrip("/"),
@@ -149,6 +155,7 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
         release_public_key=release_public_key,
         allow_unsigned_updates=allow_unsigned,
         probation_s=probation_s,
+        server_ca=server_ca,
     )
 
 
@@ -156,6 +163,27 @@ def default_state_dir(config_path: str) -> str:
     """Return the zipapp's own directory, or the config file's directory when run from source."""
     program = program_path()
     return os.path.dirname(program) if program else os.path.dirname(os.path.abspath(config_path))
+
+
+def _ca_file(raw: dict, path: str, scheme: str, fail) -> str:
+    """Validate ``server_ca``: a readable PEM file of CA certificates, for a ``wss://`` server."""
+    import ssl
+
+    from agent.tls import client_context
+
+    # relative to the config file, as state_dir is
+    ca = os.path.abspath(os.path.join(os.path.dirname(path), os.path.expanduser(_string(raw, "server_ca", fail))))
+    if scheme != "wss":
+        raise fail(f"'server_ca' is set but 'server_url' is not wss:// (a plain link checks no certificate): {ca}")
+    if not os.path.isfile(ca):
+        raise fail(f"'server_ca' {ca}: {'not a file' if os.path.exists(ca) else 'no such file'}")
+    try:
+        client_context(ca)
+    except ssl.SSLError as exc:
+        raise fail(f"'server_ca' {ca}: not a PEM CA certificate file ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise fail(f"'server_ca' {ca}: cannot read it: {exc.strerror or exc}") from None
+    return ca
 
 
 def _string(raw: dict, key: str, fail) -> str:

@@ -94,3 +94,36 @@ def test_the_agent_requires_a_config_argument():
     proc = run_agent()
     assert proc.returncode != 0
     assert "--config" in proc.stderr
+
+
+def test_server_ca_is_resolved_beside_the_config_and_loaded(tmp_path, pki):
+    import shutil
+
+    shutil.copyfile(pki.ca, tmp_path / "server-ca.pem")
+    cfg = load_config(
+        write(tmp_path, 'server_url = "wss://127.0.0.1:8081"\ntoken = "abc"\nserver_ca = "server-ca.pem"\n')
+    )
+    assert cfg.server_ca == str(tmp_path / "server-ca.pem")
+    assert load_config(write(tmp_path, 'server_url = "wss://h"\ntoken = "abc"\n')).server_ca is None
+
+
+@pytest.mark.parametrize(
+    "ca, url, message",
+    [
+        ("missing.pem", "wss://h", "'server_ca' {dir}/missing.pem: no such file"),
+        ("not-pem.pem", "wss://h", "'server_ca' {dir}/not-pem.pem: not a PEM CA certificate file"),
+        (".", "wss://h", "'server_ca' {dir}: not a file"),
+        ("ca.pem", "ws://h", "'server_ca' is set but 'server_url' is not wss://"),
+    ],
+)
+def test_a_bad_server_ca_stops_the_agent_with_one_line(tmp_path, pki, ca, url, message):
+    import shutil
+
+    shutil.copyfile(pki.ca, tmp_path / "ca.pem")
+    (tmp_path / "not-pem.pem").write_text("hello\n")
+    path = write(tmp_path, f'server_url = "{url}"\ntoken = "abc"\nserver_ca = "{ca}"\n')
+    proc = run_agent("--config", path)
+    assert proc.returncode == EX_CONFIG
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message.format(dir=tmp_path) in lines[0]
