@@ -95,3 +95,45 @@ def test_the_install_script_downloads_verifies_and_configures_the_agent(app, cas
             timeout=30,
         )
         assert r.returncode != 0 and "download failed" in r.stderr
+
+
+def test_the_install_script_pins_a_server_ca_for_a_tls_agent_plane(app, cast, tmp_path, pki):
+    from agent.config import load_config
+    from app.updates import releases
+
+    app.config.update(BUILD_AGENT_ON_START=True, AGENT_TLS_CERT=pki.server.cert, AGENT_TLS_KEY=pki.server.key)
+    with LiveServer(app) as live:
+        rel = releases.current_release()
+        assert live.agent_ws_url.startswith("wss://")
+        script = requests.get(live.agent_http_url + "/agent/install.sh", verify=pki.ca, timeout=5).text
+        fake_systemctl = tmp_path / "systemctl"
+        fake_systemctl.write_text("#!/bin/sh\nexit 0\n")
+        fake_systemctl.chmod(0o755)
+
+        def install(*args, where="ok"):
+            env = {
+                **os.environ,
+                "RM_AGENT_STATE_DIR": str(tmp_path / where / "state"),
+                "RM_AGENT_CONF_DIR": str(tmp_path / where / "etc"),
+                "RM_AGENT_UNIT_PATH": str(tmp_path / where / "unit.service"),
+                "RM_AGENT_SYSTEMCTL": str(fake_systemctl),
+            }
+            cmd = ["sh", "-s", "--", "--server", live.agent_ws_url, "--token", cast.host_online_token, *args]
+            return subprocess.run(cmd, input=script, env=env, capture_output=True, text=True, timeout=30)
+
+        r = install("--server-ca", pki.ca)
+        assert r.returncode == 0, r.stderr
+        state = tmp_path / "ok" / "state"
+        assert releases.sha256_of(str(state / "restic-manager-agent.pyz")) == rel.sha256
+        assert (state / "server-ca.pem").read_bytes() == open(pki.ca, "rb").read()
+        cfg = load_config(str(tmp_path / "ok" / "etc" / "agent.toml"))  # the agent accepts what was written
+        assert cfg.server_ca == str(state / "server-ca.pem") and cfg.server_url == live.agent_ws_url
+
+        # Another CA pinned: the download is refused, nothing is installed.
+        r = install("--server-ca", pki.other_ca, where="mitm")
+        assert r.returncode != 0 and "download failed" in r.stderr
+        assert not (tmp_path / "mitm" / "state" / "restic-manager-agent.pyz").exists()
+        assert not (tmp_path / "mitm" / "etc" / "agent.toml").exists()
+
+        r = install("--server-ca", str(tmp_path / "missing.pem"), where="missing")
+        assert r.returncode != 0 and "no such readable file" in r.stderr
