@@ -31,8 +31,8 @@ def peer():
 def artifact_server():
     servers = []
 
-    def make(body: bytes, token: str = "tok"):
-        server = ArtifactServer(body, token)
+    def make(body: bytes, token: str = "tok", tls=None):
+        server = ArtifactServer(body, token, tls)
         servers.append(server)
         return server
 

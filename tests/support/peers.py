@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import queue
 import socket
+import ssl
 import threading
 import time
 
@@ -132,11 +133,13 @@ class PeerServer:
 
 
 class ArtifactServer:
-    """Serve artifact bytes over HTTP on 127.0.0.1:0, with switchable misbehaviour."""
+    """Serve artifact bytes over HTTP (or https, given a ``tests.support.pki`` KeyPair) on
+    127.0.0.1:0, with switchable misbehaviour."""
 
-    def __init__(self, body: bytes, token: str = "tok"):
+    def __init__(self, body: bytes, token: str = "tok", tls=None):
         self.body = body
         self.token = token
+        self.scheme = "https" if tls else "http"
         self.mode = "ok"  # ok | truncate | oversize | stall | wrong-length
         self.requests: list[dict] = []
         self.release = threading.Event()
@@ -178,12 +181,16 @@ class ArtifactServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls.cert, tls.key)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path: str = "/agent/download/2.0.0") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def close(self):
         self.release.set()
