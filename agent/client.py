@@ -11,10 +11,12 @@ The link itself (WebSocket client, send lock, clean close, reconnect backoff) is
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from agent.config import AgentConfig
 from agent.daemon import EX_OK, EX_ROLLBACK_RESTART, EX_UPDATE_RESTART, StopFlag
 from agent.probation import Probation
 from agent.statefile import last_update_for_hello, mark_reported
+from agent.tls import describe_trust
 from agent.transport import Backoff, Link, default_connect
 from agent.updater import UpdateCommand, UpdateError, Updater, can_self_update
 from agent.version import get_version
@@ -74,7 +77,7 @@ class Agent:
         *,
         version: str | None = None,
         stop: StopFlag | None = None,
-        connect: Callable[[str, str], object] = default_connect,
+        connect: Callable[[str, str], object] | None = None,
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -86,7 +89,7 @@ class Agent:
         self.config = config
         self.version = version or get_version()
         self.stop = stop or StopFlag()
-        self._connect = connect
+        self._connect = connect or functools.partial(default_connect, server_ca=config.server_ca)
         self._sleep = sleep or self._interruptible_sleep
         self.clock = clock
         self.backoff = Backoff(cap=config.backoff_max_s, rand=rand)
@@ -162,6 +165,14 @@ class Agent:
                     continue  # stop requested while connecting
             except simple_websocket.ConnectionError as exc:
                 self._log_refused(exc.status_code)
+            except ssl.SSLCertVerificationError as exc:
+                log.error(
+                    "cannot connect to %s: the server's certificate is not trusted (%s); this agent trusts %s; "
+                    "will keep retrying with backoff",
+                    self.config.ws_url,
+                    exc.verify_message or exc,
+                    describe_trust(self.config.server_ca),
+                )
             except OSError as exc:
                 log.warning("cannot connect to %s: %s", self.config.ws_url, exc)
             except Exception:  # top of the loop: a surprise must cost one attempt, not the agent
@@ -319,6 +330,7 @@ class Agent:
             self.version,
             release_public_key=self.config.release_public_key,
             allow_unsigned=self.config.allow_unsigned_updates,
+            server_ca=self.config.server_ca,
         )
 
     def _start_update(self, env: protocol.Envelope) -> None:

@@ -25,4 +25,4 @@ def client_context(server_ca: str | None = None) -> ssl.SSLContext:
 
 def describe_trust(server_ca: str | None) -> str:
     """Say what the agent trusts, for a log line about a refused certificate."""
-    return f"the pinned CA in {server_ca}" if server_ca else "the system's CA store"
+    return f"the pinned CA in {server_ca} (server_ca)" if server_ca else "the system's CA store (no server_ca set)"

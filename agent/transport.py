@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.utilities import LocalProtocolError
 
 from agent import protocol
+from agent.tls import client_context
 
 BACKOFF_BASE_S = 0.5
 CONNECT_TIMEOUT_S = 10.0
@@ -72,6 +72,7 @@ class WebSocketClient(simple_websocket.Client):
         headers: dict[str, str],
         timeout: float = CONNECT_TIMEOUT_S,
         max_message_size: int | None = protocol.MAX_FRAME_BYTES,
+        server_ca: str | None = None,
     ):
         parts = urlsplit(url)
         secure = parts.scheme in ("wss", "https")
@@ -86,7 +87,8 @@ class WebSocketClient(simple_websocket.Client):
             # server's delayed ACK (Nagle): that cost ~40 ms per burst on the update path.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                # verified (chain and name) before a byte of HTTP, so the token never reaches an impostor
+                sock = client_context(server_ca).wrap_socket(sock, server_hostname=self.host)
             simple_websocket.ws.Base.__init__(
                 self,
                 sock,
@@ -118,9 +120,10 @@ class WebSocketClient(simple_websocket.Client):
         self.connected = self._handle_events()
 
 
-def default_connect(url: str, token: str) -> WebSocketClient:
-    """Open the WebSocket link to ``url`` authenticated with ``token``."""
-    return WebSocketClient(url, headers={"Authorization": f"Bearer {token}"})
+def default_connect(url: str, token: str, server_ca: str | None = None) -> WebSocketClient:
+    """Open the WebSocket link to ``url`` authenticated with ``token``; a ``wss://`` server must
+    present a certificate that verifies against ``server_ca`` (or the system store)."""
+    return WebSocketClient(url, headers={"Authorization": f"Bearer {token}"}, server_ca=server_ca)
 
 
 class Link:

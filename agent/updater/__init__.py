@@ -41,6 +41,7 @@ from agent.statefile import (
     write_marker,
     write_state,
 )
+from agent.tls import client_context, describe_trust
 from agent.version import compare_versions
 
 log = logging.getLogger("agent.updater")
@@ -158,6 +159,7 @@ class Updater:
         pid: int | None = None,
         release_public_key: str | None = None,
         allow_unsigned: bool = False,
+        server_ca: str | None = None,
     ):
         self.program = os.path.abspath(program)
         self.state_dir = state_dir
@@ -172,6 +174,7 @@ class Updater:
         self.pid = pid if pid is not None else os.getpid()
         self.release_public_key = release_public_key
         self.allow_unsigned = allow_unsigned
+        self.server_ca = server_ca  # https downloads verify against it (else the system store)
         self._cancelled: Callable[[], bool] = lambda: False
 
     @property
@@ -268,7 +271,7 @@ class Updater:
         # and redirects are never followed (they would carry the agent token to another host).
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=self.timeouts.connect_s, context=ssl.create_default_context()
+                parts.hostname, parts.port, timeout=self.timeouts.connect_s, context=client_context(self.server_ca)
             )
         else:
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeouts.connect_s)
@@ -285,6 +288,11 @@ class Updater:
                 resp = conn.getresponse()
             except TimeoutError:
                 raise UpdateError(f"download failed: no answer from {parts.netloc} within the timeout") from None
+            except ssl.SSLCertVerificationError as exc:
+                raise UpdateError(
+                    f"download failed: the server's certificate is not trusted ({exc.verify_message or exc}); "
+                    f"this agent trusts {describe_trust(self.server_ca)}"
+                ) from None
             except (OSError, http.client.HTTPException) as exc:
                 raise UpdateError(f"download failed: cannot reach {parts.netloc}: {exc}") from None
             if resp.status != 200:
