@@ -248,3 +248,32 @@ def test_a_restart_at_another_version_is_reported_as_failed(program, artifact_se
     last = last_update_for_hello(str(program.parent), "1.0.0")
     assert last["outcome"] == "failed"
     assert last["error"] == "restarted at version 1.0.0, expected 2.0.0 after the swap"
+
+
+def test_an_https_download_trusts_the_pinned_server_ca(program, artifact_server, pki):
+    server = artifact_server(NEW, tls=pki.server)
+    updater = make_updater(program, server_url=f"wss://127.0.0.1:{server.port}", server_ca=pki.ca)
+    updater.run(command("/agent/download/2.0.0"), Recorder())  # a path: https on the wss server
+    assert program.read_bytes() == NEW
+    assert server.requests == [{"path": "/agent/download/2.0.0", "authorization": "Bearer tok"}]
+
+
+@pytest.mark.parametrize(
+    "impostor, pinned, why",
+    [
+        ("foreign", True, "unable to get local issuer certificate"),  # another CA's certificate
+        ("wrong_name", True, "IP address mismatch"),  # the pinned CA's, for another name
+        ("server", False, "unable to get local issuer certificate"),  # nothing pinned: the system store
+    ],
+)
+def test_an_https_download_from_a_server_it_cannot_verify_is_refused(
+    program, artifact_server, pki, impostor, pinned, why
+):
+    server = artifact_server(NEW, tls=getattr(pki, impostor))
+    updater = make_updater(program, server_url=f"wss://127.0.0.1:{server.port}", server_ca=pki.ca if pinned else None)
+    with pytest.raises(UpdateError) as e:
+        updater.run(command("/agent/download/2.0.0"), Recorder())
+    assert "download failed: the server's certificate is not trusted" in str(e.value) and why in str(e.value)
+    assert (pki.ca if pinned else "the system's CA store") in str(e.value)
+    assert server.requests == []  # the request, and the agent token with it, never left
+    assert_untouched(program)

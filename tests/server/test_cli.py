@@ -322,3 +322,20 @@ def test_cli_changes_reach_a_running_server_at_once(tmp_path, env, cast):
     finally:
         srv.stop()
     assert "Traceback" not in srv.log()
+
+
+def test_serve_refuses_to_start_with_a_bad_agent_certificate(tmp_path, pki):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    env = {
+        "RM_INSTANCE_PATH": str(tmp_path / "inst"),
+        "RM_SECRET_KEY": "k",
+        "RM_HTTP_ADDR": "127.0.0.1:0",
+        "RM_AGENT_ADDR": "127.0.0.1:0",
+        "RM_AGENT_TLS_CERT": str(bad),
+        "RM_AGENT_TLS_KEY": pki.server.key,
+    }
+    r = cli(["serve", "--ready-file", str(tmp_path / "ready")], env, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"config error: RM_AGENT_TLS_CERT={str(bad)!r}: not a PEM certificate" in r.stderr
+    assert not (tmp_path / "ready").exists()

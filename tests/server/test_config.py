@@ -166,28 +166,3 @@ def test_a_good_certificate_and_key_give_a_tls_1_2_server_context(tmp_path, pki)
     ctx = agent_tls_context(app.config)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert agent_tls_context({"AGENT_TLS_CERT": None, "AGENT_TLS_KEY": None}) is None
-
-
-def test_serve_refuses_to_start_with_a_bad_agent_certificate(tmp_path, pki):
-    import os
-    import subprocess
-    import sys
-
-    from tests.support.live import ROOT
-
-    bad = tmp_path / "bad.pem"
-    bad.write_text("not a certificate\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-    env.update(tls_env(tmp_path, str(bad), pki.server.key))
-    env.update(RM_HTTP_ADDR="127.0.0.1:0", RM_AGENT_ADDR="127.0.0.1:0")
-    r = subprocess.run(
-        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", str(tmp_path / "ready")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert f"config error: RM_AGENT_TLS_CERT={str(bad)!r}: not a PEM certificate" in r.stderr
-    assert not (tmp_path / "ready").exists()
