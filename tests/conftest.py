@@ -13,9 +13,7 @@ from app.models import Host, User
 from app.runtime import runtime
 from app.timeutil import FakeClock
 from tests.support import dbsetup
-
-# Session fixtures that live beside the helpers they serve.
-pytest_plugins = ["tests.support.pki"]
+from tests.support.pki import Pki, make_pki
 
 # The same examples on every run: a property test must not pass or fail by the draw of the day.
 settings.register_profile("deterministic", derandomize=True)
@@ -38,6 +36,12 @@ def db_template(tmp_path_factory):
     path = str(base / "template.sqlite3")
     dbsetup.migrate("sqlite:///" + path, str(base / "instance"))
     return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    """This run's own CA and TLS certificates (tests/support/pki.py), made once per run."""
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
 
 
 @pytest.fixture

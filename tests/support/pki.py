@@ -2,8 +2,9 @@
 for 127.0.0.1 signed by it, and the two a man in the middle could present instead (one from
 another CA, one from the right CA for another name).
 
-The ``pki`` session fixture (registered in tests/conftest.py) makes them once per run, in PEM
-files under the run's temporary directory.
+The ``pki`` session fixture in tests/conftest.py makes them once per run (:func:`make_pki`), in
+PEM files under the run's temporary directory. Like the rest of tests/support this imports no
+pytest, so a script can use it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -145,9 +145,3 @@ def make_pki(directory: str) -> Pki:
         wrong_name=pair("wrong-name", ("agents.example.org",), ca_cert, ca_key),
         other_ca=write_cert(os.path.join(directory, "other-ca.pem"), other_cert),
     )
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory) -> Pki:
-    """This run's CA and certificates (see the module)."""
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
