@@ -77,8 +77,27 @@ def test_agent_modules_import_each_other_without_cycles():
 def test_the_state_files_and_the_transport_sit_below_the_session():
     graph = agent_imports()
     assert graph["agent.statefile"] == set()  # recovery and updater both build on it
-    assert graph["agent.transport"] == {"agent.protocol"}
+    assert graph["agent.transport"] == {"agent.protocol", "agent.tls"}
+    assert graph["agent.tls"] == set()  # the link, the updater and the config check all build on it
     assert "agent.client" not in set().union(*(deps for mod, deps in graph.items() if mod != "agent.__main__"))
+
+
+def test_only_agent_tls_builds_tls_contexts():
+    """The link and the download must not drift apart: one helper makes every client context."""
+    offenders = []
+    for dirpath, _, filenames in os.walk(AGENT_DIR):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not name.endswith(".py") or os.path.relpath(path, AGENT_DIR) == "tls.py":
+                continue
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read(), path)
+            offenders += [
+                (path, node.lineno, node.attr)
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr in ("create_default_context", "SSLContext")
+            ]
+    assert offenders == []
 
 
 def run_python(code):
