@@ -123,3 +123,19 @@ def test_silent_connections_do_not_hold_up_other_handshakes_and_are_closed(tls_l
     finally:
         for s in silent:
             s.close()
+
+
+def test_over_the_pending_cap_a_tls_connection_is_closed_and_the_port_keeps_serving(tls_live, pki):
+    server = tls_live.servers.agent
+    server.max_pending = 2
+    silent = [socket.create_connection(("127.0.0.1", tls_live.servers.agent_port), timeout=5) for _ in range(2)]
+    try:
+        wait_until(lambda: server.pending == 2, what="two pending connections")
+        with pytest.raises(requests.exceptions.ConnectionError):  # closed: no plaintext 503 before a handshake
+            requests.get(tls_live.agent_http_url + "/agent/health", verify=pki.ca, timeout=5)
+    finally:
+        for s in silent:
+            s.close()
+    wait_until(lambda: server.pending == 0, what="the silent connections released")
+    r = requests.get(tls_live.agent_http_url + "/agent/health", verify=pki.ca, timeout=5)
+    assert r.status_code == 200
