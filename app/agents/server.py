@@ -233,20 +233,17 @@ class AgentServer(ThreadedWSGIServer):
         self.ssl_context = tls
 
     def get_request(self):
-        sock, addr = super().get_request()
-        if self.ssl_context is not None:
-            # No I/O here: the handshake runs on the connection's thread (AgentRequestHandler).
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-    def get_request(self):
         """Accept, with TCP_NODELAY: agent sockets carry small frames, often two in a row (a
-        command, then a pong); Nagle would hold the second until the peer's delayed ACK (~40 ms)."""
+        command, then a pong); Nagle would hold the second until the peer's delayed ACK (~40 ms).
+        On a TLS plane, wrap the socket too, without a handshake (see the class)."""
         sock, addr = super().get_request()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP (or already gone): nothing to tune
             pass
+        if self.ssl_context is not None:
+            # No I/O here: the handshake runs on the connection's thread (AgentRequestHandler).
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
     # -- pending connections -------------------------------------------------------------

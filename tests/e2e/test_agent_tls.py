@@ -11,11 +11,10 @@ its program.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-from tests.support.live import AdminSession, AgentProcess, ServerProcess, built_agent, seed_fleet, wait_until
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -23,55 +22,38 @@ A, B = "1.0.0", "2.0.0"
 
 
 @pytest.fixture
-def fleet(app, tmp_path, tmp_path_factory):
-    """One enrolled host and an admin; start(server cert pair) runs a TLS server and a pinned agent."""
-    (host_id,), (token,), api_token = seed_fleet(["tls-1"])
-    procs = []
+def tls_fleet(live_fleet, pki):
+    """start(cert pair): a TLS server with that certificate and one agent pinning the test CA."""
+    live_fleet.seed(["tls-1"])
 
-    def start(pair, pki):
-        server = ServerProcess(
-            str(tmp_path / "server"),
-            app.config["SQLALCHEMY_DATABASE_URI"],
-            B,
-            extra_env={"RM_AGENT_TLS_CERT": pair.cert, "RM_AGENT_TLS_KEY": pair.key},
-        ).start()
-        procs.append(server)
+    def start(pair):
+        server = live_fleet.start_server(RM_AGENT_TLS_CERT=pair.cert, RM_AGENT_TLS_KEY=pair.key)
         assert server.agent_ws_url.startswith("wss://127.0.0.1:")
-        src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
-        workdir = tmp_path / "agent"
-        workdir.mkdir()
-        shutil.copyfile(pki.ca, workdir / "server-ca.pem")  # as install-agent.sh --server-ca leaves it
-        agent = AgentProcess(str(workdir), src, server.agent_ws_url, token, 'server_ca = "server-ca.pem"\n')
-        procs.append(agent)
-        return server, agent.start()
+        agent = live_fleet.start_agent(live_fleet.tokens[0], A, extra_config=f'server_ca = "{pki.ca}"\n')
+        return server, agent
 
-    yield host_id, start
-    for p in reversed(procs):
-        p.stop()
+    return live_fleet, start
 
 
-def host(admin, host_id):
-    return admin.get_json(f"/api/hosts/{host_id}")["host"]
-
-
-def test_a_pinned_agent_connects_over_wss_and_updates_over_https(fleet, pki):
-    host_id, start = fleet
-    server, agent = start(pki.server, pki)
-    admin = AdminSession(server.admin_url).login("admin", "admin-pass-123")
-    wait_until(lambda: host(admin, host_id)["online"], 30, what="the agent online over wss")
+def test_a_pinned_agent_connects_over_wss_and_updates_over_https(tls_fleet, pki):
+    fleet, start = tls_fleet
+    server, agent = start(pki.server)
+    host_id = fleet.host_ids[0]
+    admin = fleet.admin()
+    wait_until(lambda: admin.host(host_id)["online"], 30, what="the agent online over wss")
     assert f"agents wss://127.0.0.1:{server.agent_port}/ws/agent" in server.log()
     old = agent.program_bytes()
 
-    r = admin.http.post(f"{admin.base}/api/hosts/{host_id}/update", json={}, timeout=10)
+    r = admin.post_json(f"/api/hosts/{host_id}/update")
     assert r.status_code == 202, r.text
 
     def job_done():
-        jobs = admin.get_json(f"/api/hosts/{host_id}/jobs")["jobs"]
+        jobs = admin.jobs(host_id)
         return jobs and jobs[0]["status"] != "running" and jobs[0]
 
     job = wait_until(job_done, 60, 0.05, "the update job to end")
     assert job["status"] == "succeeded", job
-    wait_until(lambda: host(admin, host_id)["agent_version"] == B, 30, what=f"the agent back at {B}")
+    wait_until(lambda: admin.host(host_id)["agent_version"] == B, 30, what=f"the agent back at {B}")
     with open(os.path.join(server.instance_dir, "releases", f"restic-manager-agent-{B}.pyz"), "rb") as f:
         assert agent.program_bytes() == f.read()  # downloaded over https and swapped in
     with open(agent.program + ".old", "rb") as f:
@@ -82,9 +64,9 @@ def test_a_pinned_agent_connects_over_wss_and_updates_over_https(fleet, pki):
 
 
 @pytest.mark.parametrize("impostor", ["foreign", "wrong_name"])
-def test_an_agent_refuses_a_certificate_it_cannot_verify_and_keeps_its_program(fleet, pki, impostor):
-    host_id, start = fleet
-    server, agent = start(getattr(pki, impostor), pki)
+def test_an_agent_refuses_a_certificate_it_cannot_verify_and_keeps_its_program(tls_fleet, pki, impostor):
+    fleet, start = tls_fleet
+    server, agent = start(getattr(pki, impostor))
     old = agent.program_bytes()
     why = "unable to get local issuer certificate" if impostor == "foreign" else "IP address mismatch"
 
@@ -93,13 +75,13 @@ def test_an_agent_refuses_a_certificate_it_cannot_verify_and_keeps_its_program(f
         return log.count("the server's certificate is not trusted") >= 2 and why in log and log
 
     log = wait_until(refused_twice, 30, 0.1, "the agent to refuse the certificate (and retry)")
-    assert "server-ca.pem" in log  # it says what it trusted
+    assert f"the pinned CA in {pki.ca}" in log  # it says what it trusted
     assert "connected to" not in log and "downloading" not in log
     # The server saw the agent abort the handshake; no request, so no token, ever reached it.
     assert "TLS handshake with 127.0.0.1 failed" in server.log()
     assert "GET /ws/agent" not in server.log()
-    admin = AdminSession(server.admin_url).login("admin", "admin-pass-123")
-    assert host(admin, host_id)["online"] is False
-    assert admin.http.post(f"{admin.base}/api/hosts/{host_id}/update", json={}, timeout=10).status_code != 202
+    admin = fleet.admin()
+    assert admin.host(fleet.host_ids[0])["online"] is False
+    assert admin.post_json(f"/api/hosts/{fleet.host_ids[0]}/update").status_code != 202
     assert agent.program_bytes() == old
     assert not os.path.exists(agent.program + ".new") and not os.path.exists(agent.program + ".old")

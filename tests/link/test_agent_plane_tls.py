@@ -13,8 +13,9 @@ import requests
 
 from app.extensions import db
 from app.models import Host
-from tests.support.live import LiveServer, wait_until
+from tests.support.live import LiveServer
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
