@@ -1,4 +1,6 @@
-"""The command line, run as an operator runs it: a real process with an RM_* environment."""
+"""The command line. A few tests run the console script as an operator does (a real process with an
+RM_* environment: migrations, serve, the demo, and CLI changes reaching a separately running server);
+the rest run the same commands in this process through Flask's CLI runner, on the test's database."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 from app.extensions import db
 from app.models import ApiToken, AuditEvent, Host, LoginThrottle, User
 from app.timeutil import utcnow
+from tests.conftest import TEST_PASSWORD_HASH_METHOD
 from tests.support.live import ROOT, ServerProcess
 from tests.support.wait import wait_until
 
@@ -39,12 +42,34 @@ def cli(args, env, stdin=None, timeout=30):
 
 @pytest.fixture
 def env(tmp_path, database_url, app):
+    """The environment of a real ``restic-manager`` process on the test's database. Its instance
+    ``config.py`` sets the tests' cheap password hash (scrypt would cost each process ~0.1 s)."""
+    instance = tmp_path / "cli-instance"
+    instance.mkdir(exist_ok=True)
+    (instance / "config.py").write_text(f"PASSWORD_HASH_METHOD = {TEST_PASSWORD_HASH_METHOD!r}\n")
     return {
-        "RM_INSTANCE_PATH": str(tmp_path / "cli-instance"),
+        "RM_INSTANCE_PATH": str(instance),
         "RM_DATABASE_URL": database_url,
         "RM_SECRET_KEY": "k",
         "RM_VERSION": "2.0.0",
     }
+
+
+class Ran:
+    """What a command did, in the shape of :func:`subprocess.run`'s result."""
+
+    def __init__(self, result):
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def run(runner):
+    """Run a ``restic-manager`` command in this process (Flask's CLI runner, the test's app)."""
+
+    def run(args, stdin=None):
+        return Ran(runner.invoke(args=args, input=stdin, catch_exceptions=False))
+
+    return run
 
 
 def test_db_upgrade_brings_an_empty_database_to_head(tmp_path):
@@ -60,25 +85,25 @@ def test_db_upgrade_brings_an_empty_database_to_head(tmp_path):
     engine.dispose()
 
 
-def test_users_create_reads_the_password_from_stdin(env):
-    r = cli(["users", "create", "alice", "--role", "admin", "--password-stdin"], env, stdin="correct-horse-1\n")
+def test_users_create_reads_the_password_from_stdin(run):
+    r = run(["users", "create", "alice", "--role", "admin", "--password-stdin"], stdin="correct-horse-1\n")
     assert r.returncode == 0, r.stderr
     db.session.rollback()
     u = db.session.scalar(sa.select(User).where(User.username == "alice"))
     assert u.role == "admin" and u.check_password("correct-horse-1")
 
 
-def test_users_create_refuses_a_short_password_and_a_duplicate(env):
-    r = cli(["users", "create", "bob", "--password-stdin"], env, stdin="short\n")
+def test_users_create_refuses_a_short_password_and_a_duplicate(run):
+    r = run(["users", "create", "bob", "--password-stdin"], stdin="short\n")
     assert r.returncode != 0 and "at least 8 characters" in r.stderr
-    cli(["users", "create", "bob", "--password-stdin"], env, stdin="long-enough-1\n")
-    r = cli(["users", "create", "bob", "--password-stdin"], env, stdin="long-enough-1\n")
+    run(["users", "create", "bob", "--password-stdin"], stdin="long-enough-1\n")
+    r = run(["users", "create", "bob", "--password-stdin"], stdin="long-enough-1\n")
     assert r.returncode != 0 and "already exists" in r.stderr
 
 
-def test_tokens_create_prints_a_token_that_the_api_accepts_once_stored_hashed(env):
-    cli(["users", "create", "ops", "--role", "admin", "--password-stdin"], env, stdin="long-enough-1\n")
-    r = cli(["tokens", "create", "--user", "ops"], env)
+def test_tokens_create_prints_a_token_that_the_api_accepts_once_stored_hashed(run):
+    run(["users", "create", "ops", "--role", "admin", "--password-stdin"], stdin="long-enough-1\n")
+    r = run(["tokens", "create", "--user", "ops"])
     assert r.returncode == 0, r.stderr
     token = r.stdout.strip()
     assert token.startswith("rmt_")
@@ -87,8 +112,8 @@ def test_tokens_create_prints_a_token_that_the_api_accepts_once_stored_hashed(en
     assert db.session.scalar(sa.select(sa.func.count()).where(ApiToken.token_hash == token)) == 0
 
 
-def test_hosts_add_prints_the_agent_token_and_install_line(env):
-    r = cli(["hosts", "add", "web-9"], env)
+def test_hosts_add_prints_the_agent_token_and_install_line(run):
+    r = run(["hosts", "add", "web-9"])
     assert r.returncode == 0, r.stderr
     token = re.search(r"agent token: (\S+)", r.stdout).group(1)
     assert re.search(
@@ -102,15 +127,26 @@ def test_hosts_add_prints_the_agent_token_and_install_line(env):
     assert "host.enrolled" in db.session.scalars(sa.select(AuditEvent.action)).all()
 
 
-def test_a_bad_environment_value_stops_start_up_with_a_message_naming_it(env):
-    r = cli(["serve"], {**env, "RM_UPDATE_TIMEOUT": "soon"})
-    assert r.returncode == 2
-    assert r.stderr.strip() == "restic-manager: config error: RM_UPDATE_TIMEOUT='soon': expected a number"
+def test_a_bad_environment_value_stops_start_up_with_a_message_naming_it(env, monkeypatch, capsys):
+    """The console script's entry point (``main``), in this process: exit 2 and one line naming it."""
+    from app.cli import main
+
+    for name in [k for k in os.environ if k.startswith("RM_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**env, "RM_UPDATE_TIMEOUT": "soon"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "false")  # main() sets it; restored after the test
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip() == "restic-manager: config error: RM_UPDATE_TIMEOUT='soon': expected a number"
+    )
 
 
-def test_build_agent_builds_the_artifact_claiming_the_given_version(env, tmp_path):
+def test_build_agent_builds_the_artifact_claiming_the_given_version(run, tmp_path):
     out = tmp_path / "out"
-    r = cli(["build-agent", "--version", "9.9.9-smoke", "--out", str(out)], env, timeout=60)
+    r = run(["build-agent", "--version", "9.9.9-smoke", "--out", str(out)])
     assert r.returncode == 0, r.stderr
     path, size, digest = r.stdout.split()
     assert os.path.getsize(path) == int(size) and len(digest) == 64
@@ -146,13 +182,13 @@ def test_serve_registers_the_release_for_its_own_version(tmp_path, database_url,
     assert rel is not None and rel.size == os.path.getsize(rel.path)
 
 
-def test_users_set_password_changes_it_and_lifts_a_lockout(env):
-    cli(["users", "create", "carol", "--password-stdin"], env, stdin="first-pass-1\n")
+def test_users_set_password_changes_it_and_lifts_a_lockout(run):
+    run(["users", "create", "carol", "--password-stdin"], stdin="first-pass-1\n")
     db.session.rollback()
     locked_until = utcnow() + dt.timedelta(hours=1)
     db.session.add(LoginThrottle(key="name:carol", failures=0, last_failure_at=utcnow(), locked_until=locked_until))
     db.session.commit()
-    r = cli(["users", "set-password", "carol", "--password-stdin"], env, stdin="second-pass-2\n")
+    r = run(["users", "set-password", "carol", "--password-stdin"], stdin="second-pass-2\n")
     assert r.returncode == 0, r.stderr
     db.session.rollback()
     u = db.session.scalar(sa.select(User).where(User.username == "carol"))
@@ -231,28 +267,28 @@ def _audited(action: str) -> list[tuple[str, str]]:
     return [tuple(row) for row in db.session.execute(q)]
 
 
-def test_users_list_shows_role_status_and_active_tokens(env, cast):
+def test_users_list_shows_role_status_and_active_tokens(run, cast):
     ApiToken.issue(cast.viewer, "a")
     ApiToken.issue(cast.viewer, "b")
     cast.viewer.disable("test")
     db.session.commit()
-    r = cli(["users", "list"], env)
+    r = run(["users", "list"])
     assert r.returncode == 0, r.stderr
     rows = {line.split()[1]: line.split() for line in r.stdout.splitlines()[1:]}
     assert rows["admin"][2:] == ["admin", "enabled", "0"]
     assert rows["viewer"][2:] == ["viewer", "disabled", "2"]
 
 
-def test_users_disable_enable_and_delete_are_audited(env, cast):
-    r = cli(["users", "disable", "viewer"], env)
+def test_users_disable_enable_and_delete_are_audited(run, cast):
+    r = run(["users", "disable", "viewer"])
     assert r.returncode == 0 and r.stdout.strip() == "disabled viewer", r.stderr
     assert not _user_named("viewer").is_active
-    assert cli(["users", "disable", "viewer"], env).stdout.strip() == "viewer was already disabled"
-    r = cli(["users", "enable", "viewer"], env)
+    assert run(["users", "disable", "viewer"]).stdout.strip() == "viewer was already disabled"
+    r = run(["users", "enable", "viewer"])
     assert r.returncode == 0 and _user_named("viewer").is_active
     ApiToken.issue(_user_named("viewer"), "script")
     db.session.commit()
-    r = cli(["users", "delete", "viewer", "--yes"], env)
+    r = run(["users", "delete", "viewer", "--yes"])
     assert r.returncode == 0, r.stderr
     assert _user_named("viewer") is None
     assert db.session.scalar(sa.select(sa.func.count(ApiToken.id))) == 0
@@ -260,31 +296,32 @@ def test_users_disable_enable_and_delete_are_audited(env, cast):
         assert _audited(action) == [("cli", "viewer")], action
 
 
-def test_users_delete_asks_first(env, cast):
-    r = cli(["users", "delete", "viewer"], env, stdin="n\n")
+def test_users_delete_asks_first(run, cast):
+    r = run(["users", "delete", "viewer"], stdin="n\n")
     assert r.returncode != 0
     assert _user_named("viewer") is not None
 
 
-def test_the_cli_refuses_to_disable_delete_or_demote_the_last_admin(env, cast):
+def test_the_cli_refuses_to_disable_delete_or_demote_the_last_admin(run, cast):
     for args in (["disable", "admin"], ["delete", "admin", "--yes"], ["set-role", "admin", "viewer"]):
-        r = cli(["users", *args], env)
+        r = run(["users", *args])
         assert r.returncode == 1, args
         assert "it is the last enabled admin" in r.stderr, r.stderr
     u = _user_named("admin")
     assert u.is_active and u.role == "admin"
-    assert cli(["users", "disable", "nobody"], env).stderr.strip() == "Error: no user 'nobody'"
+    assert run(["users", "disable", "nobody"]).stderr.strip() == "Error: no user 'nobody'"
 
 
-def test_users_set_role_changes_the_role_and_audits_it(env, cast):
-    r = cli(["users", "set-role", "viewer", "admin"], env)
+def test_users_set_role_changes_the_role_and_audits_it(run, cast):
+    r = run(["users", "set-role", "viewer", "admin"])
     assert r.returncode == 0, r.stderr
     assert _user_named("viewer").role == "admin"
     assert _audited("user.role_changed") == [("cli", "viewer")]
 
 
-def test_cli_changes_reach_a_running_server_at_once(tmp_path, env, cast):
-    """The server is one process, the CLI another: sessions and tokens die by the database alone."""
+def test_cli_changes_reach_a_running_server_at_once(tmp_path, env, run, cast):
+    """The server is one process, the CLI another: sessions and tokens die by the database alone.
+    The password change is the console script as its own process."""
     _, token = ApiToken.issue(cast.viewer, "script")
     db.session.commit()
     srv = ServerProcess(str(tmp_path / "srv"), env["RM_DATABASE_URL"], "2.0.0", {"RM_SECRET_KEY": "k"}).start()
@@ -312,11 +349,12 @@ def test_cli_changes_reach_a_running_server_at_once(tmp_path, env, cast):
 
         bearer = {"Authorization": f"Bearer {token}"}
         assert requests.get(base + "/api/hosts", headers=bearer, timeout=10).status_code == 200
-        assert cli(["users", "disable", "viewer"], env).returncode == 0
+        # The rest through the same commands in this test process (which is not the server either).
+        assert run(["users", "disable", "viewer"]).returncode == 0
         assert requests.get(base + "/api/hosts", headers=bearer, timeout=10).status_code == 401
-        assert cli(["users", "enable", "viewer"], env).returncode == 0
+        assert run(["users", "enable", "viewer"]).returncode == 0
         assert requests.get(base + "/api/hosts", headers=bearer, timeout=10).status_code == 200
-        assert cli(["users", "delete", "viewer", "--yes"], env).returncode == 0
+        assert run(["users", "delete", "viewer", "--yes"]).returncode == 0
         r = requests.get(base + "/api/hosts", headers=bearer, timeout=10)
         assert r.status_code == 401, r.text
     finally:
