@@ -13,13 +13,21 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 A, B = "1.0.0", "2.0.0"
 
 
+def start_fleet3(live_fleet, **server_env):
+    """Three hosts, the server (``RM_UPDATE_TIMEOUT=20`` plus ``server_env``) and their agents."""
+    live_fleet.seed([f"node-{i}" for i in (1, 2, 3)])
+    server = live_fleet.start_server(RM_UPDATE_TIMEOUT="20", **server_env)
+    # A slow service manager (1 s RestartSec) leaves a wide window in which node-1 is "restarting";
+    # the others restart at once (their restarts are not what these tests kill the server in).
+    live_fleet.start_agent(live_fleet.tokens[0], restart_sec=1.0)
+    for token in live_fleet.tokens[1:]:
+        live_fleet.start_agent(token)
+    return server, live_fleet.api(), live_fleet.host_ids
+
+
 @pytest.fixture
 def fleet3(live_fleet):
-    live_fleet.seed([f"node-{i}" for i in (1, 2, 3)])
-    server = live_fleet.start_server(RM_UPDATE_TIMEOUT="20")
-    # A slow service manager (1 s RestartSec) leaves a wide window in which a host is "restarting".
-    live_fleet.start_agents(restart_sec=1.0)
-    return server, live_fleet.api(), live_fleet.host_ids
+    return start_fleet3(live_fleet)
 
 
 def job_phases(api, host_id):
@@ -49,11 +57,8 @@ def test_a_rollout_resumes_after_a_kill_while_a_host_restarts_without_a_duplicat
     assert dispatch_count(api) == 3
 
 
-def test_a_kill_mid_download_halts_the_rollout_cleanly_and_nothing_stays_running(fleet3, tmp_path):
-    server, api, ids = fleet3
-    server.stop()
-    server.env["RM_DOWNLOAD_RATE_KIB"] = "32"  # a slow link, so the kill lands mid-body
-    server.start()
+def test_a_kill_mid_download_halts_the_rollout_cleanly_and_nothing_stays_running(live_fleet):
+    server, api, ids = start_fleet3(live_fleet, RM_DOWNLOAD_RATE_KIB="32")  # a slow link: the kill lands mid-body
     wait_until(lambda: api.all_online(ids), 30, what="agents online")
     fid = api.post_json("/api/fleet/update").json()["fleet_update"]["id"]
     wait_until(lambda: job_phases(api, ids[0])[:1] == ["downloading"], 20, 0.01, "node-1 downloading")
