@@ -12,12 +12,15 @@ from app.extensions import db
 from app.models import Host, User
 from app.runtime import runtime
 from app.timeutil import FakeClock
-from tests.support import dbsetup
+from tests.support import dbsetup, routecache
 from tests.support.pki import Pki, make_pki
 
 # The same examples on every run: a property test must not pass or fail by the draw of the day.
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")
+
+# Each test's create_app reuses the URL builders compiled by the first (tests/support/routecache.py).
+routecache.install()
 
 SERVER_VERSION = "2.0.0"
 OLD_VERSION = "1.0.0"
