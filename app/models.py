@@ -22,7 +22,7 @@ ROLES = ("admin", "viewer")
 MIN_PASSWORD_LENGTH = 8
 MAX_USERNAME_LENGTH = 64
 JOB_KINDS = ("update",)
-JOB_STATUSES = ("running", "succeeded", "failed")
+JOB_STATUSES = ("running", "succeeded", "failed", "cancelled")
 ALERT_KINDS = ("update_failed", "fleet_update_halted")
 FLEET_STATUSES = ("running", "succeeded", "halted", "cancelled")
 FLEET_HOST_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
@@ -371,7 +371,9 @@ class Job(db.Model):
     )
 
     id = sa.Column(sa.String(36), primary_key=True, default=new_uuid)
-    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False, index=True)
+    # History outlives the host: deleting it leaves the job with host_id NULL and its name kept.
+    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="SET NULL"), index=True)
+    host_name = sa.Column(sa.String(128))
     kind = sa.Column(sa.String(32), nullable=False)
     status = sa.Column(sa.String(16), nullable=False, default="running")
     phase = sa.Column(sa.String(32))
@@ -395,6 +397,7 @@ class Job(db.Model):
         return {
             "id": self.id,
             "host_id": self.host_id,
+            "host_name": self.host_name,
             "kind": self.kind,
             "status": self.status,
             "phase": self.phase,
@@ -643,7 +646,8 @@ class FleetUpdateHost(db.Model):
     fleet_update_id = sa.Column(
         sa.Integer, sa.ForeignKey("fleet_updates.id", ondelete="CASCADE"), nullable=False, index=True
     )
-    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False)
+    host_id = sa.Column(sa.Integer, sa.ForeignKey("hosts.id", ondelete="SET NULL"))
+    host_name = sa.Column(sa.String(128))
     position = sa.Column(sa.Integer, nullable=False)
     status = sa.Column(sa.String(16), nullable=False, default="pending")
     job_id = sa.Column(sa.String(36), sa.ForeignKey("jobs.id", ondelete="SET NULL"))

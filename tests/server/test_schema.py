@@ -128,3 +128,54 @@ def test_migration_0004_keeps_users_and_their_api_tokens(tmp_path):
             assert conn.execute(sa.text("SELECT count(*) FROM api_tokens")).scalar() == 1
         db.session.remove()
         db.engine.dispose()
+
+
+def test_deleting_a_host_keeps_its_jobs_with_the_host_name(app, cast):
+    h = cast.host_online
+    db.session.add(Job(host_id=h.id, host_name=h.name, kind="update", status="cancelled", params={}))
+    db.session.commit()
+    db.session.execute(sa.delete(Host).where(Host.id == h.id))
+    db.session.commit()
+    job = db.session.scalar(sa.select(Job))
+    assert (job.host_id, job.host_name, job.status) == (None, "web-1", "cancelled")
+
+
+def test_migration_0005_keeps_jobs_rollout_rows_and_their_links(tmp_path):
+    """Upgrading a 0004 database with jobs in a rollout loses no row and no job link (no rebuild cascades)."""
+    import flask_migrate
+
+    from app import create_app
+    from tests.support import dbsetup
+
+    url = dbsetup.empty_database(str(tmp_path), "jobhistory")
+    other = create_app({"SQLALCHEMY_DATABASE_URI": url, "INSTANCE_PATH": str(tmp_path / "i"), "SECRET_KEY": "x"}, {})
+    t = "'2026-01-01 00:00:00'"
+    with other.app_context():
+        flask_migrate.upgrade(revision="0004")
+        with db.engine.begin() as conn:
+            for sql in (
+                f"INSERT INTO hosts (id, name, capabilities, connected, created_at) VALUES (5, 'h5', '[]', false, {t})",
+                "INSERT INTO jobs (id, host_id, kind, status, params, actor, created_at, updated_at) "
+                f"VALUES ('j1', 5, 'update', 'running', '{{}}', 'a', {t}, {t})",
+                "INSERT INTO fleet_updates (id, target_version, status, strategy, created_by, created_at) "
+                f"VALUES (2, '2.0.0', 'running', 'rolling', 'a', {t})",
+                "INSERT INTO fleet_update_hosts (id, fleet_update_id, host_id, position, status, job_id) "
+                "VALUES (9, 2, 5, 0, 'running', 'j1')",
+            ):
+                conn.execute(sa.text(sql))
+        flask_migrate.upgrade()
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id, host_id, host_name FROM jobs")).all() == [("j1", 5, "h5")]
+            rows = conn.execute(sa.text("SELECT id, host_id, host_name, job_id FROM fleet_update_hosts")).all()
+            assert rows == [(9, 5, "h5", "j1")]
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM hosts"))
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT host_id, host_name FROM jobs")).all() == [(None, "h5")]
+            assert conn.execute(sa.text("SELECT host_id, job_id FROM fleet_update_hosts")).all() == [(None, "j1")]
+        flask_migrate.downgrade(revision="0004")
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 0  # a deleted host's history
+        flask_migrate.upgrade()
+        db.session.remove()
+        db.engine.dispose()
