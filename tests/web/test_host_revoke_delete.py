@@ -48,14 +48,18 @@ def test_revoke_of_an_unknown_host_is_404(as_admin):
     assert as_admin.post("/hosts/9999/revoke").status_code == 404
 
 
-def test_delete_removes_the_host_and_its_jobs_closes_the_socket_and_audits(as_admin, cast, online):
+def test_delete_removes_the_host_keeps_its_job_history_closes_the_socket_and_audits(as_admin, cast, online):
     host_id = cast.host_online.id
-    db.session.add(Job(host_id=host_id, kind="update", status="failed", params={}))
+    job = Job(host_id=host_id, host_name="web-1", kind="update", status="failed", params={})
+    db.session.add(job)
     db.session.commit()
+    job_id = job.id
     r = as_admin.post(f"/hosts/{host_id}/delete")
     assert r.status_code == 303 and r.headers["Location"] == "/hosts"
     assert _host(host_id) is None
-    assert db.session.scalars(db.select(Job).where(Job.host_id == host_id)).all() == []
+    db.session.rollback()
+    kept = db.session.get(Job, job_id)
+    assert (kept.host_id, kept.host_name, kept.status) == (None, "web-1", "failed")
     assert online["web-1"].closed[0] == CLOSE_REVOKED
     assert audit_actions()[-1] == "host.deleted"
     assert b"Host web-1 deleted." in as_admin.get("/hosts").data
