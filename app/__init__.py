@@ -95,11 +95,17 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 
 def _init_runtime(app: Flask) -> None:
     """The in-memory state (``app.runtime.runtime()``): registries, clock, scheduler, wake-ups."""
+    from .agents.downloads import ActiveDownloads
     from .agents.registry import ConnectionRegistry
     from .runtime import Runtime, install
     from .updates.inflight import InFlightRegistry
 
-    install(app, Runtime(connections=ConnectionRegistry(), inflight=InFlightRegistry(), clock=Clock()))
+    install(
+        app,
+        Runtime(
+            connections=ConnectionRegistry(), inflight=InFlightRegistry(), clock=Clock(), downloads=ActiveDownloads()
+        ),
+    )
 
 
 def _init_db(app: Flask) -> None:

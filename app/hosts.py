@@ -102,13 +102,22 @@ def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
     return Enrolment(host, token, install_command(token, request_host))
 
 
+#: The reason a running update ends with when its host's token is revoked / the host deleted.
+REVOKED_REASON = "host token revoked"
+DELETED_REASON = "host deleted"
+
+
 def revoke(host: Host, actor: str) -> None:
-    """Revoke the host's agent token and close its live connection at once."""
+    """Revoke the host's agent token; cut its live connection and downloads at once.
+
+    A revoked host can neither download nor say hello again, so its running update can only
+    fail: the watcher fails it now (``host_removed``), naming the revocation, not at its deadline.
+    """
     host.revoke()
     AuditEvent.record(actor, "host.revoked", host.name, host_id=host.id)
     db.session.commit()
     # After the commit, so a reconnect racing the close is already refused by the token check.
-    runtime().connections.close(host.id, protocol.CLOSE_REVOKED, "token revoked")
+    _cut_off(host.id, "token revoked", REVOKED_REASON, None)
 
 
 def reissue_token(host: Host, actor: str, request_host: str | None = None) -> Enrolment:
@@ -128,12 +137,24 @@ def reissue_token(host: Host, actor: str, request_host: str | None = None) -> En
 
 
 def delete(host: Host, actor: str) -> None:
-    """Delete the host (its jobs and alerts go with it) and close its live connection."""
+    """Delete the host; its job history stays (with the host's name), a running update ends ``cancelled``.
+
+    The cancellation, its audit and the deletion are one transaction; then the live connection and
+    any download in progress are cut.
+    """
     host_id, name = host.id, host.name
+    cancelled = Job.cancel_running(host_id, DELETED_REASON, actor)
     db.session.delete(host)
     AuditEvent.record(actor, "host.deleted", name, host_id=host_id)
     db.session.commit()
-    runtime().connections.close(host_id, protocol.CLOSE_REVOKED, "host deleted")
+    _cut_off(host_id, DELETED_REASON, DELETED_REASON, cancelled)
+
+
+def _cut_off(host_id: int, close_message: str, reason: str, cancelled_job: str | None) -> None:
+    rt = runtime()
+    rt.connections.close(host_id, protocol.CLOSE_REVOKED, close_message)
+    rt.downloads.abort(host_id, reason)
+    rt.host_removed.publish(host_id, reason, cancelled_job)
 
 
 # --- reads shared by pages and API ----------------------------------------------------------

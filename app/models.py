@@ -393,6 +393,37 @@ class Job(db.Model):
     def target_version(self) -> str | None:
         return (self.params or {}).get("version")
 
+    @classmethod
+    def cancel_running(cls, host_id: int, reason: str, actor: str) -> str | None:
+        """End the host's running update job ``cancelled`` and audit it, in the caller's transaction.
+
+        Return the job's id, or None when none was running. Claimed with ``WHERE status =
+        'running'``, so a job ending at the same moment is ended exactly once.
+        """
+        job = db.session.scalar(
+            sa.select(cls).where(cls.host_id == host_id, cls.kind == "update", cls.status == "running")
+        )
+        if job is None:
+            return None
+        now = utcnow()
+        res = db.session.execute(
+            sa.update(cls)
+            .where(cls.id == job.id, cls.status == "running")
+            .values(status="cancelled", error=reason, finished_at=now, updated_at=now)
+        )
+        if not res.rowcount:
+            return None
+        AuditEvent.record(
+            actor,
+            "host.update_cancelled",
+            job.host_name or str(host_id),
+            host_id=host_id,
+            job_id=job.id,
+            version=job.target_version,
+            reason=reason,
+        )
+        return job.id
+
     def to_dict(self) -> dict:
         return {
             "id": self.id,
@@ -659,10 +690,15 @@ class FleetUpdateHost(db.Model):
     host = db.relationship("Host")
     job = db.relationship("Job")
 
+    @property
+    def name(self) -> str | None:
+        """The host's name, kept on the row for after the host is deleted."""
+        return self.host.name if self.host else self.host_name
+
     def to_dict(self) -> dict:
         return {
             "host_id": self.host_id,
-            "name": self.host.name if self.host else None,
+            "name": self.name,
             "position": self.position,
             "status": self.status,
             "job_id": self.job_id,

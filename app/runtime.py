@@ -84,9 +84,10 @@ class Waker:
 class Runtime:
     """In-memory state of one app; the registries are caches of the database, never the record."""
 
-    def __init__(self, connections, inflight, clock):
+    def __init__(self, connections, inflight, clock, downloads):
         self.connections = connections  # app.agents.registry.ConnectionRegistry
         self.inflight = inflight  # app.updates.inflight.InFlightRegistry
+        self.downloads = downloads  # app.agents.downloads.ActiveDownloads: artifact streams per host
         self.clock = clock  # app.timeutil.Clock (a FakeClock in tests)
         self.scheduler = None  # the BackgroundScheduler, once ``serve`` started it
         self.started_at: dt.datetime | None = None  # when ``serve`` prepared this process
@@ -96,6 +97,9 @@ class Runtime:
         #: Published inside the transaction that turns a succeeded job into a failed one:
         #: ``(job_id, reason)``; subscribers write in that same transaction.
         self.job_corrected = Announcement("job_corrected")
+        #: Published after the commit that revoked a host's token or deleted the host, once its
+        #: connection and downloads are cut: ``(host_id, reason, cancelled_job_id or None)``.
+        self.host_removed = Announcement("host_removed")
 
 
 def install(app: Flask, rt: Runtime) -> Runtime:

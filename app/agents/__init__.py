@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
-from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 from agent import protocol
 
 from ..errors import error_response
 from ..extensions import db, sock
 from ..models import AgentRelease, Host
+from ..runtime import runtime
 from . import link
+from .downloads import stream_file
 from .server import mark_authenticated
 
 log = logging.getLogger(__name__)
@@ -75,21 +76,20 @@ def download(version: str):
     db.session.close()
     if release is None or not os.path.isfile(release.path):
         abort(error_response(404, "release_not_found", f"no agent release {version} for platform {platform}"))
-    rate = current_app.config["DOWNLOAD_RATE_KIB"] * 1024
-    if rate:
-        resp = Response(_throttled(release.path, rate), mimetype="application/octet-stream")
-        resp.headers["Content-Length"] = str(release.size)
-        resp.set_etag(release.sha256)
-    else:
-        resp = send_file(
-            release.path,
-            mimetype="application/octet-stream",
-            as_attachment=True,
-            download_name=f"restic-manager-agent-{version}.pyz",
-            etag=release.sha256,
-            conditional=True,
-            max_age=0,
-        )
+    # Every download is registered for its host and checked between chunks, so revoking or
+    # deleting the host cuts it at once (app/agents/downloads.py); throttled when configured.
+    stream = stream_file(
+        runtime().downloads,
+        g.agent_host_id,
+        release.path,
+        sock=request.environ.get("werkzeug.socket"),
+        bytes_per_s=current_app.config["DOWNLOAD_RATE_KIB"] * 1024,
+    )
+    resp = Response(stream, mimetype="application/octet-stream")
+    resp.headers["Content-Length"] = str(release.size)
+    resp.headers["Content-Disposition"] = f'attachment; filename="restic-manager-agent-{release.version}.pyz"'
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.set_etag(release.sha256)
     resp.headers["X-Checksum-Sha256"] = release.sha256
     from ..updates.releases import public_key
 
@@ -100,19 +100,6 @@ def download(version: str):
     if release.signature:
         resp.headers["X-Agent-Signature"] = release.signature
     return resp
-
-
-def _throttled(path: str, bytes_per_s: int, chunk: int = 16 * 1024):
-    """Stream a file at most ``bytes_per_s``, so a fleet update cannot saturate a site's uplink."""
-    with open(path, "rb") as f:
-        t0 = time.monotonic()
-        sent = 0
-        while block := f.read(chunk):
-            yield block
-            sent += len(block)
-            ahead = sent / bytes_per_s - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
 
 
 def _script(relpath: str, mimetype: str) -> Response:

@@ -39,7 +39,11 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     try:
         record_hello(host_id, data)
         conn.send(
-            protocol.encode("welcome", {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"]})
+            protocol.encode(
+                "welcome",
+                # host_id binds the agent's commands to it: it refuses a command.update for another host
+                {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"], "host_id": host_id},
+            )
         )
         from ..updates import fleet, watcher
 

@@ -86,6 +86,7 @@ def dispatch_update(
     timeout = float(current_app.config["UPDATE_TIMEOUT"])
     job = Job(
         host_id=host.id,
+        host_name=host.name,
         kind="update",
         status="running",
         phase="dispatched",
@@ -125,6 +126,7 @@ def dispatch_update(
 
     data = {
         "job_id": job.id,
+        "host_id": host.id,  # the agent refuses a command naming another host (a misdirected replay)
         "version": release.version,
         "url": job.params["url"],
         "sha256": release.sha256,

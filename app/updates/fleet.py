@@ -74,7 +74,9 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
     fu = FleetUpdate(
         target_version=current_app.config["SERVER_VERSION"], status="running", created_by=actor, created_at=now
     )
-    fu.hosts = [FleetUpdateHost(host_id=h.id, position=i, status="pending") for i, h in enumerate(hosts)]
+    fu.hosts = [
+        FleetUpdateHost(host_id=h.id, host_name=h.name, position=i, status="pending") for i, h in enumerate(hosts)
+    ]
     db.session.add(fu)
     try:
         db.session.flush()
@@ -155,7 +157,7 @@ def tick() -> bool:
     # the rollout: loading N ORM rows twice per host made a rollout O(N^2) (docs/benchmarks.md).
     if _first_row(fu.id, "running") is not None:
         return settled  # wait for the in-flight host's job
-    failed = _first_row(fu.id, "failed")
+    failed = _first_stopping_row(fu.id)
     if failed is not None:
         _halt(fu, failed)
         return True
@@ -176,6 +178,28 @@ def _first_row(fleet_id: int, status: str) -> FleetUpdateHost | None:
     )
 
 
+def _first_stopping_row(fleet_id: int) -> FleetUpdateHost | None:
+    """The first row that halts the rollout: a failed host, or one whose update was cut short.
+
+    A host deleted during its update (its job ``cancelled``, "host deleted") halts the rollout
+    like a failure: its update was started and did not end with the host updated, and the
+    rollout cannot tell whether that had to do with the release. A deleted host that was still
+    pending is passed over (it was never touched; see :func:`_advance`).
+    """
+    return db.session.scalar(
+        sa.select(FleetUpdateHost)
+        .where(
+            FleetUpdateHost.fleet_update_id == fleet_id,
+            sa.or_(
+                FleetUpdateHost.status == "failed",
+                sa.and_(FleetUpdateHost.status == "cancelled", FleetUpdateHost.started_at.is_not(None)),
+            ),
+        )
+        .order_by(FleetUpdateHost.position)
+        .limit(1)
+    )
+
+
 def _settle_finished_rows() -> bool:
     """Copy terminal job states onto running fleet rows (any rollout, cancelled ones too)."""
     rows = db.session.execute(
@@ -184,7 +208,7 @@ def _settle_finished_rows() -> bool:
         .where(FleetUpdateHost.status == "running", Job.status != "running")
     ).all()
     for row, job in rows:
-        row.status = "succeeded" if job.status == "succeeded" else "failed"
+        row.status = job.status if job.status in ("succeeded", "cancelled") else "failed"
         row.error = job.error
         row.finished_at = job.finished_at or utcnow()
     # A running row whose job is gone (host deleted) cannot finish by itself.
@@ -244,6 +268,9 @@ def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
     waker = runtime().fleet_waker
     host = row.host
     now = utcnow()
+    if host is None:  # deleted before its turn
+        _finish_row(row, "cancelled", "host deleted")
+        return True
     if host.agent_version == fu.target_version:
         _finish_row(row, "skipped", None)
         return True
@@ -278,7 +305,7 @@ def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
 
 
 def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
-    name = row.host.name if row.host else str(row.host_id)
+    name = row.name or str(row.host_id)
     reason = halt_reason(name, row.error)
     res = db.session.execute(
         sa.update(FleetUpdate)
@@ -327,7 +354,7 @@ def correct_host_row(job_id: str, reason: str) -> None:
     row.status, row.error = "failed", reason
     fu = row.fleet_update
     if fu.status == "succeeded":
-        name = row.host.name if row.host else str(row.host_id)
+        name = row.name or str(row.host_id)
         fu.status, fu.halt_reason = "halted", halt_reason(name, reason)
         AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=fu.halt_reason)
         Alert.raise_or_touch(

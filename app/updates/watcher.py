@@ -8,6 +8,11 @@ Success is never taken from the agent's word: it is a ``hello`` at the target ve
 the dispatch. Every transition claims the job atomically (``UPDATE ... WHERE status =
 'running'``), so a hello, a failure report and the timeout sweep racing each other end the job
 exactly once.
+
+An agent's word is believed only about the job running on *its* host right now: a result or a
+``last_update`` naming another job (a replayed command's cut download, say) changes nothing. A
+job already counted a success is corrected only by a real rollback: the host back at the job's
+``from_version``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,17 @@ def _claim(job_id: str, **values) -> bool:
     return (res.rowcount or 0) == 1
 
 
-def _host_name(host_id: int) -> str:
+def _host_name(host_id: int | None, job: Job | None = None) -> str:
+    if job is not None and job.host_name:
+        return job.host_name
     return db.session.scalar(sa.select(Host.name).where(Host.id == host_id)) or str(host_id)
+
+
+def running_job_id(host_id: int) -> str | None:
+    """The host's running update job, if any (the database, not the in-flight cache)."""
+    return db.session.scalar(
+        sa.select(Job.id).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
+    )
 
 
 def succeed_job(job_id: str, host_id: int, version: str) -> bool:
@@ -59,7 +73,7 @@ def fail_job(job_id: str, reason: str) -> bool:
     if job is None or not _claim(job_id, status="failed", error=reason[:2000]):
         db.session.rollback()
         return False
-    name = _host_name(job.host_id)
+    name = _host_name(job.host_id, job)
     AuditEvent.record(
         "system",
         "host.update_failed",
@@ -82,6 +96,22 @@ def fail_job(job_id: str, reason: str) -> bool:
     return True
 
 
+def on_host_removed(host_id: int, reason: str, cancelled_job: str | None) -> None:
+    """A host was revoked or deleted (``runtime().host_removed``): end its running update now.
+
+    A deleted host's job was already ended ``cancelled`` in the deletion's transaction; a revoked
+    host's running job fails with the reason, since that host can no longer finish it.
+    """
+    if cancelled_job is not None:
+        runtime().inflight.discard(host_id, cancelled_job)
+        log.warning("update job %s for host %s cancelled: %s", cancelled_job, host_id, reason)
+        runtime().job_ended.publish(cancelled_job)
+        return
+    job_id = running_job_id(host_id)
+    if job_id is not None:
+        fail_job(job_id, reason)
+
+
 def on_hello(host_id: int, data: dict) -> None:
     """Reconcile a ``hello`` with the host's in-flight update, if any."""
     version = data["agent_version"]
@@ -96,7 +126,7 @@ def on_hello(host_id: int, data: dict) -> None:
         and last.get("job_id")
         and (entry is None or entry.job_id != last["job_id"])
     ):
-        _correct_success(last["job_id"], host_id, last)
+        _correct_success(last["job_id"], host_id, last, version)
     if entry is None:
         return
     if version == entry.target_version:
@@ -112,12 +142,30 @@ def on_hello(host_id: int, data: dict) -> None:
     # deadline decides the job.
 
 
-def _correct_success(job_id: str, host_id: int, last: dict) -> None:
+def _correct_success(job_id: str, host_id: int, last: dict, version: str) -> None:
     """A job already counted a success was rolled back on the host afterwards: say so.
 
     The new program said hello (success), then lost the link before it could commit, and its
     probation window restored the previous program. The record must not keep claiming success.
+    Only a real rollback counts: the host says hello at the job's ``from_version`` again. A
+    failure reported by a host still at the target (a replayed command whose download was cut)
+    is not about this job's outcome and changes nothing.
     """
+    job = db.session.scalar(sa.select(Job).where(Job.id == job_id, Job.host_id == host_id, Job.status == "succeeded"))
+    from_version = (job.params or {}).get("from_version") if job is not None else None
+    if job is None or version != from_version or version == job.target_version:
+        if job is not None:
+            log.info(
+                "host %s at %s reports %s for job %s, which took it from %s to %s: not a rollback; ignored",
+                host_id,
+                version,
+                last.get("outcome"),
+                job_id,
+                from_version,
+                job.target_version,
+            )
+        db.session.rollback()
+        return
     reason = f"rolled back after its hello at the target: {last.get('error') or last.get('outcome')}"
     res = db.session.execute(
         sa.update(Job)
@@ -127,8 +175,7 @@ def _correct_success(job_id: str, host_id: int, last: dict) -> None:
     if not res.rowcount:
         db.session.rollback()
         return
-    job = db.session.get(Job, job_id)
-    name = _host_name(host_id)
+    name = _host_name(host_id, job)
     AuditEvent.record(
         "system", "host.update_failed", name, host_id=host_id, job_id=job_id, version=job.target_version, error=reason
     )
@@ -162,18 +209,15 @@ def on_progress(host_id: int, data: dict) -> None:
 
 def on_result(host_id: int, data: dict) -> None:
     job_id = data["job_id"]
-    entry = runtime().inflight.get(host_id)
-    owned = db.session.scalar(sa.select(Job.id).where(Job.id == job_id, Job.host_id == host_id))
-    if owned is None:
-        log.info("host %s reported on unknown job %s", host_id, job_id)
+    if running_job_id(host_id) != job_id:
+        # Another host's job, a finished one, or a replay's: none of them is this report's to end.
+        log.info("host %s reported on job %s, which is not running on it; ignored", host_id, job_id)
         return
     if data["ok"]:
         # Not success: that is only ever a hello at the target. Note it and keep waiting.
         log.info("host %s says job %s went well; waiting for its hello", host_id, job_id)
         return
     fail_job(job_id, data["error"] or "agent reported failure without a reason")
-    if entry is not None:
-        runtime().inflight.discard(host_id, job_id)
 
 
 def sweep_timeouts() -> int:
