@@ -29,7 +29,7 @@ from agent import platform_tag, program_path, protocol
 from agent.config import AgentConfig
 from agent.daemon import EX_OK, EX_ROLLBACK_RESTART, EX_UPDATE_RESTART, StopFlag
 from agent.probation import Probation
-from agent.statefile import last_update_for_hello, mark_reported
+from agent.statefile import last_update_for_hello, mark_reported, ran_job, remember_job
 from agent.tls import describe_trust
 from agent.transport import Backoff, Link, default_connect
 from agent.updater import UpdateCommand, UpdateError, Updater, can_self_update
@@ -54,6 +54,9 @@ _CLOSE_MEANINGS = {
 }
 
 _PROCESS_BOOT_ID = str(uuid.uuid4())
+
+#: ``Agent.host_id`` before this connection's welcome: no command is accepted yet.
+UNWELCOMED = object()
 
 
 def boot_id() -> str:
@@ -101,6 +104,8 @@ class Agent:
         self._link_lock = threading.Lock()
         self._update_lock = threading.Lock()
         self._update_job: str | None = None
+        #: The host id the server's welcome named (None from a server that names none).
+        self.host_id: int | None | object = UNWELCOMED
         self._update_thread: threading.Thread | None = None
         self._restart = threading.Event()
         self._pending: list[str] = []  # update.result frames that found no live link
@@ -255,6 +260,7 @@ class Agent:
 
     def _await_welcome(self, link: Link) -> protocol.Envelope | None:
         self._was_welcomed = False
+        self.host_id = UNWELCOMED
         deadline = self.clock() + self.welcome_timeout
         while not (self.stop.is_set() or self._restart.is_set()):
             remaining = deadline - self.clock()
@@ -274,6 +280,7 @@ class Agent:
 
     def _welcomed(self, link: Link, welcome: protocol.Envelope) -> None:
         self._was_welcomed = True
+        self.host_id = welcome.data.get("host_id")
         self.backoff.reset()
         log.info(
             "connected to %s (server %s, agent %s)",
@@ -308,7 +315,7 @@ class Agent:
         if env.type == "ping":
             link.send(protocol.encode("pong", {"ref": env.id}))
         elif env.type == "command.update":
-            self._start_update(env)
+            self._start_update(link, env)
         elif env.type == "error":
             log.warning("server reported an error: %s: %s", env.data["code"], env.data["message"])
         elif env.type == "welcome":
@@ -333,15 +340,42 @@ class Agent:
             server_ca=self.config.server_ca,
         )
 
-    def _start_update(self, env: protocol.Envelope) -> None:
+    def _misdirected(self, env: protocol.Envelope) -> tuple[str, str] | None:
+        """Why a ``command.update`` is not for this agent (error code, message), or None if it is."""
+        if self.host_id is UNWELCOMED:
+            return "not_welcomed", "a command before the server's welcome is not accepted"
+        if self.host_id is not None and env.data.get("host_id") != self.host_id:
+            return "wrong_host", f"command for host {env.data.get('host_id')}, but this agent is host {self.host_id}"
+        return None
+
+    def _start_update(self, link: Link, env: protocol.Envelope) -> None:
         cmd = UpdateCommand.from_data(env.data)
+        misdirected = self._misdirected(env)
+        if misdirected:
+            # Never acted on, never answered with update.result: that would name a job of another host.
+            code, message = misdirected
+            log.warning("refusing update job %s: %s", cmd.job_id, message)
+            link.send(protocol.error_frame(code, message, ref=env.id))
+            return
         refusal = None
         with self._update_lock:
-            if self._update_job is not None:
+            if cmd.job_id == self._update_job:
+                log.warning("ignoring a repeated command for update job %s: it is running now", cmd.job_id)
+                return
+            if self._already_ran(cmd.job_id):
+                log.warning(
+                    "ignoring command.update for job %s: this agent already ran it (a replayed command)", cmd.job_id
+                )
+                return
+            if cmd.version == self.version:
+                refusal = f"this agent already runs version {cmd.version}: nothing to update"
+                self._remember(cmd.job_id)
+            elif self._update_job is not None:
                 refusal = f"another update (job {self._update_job}) is already in progress"
             elif not can_self_update(self.program):
                 refusal = "this agent cannot self-update: it does not run from a zipapp in a writable directory"
             else:
+                self._remember(cmd.job_id)
                 self._update_job = cmd.job_id
                 self._update_thread = threading.Thread(
                     target=self._run_update, args=(cmd,), name=f"update-{cmd.job_id}", daemon=True
@@ -352,6 +386,20 @@ class Agent:
             return
         log.info("update job %s: updating %s -> %s", cmd.job_id, self.version, cmd.version)
         self._update_thread.start()
+
+    def _already_ran(self, job_id: str) -> bool:
+        try:
+            return ran_job(self.config.state_dir, job_id)
+        except OSError as exc:
+            log.warning("cannot read the update jobs already run: %s", exc)
+            return False
+
+    def _remember(self, job_id: str) -> None:
+        try:
+            remember_job(self.config.state_dir, job_id)
+        except OSError as exc:
+            # the update itself still runs (and fails on its own if the state folder is unusable)
+            log.warning("cannot record update job %s as run: %s", job_id, exc)
 
     def _run_update(self, cmd: UpdateCommand) -> None:
         def progress(phase: str, done: int, total: int) -> None:

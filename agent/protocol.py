@@ -55,13 +55,14 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "agent_version:str os:str arch:str hostname:str python:str capabilities:list boot_id:str",
         "last_update:dict|null platform?:str",
     ),
-    "welcome": _fields("server_version:str heartbeat_s:num"),
+    # host_id: the host the token belongs to; a command.update must name it (absent from old servers)
+    "welcome": _fields("server_version:str heartbeat_s:num host_id?:int"),
     "heartbeat": {},
     "ping": {},
     "pong": _fields("ref:str"),
     "command.update": _fields(
         "job_id:str version:str url:str sha256:str size:int",
-        "signature?:str|null platform?:str allow_downgrade?:bool",
+        "host_id?:int signature?:str|null platform?:str allow_downgrade?:bool",
     ),
     "update.progress": _fields("job_id:str phase:str bytes_done:int bytes_total:int"),
     "update.result": _fields("job_id:str ok:bool error:str"),

@@ -1,12 +1,14 @@
 """The agent's files in its state folder, read and written crash-safely.
 
-Two JSON files carry an update across restarts (their fields: ``docs/agent.md``):
+Three JSON files carry an update across restarts (their fields: ``docs/agent.md``):
 
 * ``update-state.json`` — the last update's outcome, written by :mod:`agent.updater` and
   :mod:`agent.recovery`, read for the ``last_update`` of every hello until the server has seen it;
 * ``probation.json`` — the probation marker, written before the swap's final rename and removed
   when the new program commits or is rolled back. It is one key per line because the sh guard
-  (``scripts/systemd/restic-manager-agent-guard``) edits it with sed.
+  (``scripts/systemd/restic-manager-agent-guard``) edits it with sed;
+* ``update-jobs.json`` — the ids of the last :data:`JOB_MEMORY` update jobs the agent started,
+  so a replayed ``command.update`` is recognised even by the program it swapped in.
 
 Every write goes through :func:`write_atomic`: a temp file beside the target (``<name>.tmp``),
 fsync, one ``os.replace``, fsync of the folder — so a reader, or the next start after a power
@@ -26,6 +28,10 @@ log = logging.getLogger("agent.statefile")
 
 STATE_FILE = "update-state.json"
 MARKER_FILE = "probation.json"
+JOBS_FILE = "update-jobs.json"
+
+#: How many update job ids the agent remembers; a ``command.update`` for one of them is a replay.
+JOB_MEMORY = 64
 
 #: ``update-state.json`` outcome while an update runs (start-up repair turns a leftover one into ``failed``).
 OUTCOME_STARTED = "started"
@@ -132,6 +138,36 @@ def mark_reported(state_dir: str) -> None:
     if state and not state.get("reported"):
         state["reported"] = True
         write_state(state_dir, state)
+
+
+# --------------------------------------------------------------------------- update-jobs.json
+
+
+def jobs_path(state_dir: str) -> str:
+    return os.path.join(state_dir, JOBS_FILE)
+
+
+def ran_jobs(state_dir: str) -> list[str]:
+    """The ids of the update jobs this agent started, oldest first (empty when unknown or unreadable)."""
+    try:
+        stored = read_json_object(jobs_path(state_dir)) or {}
+    except ValueError as exc:
+        log.warning("ignoring unreadable %s: %s", jobs_path(state_dir), exc)
+        return []
+    ids = stored.get("job_ids")
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+
+
+def ran_job(state_dir: str, job_id: str) -> bool:
+    return job_id in ran_jobs(state_dir)
+
+
+def remember_job(state_dir: str, job_id: str) -> None:
+    """Add ``job_id`` to the jobs this agent started, keeping the newest :data:`JOB_MEMORY`."""
+    ids = [i for i in ran_jobs(state_dir) if i != job_id] + [job_id]
+    os.makedirs(state_dir, exist_ok=True)
+    data = json.dumps({"job_ids": ids[-JOB_MEMORY:]}, indent=0) + "\n"
+    write_atomic(jobs_path(state_dir), data.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- probation.json
