@@ -16,10 +16,11 @@ import time
 import pytest
 import simple_websocket
 
-from agent import protocol
+from agent import protocol, statefile
 from agent.client import Agent
 from agent.daemon import EX_OK, EX_UPDATE_RESTART
 from agent.statefile import read_state
+from agent.updater import UpdateError
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -236,14 +237,26 @@ def program(tmp_path):
     return path
 
 
-def update_data(url, body=NEW, job_id="job-1", sha256=None):
+def update_data(url, body=NEW, job_id="job-1", sha256=None, version="2.0.0", **extra):
     return {
         "job_id": job_id,
-        "version": "2.0.0",
+        "version": version,
         "url": url,
         "sha256": sha256 or hashlib.sha256(body).hexdigest(),
         "size": len(body),
+        **extra,
     }
+
+
+class BlockingUpdater:
+    """Stands in for the updater: the update 'runs' until ``release`` is set, then fails."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def run(self, cmd, progress, cancelled):
+        self.release.wait(5)
+        raise UpdateError("stopped by the test")
 
 
 def test_an_update_over_the_link_swaps_reports_and_exits_for_restart(
@@ -330,13 +343,6 @@ def test_a_second_update_while_one_runs_is_refused(peer, make_config, run_agent,
     release = threading.Event()
     got = queue.Queue()
 
-    class SlowUpdater:
-        def run(self, cmd, progress, cancelled):
-            release.wait(5)
-            from agent.updater import UpdateError
-
-            raise UpdateError("stopped by the test")
-
     def handler(conn):
         conn.recv_type("hello")
         conn.welcome()
@@ -347,7 +353,8 @@ def test_a_second_update_while_one_runs_is_refused(peer, make_config, run_agent,
         got.put(conn.recv_type("update.result"))
 
     server = peer(handler)
-    run_agent(new_agent(make_config(server.url), program=str(program), updater_factory=lambda cmd: SlowUpdater()))
+    blocked = BlockingUpdater(release)
+    run_agent(new_agent(make_config(server.url), program=str(program), updater_factory=lambda cmd: blocked))
     second = got.get(timeout=5)
     assert second.data["job_id"] == "job-2"
     assert second.data["error"] == "another update (job job-1) is already in progress"
@@ -414,3 +421,156 @@ def test_sigterm_stops_a_real_agent_process_within_two_seconds(tmp_path):
                 proc.kill()
                 proc.wait()
             proc.stderr.close()
+
+
+# ----------------------------------------------------------------- replayed and misdirected commands
+# A command.update counts once, and only for its own host (issue 9). The same cases through a real
+# server and a frame-injecting proxy: tests/e2e/test_update_trust.py.
+
+
+def welcome_as(conn, host_id=None):
+    data = {"server_version": "9.9.9", "heartbeat_s": 30}
+    if host_id is not None:
+        data["host_id"] = host_id
+    conn.send("welcome", data)
+
+
+def round_trip(conn, skip=("heartbeat", "update.progress")):
+    """Ping and wait for the pong: every frame sent before the ping has been handled."""
+    ping = conn.send("ping")
+    assert conn.recv_type("pong", skip=skip).data["ref"] == ping
+
+
+def test_a_command_for_another_host_is_refused_without_a_download(
+    peer, make_config, run_agent, program, artifact_server
+):
+    files = artifact_server(NEW)
+    got = queue.Queue()
+
+    def handler(conn):
+        conn.recv_type("hello")
+        welcome_as(conn, host_id=7)
+        cmd_id = conn.send("command.update", update_data(files.url(), host_id=8))
+        got.put((cmd_id, conn.recv_type("error")))
+        no_id = conn.send("command.update", update_data(files.url(), job_id="job-2"))  # no host_id at all
+        got.put((no_id, conn.recv_type("error")))
+        round_trip(conn)
+        got.put("done")
+
+    server = peer(handler)
+    run_agent(new_agent(make_config(server.url), program=str(program)))
+    for _ in range(2):
+        cmd_id, err = got.get(timeout=5)
+        assert err.data["code"] == "wrong_host" and err.data["ref"] == cmd_id, err.data
+    assert got.get(timeout=5) == "done"
+    assert files.requests == []
+    assert program.read_bytes() == b"old program"
+
+
+def test_a_command_for_this_host_is_carried_out(peer, make_config, run_agent, program, artifact_server):
+    files = artifact_server(NEW)
+    got = queue.Queue()
+
+    def handler(conn):
+        conn.recv_type("hello")
+        welcome_as(conn, host_id=7)
+        conn.send("command.update", update_data(files.url(), host_id=7))
+        got.put(conn.recv_type("update.progress"))
+
+    server = peer(handler)
+    run_agent(new_agent(make_config(server.url), program=str(program)))
+    assert got.get(timeout=5).data["job_id"] == "job-1"
+
+
+def test_a_job_already_run_is_ignored_even_by_the_next_program(peer, make_config, run_agent, program, artifact_server):
+    files = artifact_server(NEW)
+    files.mode = "truncate"  # the first run fails, so the agent stays and a replay can follow
+    got = queue.Queue()
+
+    def handler(conn):
+        conn.recv_type("hello")
+        welcome_as(conn)
+        conn.send("command.update", update_data(files.url()))
+        got.put(conn.recv_type("update.result", skip=("heartbeat", "update.progress")))
+        conn.send("command.update", update_data(files.url()))  # the replay
+        round_trip(conn)
+        got.put("done")
+
+    server = peer(handler)
+    runner = run_agent(new_agent(make_config(server.url), program=str(program)))
+    assert got.get(timeout=5).data["error"].startswith("download truncated")
+    assert got.get(timeout=5) == "done"
+    runner.stop()
+    assert len(files.requests) == 1
+
+    # A restarted agent (the memory is on disk) ignores the same frame too.
+    def again(conn):
+        conn.recv_type("hello")
+        welcome_as(conn)
+        conn.send("command.update", update_data(files.url()))
+        round_trip(conn)
+        got.put("done again")
+
+    server2 = peer(again)
+    run_agent(new_agent(make_config(server2.url), program=str(program)))
+    assert got.get(timeout=5) == "done again"
+    assert len(files.requests) == 1
+    assert program.read_bytes() == b"old program"
+
+
+def test_a_duplicate_of_the_running_job_is_ignored(peer, make_config, run_agent, program):
+    release = threading.Event()
+    got = queue.Queue()
+
+    def handler(conn):
+        conn.recv_type("hello")
+        welcome_as(conn)
+        conn.send("command.update", update_data("/a"))
+        conn.send("command.update", update_data("/a"))  # the same job again, while it runs
+        round_trip(conn)
+        release.set()
+        got.put(conn.recv_type("update.result"))
+        round_trip(conn)
+        got.put("done")
+
+    server = peer(handler)
+    blocked = BlockingUpdater(release)
+    run_agent(new_agent(make_config(server.url), program=str(program), updater_factory=lambda cmd: blocked))
+    result = got.get(timeout=5)
+    assert (result.data["job_id"], result.data["error"]) == ("job-1", "stopped by the test")
+    assert got.get(timeout=5) == "done"  # and no second update.result came before the pong
+
+
+def test_the_running_version_is_answered_and_old_is_never_touched(
+    peer, make_config, run_agent, program, artifact_server
+):
+    files = artifact_server(NEW)
+    (program.parent / "restic-manager-agent.pyz.old").write_bytes(b"the program to roll back to")
+    got = queue.Queue()
+
+    def handler(conn):
+        conn.recv_type("hello")
+        welcome_as(conn)
+        conn.send("command.update", update_data(files.url(), version="2.0.0"))
+        got.put(conn.recv_type("update.result"))
+
+    server = peer(handler)
+    run_agent(new_agent(make_config(server.url), program=str(program), version="2.0.0"))
+    result = got.get(timeout=5)
+    assert result.data["ok"] is False and "already runs version 2.0.0" in result.data["error"]
+    assert files.requests == []
+    assert (program.parent / "restic-manager-agent.pyz.old").read_bytes() == b"the program to roll back to"
+
+
+def test_the_job_memory_is_bounded_and_survives_a_corrupt_file(tmp_path):
+    d = str(tmp_path)
+    for i in range(statefile.JOB_MEMORY + 6):
+        statefile.remember_job(d, f"job-{i}")
+    ids = statefile.ran_jobs(d)
+    assert len(ids) == statefile.JOB_MEMORY
+    assert ids[0] == "job-6" and ids[-1] == f"job-{statefile.JOB_MEMORY + 5}"
+    assert not statefile.ran_job(d, "job-0") and statefile.ran_job(d, "job-6")
+    (tmp_path / statefile.JOBS_FILE).write_text("{not json")
+    assert statefile.ran_jobs(d) == []
+    statefile.remember_job(d, "job-x")
+    assert statefile.ran_jobs(d) == ["job-x"]

@@ -14,79 +14,42 @@ import os
 import time
 
 import pytest
-import requests
 
 from tests.support.frameproxy import FrameProxy
-from tests.support.live import AgentProcess, ServerProcess, built_agent, seed_fleet, wait_until
+from tests.support.live import AgentProcess
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 A, B = "1.0.0", "2.0.0"
 
 
-class Api:
-    def __init__(self, base, token):
-        self.base = base
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {token}"
+class Fleet:
+    """The live fleet (server process, real agents) with a frame proxy in front of the agent plane."""
 
-    def get(self, path, ok=True):
-        r = self.http.get(self.base + path, timeout=10)
-        if ok:
-            r.raise_for_status()
-        return r
-
-    def json(self, path):
-        return self.get(path).json()
-
-    def post(self, path, body=None):
-        return self.http.post(self.base + path, json=body or {}, timeout=10)
-
-    def delete(self, path):
-        return self.http.delete(self.base + path, timeout=10)
-
-    def host(self, host_id):
-        return self.json(f"/api/hosts/{host_id}")["host"]
-
-    def job(self, job_id):
-        return self.json(f"/api/jobs/{job_id}")["job"]
+    def __init__(self, live_fleet, names, **server_env):
+        self.live = live_fleet.seed(names)
+        self.ids, self.tokens = live_fleet.host_ids, live_fleet.tokens
+        self.server = live_fleet.start_server(**server_env)
+        self.proxy = live_fleet.add(FrameProxy(self.server.agent_port).start())
+        self.api = live_fleet.api()
+        self.agents = [live_fleet.start_agent(token, url=self.proxy.ws_url) for token in self.tokens]
+        for host_id in self.ids:
+            wait_until(lambda h=host_id: self.online_at(h, A), 30, what=f"host {host_id} online at {A}")
 
     def online_at(self, host_id, version):
-        h = self.host(host_id)
+        h = self.api.host(host_id)
         return h["online"] and h["agent_version"] == version
 
-    def actions(self, job_id=None):
-        events = self.json("/api/audit?limit=200")["events"]
-        return [e["action"] for e in reversed(events) if job_id is None or e["details"].get("job_id") == job_id]
+    def job(self, job_id):
+        return self.api.get_json(f"/api/jobs/{job_id}")["job"]
 
-    def open_alerts(self):
-        return self.json("/api/alerts?status=open")["alerts"]
-
-
-class Fleet:
-    """A server process, a frame proxy in front of its agent plane, and agents behind the proxy."""
-
-    def __init__(self, tmp_path, tmp_path_factory, database_url, names, **server_env):
-        self.ids, self.tokens, api_token = seed_fleet(names)
-        self.server = ServerProcess(str(tmp_path / "server"), database_url, B, extra_env=server_env).start()
-        self.proxy = FrameProxy(self.server.agent_port).start()
-        self.api = Api(self.server.admin_url, api_token)
-        self.src = built_agent(A, str(tmp_path_factory.getbasetemp() / "agent-builds"))
-        self.agents = [
-            AgentProcess(str(tmp_path / f"agent{i}"), self.src, self.proxy.ws_url, token).start()
-            for i, token in enumerate(self.tokens)
-        ]
-        for host_id in self.ids:
-            wait_until(lambda h=host_id: self.api.online_at(h, A), 30, what=f"host {host_id} online at {A}")
-
-    def stop(self):
-        for a in self.agents:
-            a.stop()
-        self.proxy.stop()
-        self.server.stop()
+    def actions(self, job_id):
+        events = self.api.get_json("/api/audit?limit=200")["events"]
+        return [e["action"] for e in reversed(events) if e["details"].get("job_id") == job_id]
 
     def update(self, i) -> str:
-        r = self.api.post(f"/api/hosts/{self.ids[i]}/update")
+        r = self.api.post_json(f"/api/hosts/{self.ids[i]}/update")
         assert r.status_code == 202, r.text
         return r.json()["job"]["id"]
 
@@ -105,12 +68,12 @@ class Fleet:
 
     def ended(self, job_id, timeout=30):
         return wait_until(
-            lambda: (j := self.api.job(job_id))["status"] != "running" and j, timeout, 0.05, f"job {job_id} to end"
+            lambda: (j := self.job(job_id))["status"] != "running" and j, timeout, 0.05, f"job {job_id} to end"
         )
 
     def round_trip(self, i):
         """Ping agent ``i`` through the server: every frame the agent got before it is handled."""
-        r = self.api.post(f"/api/hosts/{self.ids[i]}/ping")
+        r = self.api.post_json(f"/api/hosts/{self.ids[i]}/ping")
         assert r.status_code == 200, r.text
 
     def up_frames(self, i, type_, job_id):
@@ -123,17 +86,11 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(app, tmp_path, tmp_path_factory, database_url):
-    made = []
-
+def fleet(live_fleet):
     def make(names=("trust-1",), **server_env):
-        f = Fleet(tmp_path, tmp_path_factory, database_url, list(names), **server_env)
-        made.append(f)
-        return f
+        return Fleet(live_fleet, list(names), **server_env)
 
-    yield make
-    for f in made:
-        f.stop()
+    return make
 
 
 def release_bytes(f: Fleet) -> bytes:
@@ -150,7 +107,7 @@ def test_a_replayed_command_of_a_finished_job_is_ignored_and_old_is_kept(fleet):
     a_bytes = ag.program_bytes()
     job_id = f.update(0)
     assert f.ended(job_id)["status"] == "succeeded"
-    wait_until(lambda: f.api.online_at(f.ids[0], B), 20, what="the agent online at B")
+    wait_until(lambda: f.online_at(f.ids[0], B), 20, what="the agent online at B")
     frame = f.command_frame(0, job_id)
     assert f.proxy.downloads == 1
 
@@ -172,10 +129,10 @@ def test_a_replayed_command_of_a_finished_job_is_ignored_and_old_is_kept(fleet):
     f.proxy.wait(lambda: len(f.proxy.links_for(f.tokens[0])) > before, 15, "the agent to reconnect")
     f.proxy.live_link(f.tokens[0], 15)
     f.round_trip(0)
-    job = f.api.job(job_id)
+    job = f.job(job_id)
     assert (job["status"], job["error"]) == ("succeeded", None)
     assert f.api.open_alerts() == []
-    assert "host.update_failed" not in f.api.actions(job_id)
+    assert "host.update_failed" not in f.actions(job_id)
 
 
 def test_a_duplicate_command_while_the_job_runs_does_not_fail_it(fleet):
@@ -211,8 +168,8 @@ def test_a_command_injected_into_another_hosts_link_is_refused(fleet):
     assert f.proxy.downloads == downloads, "the other host downloaded the update"
     assert victim.program_bytes() == victim_bytes
     assert not os.path.exists(victim.program + ".old")
-    assert f.api.online_at(f.ids[1], A)
-    assert [j["id"] for j in f.api.json(f"/api/hosts/{f.ids[1]}/jobs")["jobs"]] == []
+    assert f.online_at(f.ids[1], A)
+    assert f.api.jobs(f.ids[1]) == []
 
 
 # --------------------------------------------------------------------------- items 3 and 4
@@ -220,7 +177,7 @@ def test_a_command_injected_into_another_hosts_link_is_refused(fleet):
 
 def _mid_download(f: Fleet, i: int, job_id: str) -> None:
     f.proxy.wait(lambda: f.up_frames(i, "update.progress", job_id), 10, "the download to start")
-    assert f.api.job(job_id)["status"] == "running"
+    assert f.job(job_id)["status"] == "running"
 
 
 def _download_failed(ag: AgentProcess, job_id: str) -> None:
@@ -235,7 +192,7 @@ def test_revoking_a_host_during_its_download_cuts_it_and_fails_the_job_at_once(f
     _mid_download(f, 0, job_id)
 
     t0 = time.monotonic()
-    assert f.api.post(f"/api/hosts/{f.ids[0]}/revoke").status_code == 200
+    assert f.api.post_json(f"/api/hosts/{f.ids[0]}/revoke").status_code == 200
     job = f.ended(job_id, timeout=10)
     took = time.monotonic() - t0
     assert job["status"] == "failed"
@@ -244,32 +201,26 @@ def test_revoking_a_host_during_its_download_cuts_it_and_fails_the_job_at_once(f
     _download_failed(ag, job_id)
     assert ag.program_bytes() == a_bytes
     assert not os.path.exists(ag.program + ".new")
-    assert f.api.actions(job_id)[-1] == "host.update_failed"
+    assert f.actions(job_id)[-1] == "host.update_failed"
 
 
 def test_deleting_a_host_during_its_rollout_download_keeps_the_job_cancelled_and_halts_the_rollout(fleet):
     f = fleet(("trust-1", "trust-2"), RM_DOWNLOAD_RATE_KIB="8")
     ag = f.agents[0]
     a_bytes = ag.program_bytes()
-    r = f.api.post("/api/fleet/update", {"host_ids": f.ids})
+    r = f.api.post_json("/api/fleet/update", {"host_ids": f.ids})
     assert r.status_code == 201, r.text
     fid = r.json()["fleet_update"]["id"]
-    job_id = wait_until(
-        lambda: f.api.json(f"/api/fleet-updates/{fid}")["fleet_update"]["hosts"][0]["job_id"], 10, what="dispatch"
-    )
+    job_id = wait_until(lambda: f.api.fleet_update(fid)["hosts"][0]["job_id"], 10, what="dispatch")
     _mid_download(f, 0, job_id)
 
-    assert f.api.delete(f"/api/hosts/{f.ids[0]}").status_code == 204
-    job = f.api.job(job_id)  # the job outlives its host
+    assert f.api.http.delete(f"{f.api.base}/api/hosts/{f.ids[0]}", timeout=10).status_code == 204
+    job = f.job(job_id)  # the job outlives its host
     assert job["status"] == "cancelled" and job["error"] == "host deleted", job
     assert job["host_name"] == "trust-1" and job["host_id"] is None
-    assert f.api.actions(job_id)[-2:] == ["host.update_dispatched", "host.update_cancelled"]
+    assert f.actions(job_id)[-2:] == ["host.update_dispatched", "host.update_cancelled"]
 
-    fu = wait_until(
-        lambda: (x := f.api.json(f"/api/fleet-updates/{fid}")["fleet_update"])["status"] != "running" and x,
-        10,
-        what="the rollout to settle",
-    )
+    fu = wait_until(lambda: f.api.fleet_update_ended(fid), 10, what="the rollout to settle")
     assert fu["status"] == "halted" and fu["total"] == 2, fu
     row = fu["hosts"][0]
     assert (row["name"], row["status"], row["error"], row["job_id"]) == ("trust-1", "cancelled", "host deleted", job_id)

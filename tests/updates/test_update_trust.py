@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from app.extensions import db
 from app.models import Alert, ApiToken, AuditEvent, Job
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import wait_until
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
