@@ -140,8 +140,8 @@ def test_deleting_a_host_keeps_its_jobs_with_the_host_name(app, cast):
     assert (job.host_id, job.host_name, job.status) == (None, "web-1", "cancelled")
 
 
-def test_migration_0005_keeps_jobs_rollout_rows_and_their_links(tmp_path):
-    """Upgrading a 0004 database with jobs in a rollout loses no row and no job link (no rebuild cascades)."""
+def test_migration_0007_keeps_jobs_rollout_rows_and_their_links(tmp_path):
+    """Upgrading a 0006 database with jobs in a rollout loses no row and no job link (no rebuild cascades)."""
     import flask_migrate
 
     from app import create_app
@@ -151,7 +151,7 @@ def test_migration_0005_keeps_jobs_rollout_rows_and_their_links(tmp_path):
     other = create_app({"SQLALCHEMY_DATABASE_URI": url, "INSTANCE_PATH": str(tmp_path / "i"), "SECRET_KEY": "x"}, {})
     t = "'2026-01-01 00:00:00'"
     with other.app_context():
-        flask_migrate.upgrade(revision="0004")
+        flask_migrate.upgrade(revision="0006")
         with db.engine.begin() as conn:
             for sql in (
                 f"INSERT INTO hosts (id, name, capabilities, connected, created_at) VALUES (5, 'h5', '[]', false, {t})",
@@ -173,7 +173,7 @@ def test_migration_0005_keeps_jobs_rollout_rows_and_their_links(tmp_path):
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT host_id, host_name FROM jobs")).all() == [(None, "h5")]
             assert conn.execute(sa.text("SELECT host_id, job_id FROM fleet_update_hosts")).all() == [(None, "j1")]
-        flask_migrate.downgrade(revision="0004")
+        flask_migrate.downgrade(revision="0006")
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 0  # a deleted host's history
         flask_migrate.upgrade()

@@ -4,16 +4,16 @@ Deleting a host used to delete its jobs (and its rollout rows) with it, so a run
 vanished from the record. Now ``host_id`` is set to NULL instead and the name is kept beside it;
 an update interrupted by the deletion ends ``cancelled``.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-29
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
