@@ -102,9 +102,10 @@ def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
     return Enrolment(host, token, install_command(token, request_host))
 
 
-#: The reason a running update ends with when its host's token is revoked / the host deleted.
+#: The reason a running update ends with when its host's token is revoked or replaced / the host deleted.
 REVOKED_REASON = "host token revoked"
 DELETED_REASON = "host deleted"
+REPLACED_REASON = "host token replaced"
 
 
 def revoke(host: Host, actor: str) -> None:
@@ -132,7 +133,8 @@ def reissue_token(host: Host, actor: str, request_host: str | None = None) -> En
         actor, "host.token_reissued", host.name, host_id=host.id, prefix=host.token_prefix, was_revoked=was_revoked
     )
     db.session.commit()
-    runtime().connections.close(host.id, protocol.CLOSE_REVOKED, "token replaced")
+    # The old token can no longer download or say hello: an update it was running ends now too.
+    _cut_off(host.id, "token replaced", REPLACED_REASON, None)
     return Enrolment(host, token, install_command(token, request_host))
 
 

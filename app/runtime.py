@@ -97,7 +97,7 @@ class Runtime:
         #: Published inside the transaction that turns a succeeded job into a failed one:
         #: ``(job_id, reason)``; subscribers write in that same transaction.
         self.job_corrected = Announcement("job_corrected")
-        #: Published after the commit that revoked a host's token or deleted the host, once its
+        #: Published after the commit that revoked or replaced a host's token or deleted the host, once its
         #: connection and downloads are cut: ``(host_id, reason, cancelled_job_id or None)``.
         self.host_removed = Announcement("host_removed")
 

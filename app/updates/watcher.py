@@ -97,7 +97,7 @@ def fail_job(job_id: str, reason: str) -> bool:
 
 
 def on_host_removed(host_id: int, reason: str, cancelled_job: str | None) -> None:
-    """A host was revoked or deleted (``runtime().host_removed``): end its running update now.
+    """A host was revoked, got a new token or was deleted (``runtime().host_removed``): end its update now.
 
     A deleted host's job was already ended ``cancelled`` in the deletion's transaction; a revoked
     host's running job fails with the reason, since that host can no longer finish it.

@@ -117,6 +117,15 @@ def test_revoking_a_host_fails_its_running_job_at_once_naming_the_revocation(cas
     assert job_actions(job_id)[-1] == "host.update_failed"
 
 
+def test_reissuing_a_hosts_token_fails_its_running_job_at_once(cast, agent_for, api):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job_id = start_update(api, cast.host_behind)
+    agent.expect("command.update")
+    assert post(api, f"/api/hosts/{cast.host_behind.id}/token").status_code == 200
+    row = job_row(job_id)
+    assert row.status == "failed" and row.error == "host token replaced", row.error
+
+
 def test_deleting_a_host_cancels_its_running_job_and_keeps_the_history(cast, agent_for, api):
     agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
     job_id = start_update(api, cast.host_behind)
