@@ -37,6 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
         app.config.update(test_config)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = cfg.ensure_secret_key(app.instance_path)
+    cfg.check(app.config)
     app.config["REMEMBER_COOKIE_SECURE"] = app.config["SESSION_COOKIE_SECURE"]
     cfg.agent_tls_context(app.config)  # a bad certificate or key stops start-up here, not at serve
     os.makedirs(app.config["RELEASES_DIR"], exist_ok=True)
@@ -82,6 +83,10 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
     from .updates import init_app as init_updates
 
     init_updates(app)
+    from . import notify, oncommit
+
+    oncommit.init_app()
+    notify.init_app(app)
 
     @app.context_processor
     def _inject_version():

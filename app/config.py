@@ -140,6 +140,47 @@ def _check_pem(cert: str, key: str) -> None:
         raise ConfigError(f"RM_AGENT_TLS_KEY={key!r}: not an unencrypted PEM private key") from None
 
 
+def parse_http_url(name: str, value: str) -> str:
+    """An ``http(s)://host[:port][/path]`` URL; a trailing slash is dropped."""
+    from urllib.parse import urlsplit
+
+    v = value.strip()
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name}: not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # The value is not echoed: a webhook URL may carry a secret in its path.
+        raise ConfigError(f"{name}: expected an http:// or https:// URL with a host")
+    return v.rstrip("/") if not parts.query else v
+
+
+def parse_notify_urls(name: str, value: str) -> list[str]:
+    """Apprise URLs separated by commas or white space; each must be one Apprise can load."""
+    import apprise
+
+    urls = value.replace(",", " ").split()
+    for i, url in enumerate(urls, 1):
+        if apprise.Apprise.instantiate(url) is None:
+            # Not echoed: an Apprise URL carries its service's token or password.
+            scheme = url.partition("://")[0] if "://" in url else "(none)"
+            raise ConfigError(f"{name}: URL #{i} (scheme {scheme!r}) is not one Apprise can load")
+    return urls
+
+
+def parse_webhook_secret(name: str, value: str) -> str:
+    if len(value.strip()) < 16:
+        raise ConfigError(f"{name}: must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+    return value.strip()
+
+
+def check(config: Mapping[str, Any]) -> None:
+    """Checks across variables, after every layer is applied."""
+    if config.get("WEBHOOK_URL") and not config.get("WEBHOOK_SECRET"):
+        raise ConfigError("RM_WEBHOOK_URL is set but RM_WEBHOOK_SECRET is not: webhook calls are always signed")
+
+
 # env var -> (config key, parser)
 ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_DATABASE_URL": ("SQLALCHEMY_DATABASE_URI", parse_db_url),
@@ -173,6 +214,14 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_RELEASE_PUBLIC_KEY": ("RELEASE_PUBLIC_KEY", parse_public_key),
     "RM_DOWNLOAD_RATE_KIB": ("DOWNLOAD_RATE_KIB", lambda n, v: parse_int(n, v, 0)),
     "RM_MAX_BODY_KIB": ("MAX_BODY_KIB", lambda n, v: parse_int(n, v, 1, 1024 * 1024)),
+    "RM_PUBLIC_URL": ("PUBLIC_URL", parse_http_url),
+    "RM_NOTIFY_URLS": ("NOTIFY_URLS", parse_notify_urls),
+    "RM_WEBHOOK_URL": ("WEBHOOK_URL", parse_http_url),
+    "RM_WEBHOOK_SECRET": ("WEBHOOK_SECRET", parse_webhook_secret),
+    "RM_NOTIFY_ATTEMPTS": ("NOTIFY_ATTEMPTS", lambda n, v: parse_int(n, v, 1, 20)),
+    "RM_NOTIFY_BACKOFF_S": ("NOTIFY_BACKOFF_S", lambda n, v: parse_float(n, v, 0.0)),
+    "RM_NOTIFY_TIMEOUT_S": ("NOTIFY_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_NOTIFY_QUEUE": ("NOTIFY_QUEUE", lambda n, v: parse_int(n, v, 1, 100000)),
 }
 
 
@@ -216,6 +265,14 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "RELEASE_SIGNING_KEY": None,
         "RELEASE_PUBLIC_KEY": None,
         "RELEASES_DIR": os.path.join(instance_path, "releases"),
+        "PUBLIC_URL": None,  # how people reach this server; links in notifications use it
+        "NOTIFY_URLS": [],
+        "WEBHOOK_URL": None,
+        "WEBHOOK_SECRET": None,
+        "NOTIFY_ATTEMPTS": 5,  # per event and destination
+        "NOTIFY_BACKOFF_S": 2.0,  # first pause between attempts; doubles each time
+        "NOTIFY_TIMEOUT_S": 10.0,
+        "NOTIFY_QUEUE": 1000,  # events waiting to be sent; beyond it new ones are dropped (logged)
         "BUILD_AGENT_ON_START": False,
         "SOCK_SERVER_OPTIONS": {"ping_interval": None, "max_message_size": 64 * 1024},
         "WTF_CSRF_TIME_LIMIT": None,

@@ -15,6 +15,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .errors import Refusal
 from .extensions import db
+from .oncommit import on_commit
+from .runtime import runtime
 from .timeutil import isoformat, utcnow
 
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
@@ -498,7 +500,11 @@ class Alert(db.Model):
 
     @classmethod
     def raise_or_touch(cls, kind: str, dedup_key: str, message: str, host_id: int | None = None) -> Alert:
-        """Open an alert, or bump the open one with the same kind and dedup key."""
+        """Open an alert, or bump the open one with the same kind and dedup key.
+
+        A newly opened alert is announced (``runtime().alert_raised``, which notifies people)
+        after the transaction commits; touching an open one announces nothing.
+        """
         now = utcnow()
         for _ in range(3):
             alert = db.session.scalar(
@@ -515,6 +521,7 @@ class Alert(db.Model):
                         kind=kind, dedup_key=dedup_key, message=message, host_id=host_id, first_seen=now, last_seen=now
                     )
                     db.session.add(alert)
+                on_commit(runtime().alert_raised.publish, alert.announcement())
                 return alert
             except IntegrityError:
                 continue  # another thread opened it first; touch theirs
@@ -541,6 +548,11 @@ class Alert(db.Model):
         else:
             q = q.order_by(cls.last_seen.desc()).limit(limit * 4)
         return list(db.session.scalars(q))
+
+    def announcement(self) -> dict:
+        """What ``alert_raised`` carries: the alert as a plain dict, with its host's name."""
+        host = db.session.scalar(sa.select(Host.name).where(Host.id == self.host_id)) if self.host_id else None
+        return {**self.to_dict(), "host": host}
 
     def to_dict(self) -> dict:
         return {

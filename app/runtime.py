@@ -1,10 +1,10 @@
 """The server's runtime state, one object per app: ``runtime()`` is the only way to reach it.
 
 Everything that lives in memory rather than in the database — the live connections, the
-in-flight update cache, the clock, the scheduler once started, the fleet's wake-ups and the
-"job ended" announcements — hangs off :class:`Runtime`, built by ``create_app`` and stored at
-``app.extensions["rm.runtime"]``. This module imports nothing from the app, so any module may
-import it without tying a knot.
+in-flight update cache, the clock, the scheduler and the notifier once started, the fleet's
+wake-ups and the announcements ("job ended", "alert raised", "rollout finished") — hangs off
+:class:`Runtime`, built by ``create_app`` and stored at ``app.extensions["rm.runtime"]``.
+This module imports nothing from the app, so any module may import it without tying a knot.
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ class Runtime:
         #: Published after the commit that revoked or replaced a host's token or deleted the host, once its
         #: connection and downloads are cut: ``(host_id, reason, cancelled_job_id or None)``.
         self.host_removed = Announcement("host_removed")
+        #: Published after the commit that opened a new alert: ``(alert.to_dict() + host name)``.
+        self.alert_raised = Announcement("alert_raised")
+        #: Published after the commit that ended a rollout (succeeded, halted, cancelled): ``(summary)``.
+        self.fleet_finished = Announcement("fleet_finished")
+        self.notifier = None  # app.notify.Notifier: built by create_app, its thread started by ``serve``
 
 
 def install(app: Flask, rt: Runtime) -> Runtime:

@@ -1,4 +1,4 @@
-"""``restic-manager serve``: one process, two planes, one scheduler.
+"""``restic-manager serve``: one process, two planes, one scheduler, one notifier thread.
 
 waitress serves the admin plane; werkzeug's threaded server serves the agent plane, because
 flask-sock needs the raw client socket that waitress never exposes (bounded for a public port:
@@ -88,9 +88,9 @@ class _AdminChannel(HTTPChannel):
 
 
 class Servers:
-    """The two listeners and the scheduler of one ``serve`` run."""
+    """The two listeners, the scheduler and the notifier thread of one ``serve`` run."""
 
-    def __init__(self, app: Flask, scheduler: bool = True):
+    def __init__(self, app: Flask, scheduler: bool = True, notifier: bool | None = None):
         self.app = app
         self.stopped = threading.Event()
         cfg = app.config
@@ -122,6 +122,7 @@ class Servers:
         self.admin.channel_class = _AdminChannel
         self.scheduler = None
         self._want_scheduler = scheduler
+        self._want_notifier = scheduler if notifier is None else notifier
         self._threads: list[threading.Thread] = []
 
     @property
@@ -143,6 +144,8 @@ class Servers:
             from . import scheduler
 
             self.scheduler = scheduler.start(self.app)
+        if self._want_notifier:
+            runtime(self.app).notifier.start()
         agent_loop = functools.partial(self.agent.serve_forever, poll_interval=AGENT_PLANE_POLL_S)
         for name, target in (("agent-plane", agent_loop), ("admin-plane", self.admin.run)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -162,6 +165,8 @@ class Servers:
         self._close_admin_plane()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+        if self._want_notifier:
+            runtime(self.app).notifier.stop()
         for t in self._threads:
             t.join(timeout=2)
         self._close_admin_channels()  # a no-op when the loop closed them; else (never started) now

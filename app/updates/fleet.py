@@ -21,9 +21,10 @@ from ..errors import Refusal
 from ..extensions import db
 from ..hosts import behind_hosts
 from ..inputs import MAX_ID, is_id
-from ..models import Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
+from ..models import FLEET_HOST_STATUSES, Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
+from ..oncommit import on_commit
 from ..runtime import FLEET_TICK_JOB_ID, runtime
-from ..timeutil import utcnow
+from ..timeutil import isoformat, utcnow
 from . import dispatch
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
         .values(status="cancelled", finished_at=now)
     )
     AuditEvent.record(actor, "fleet.update_cancelled", f"fleet_update:{fleet_id}")
+    _announce_finished(fu, "cancelled", now)
     db.session.commit()
     db.session.refresh(fu)
     return fu
@@ -307,10 +309,11 @@ def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
 def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
     name = row.name or str(row.host_id)
     reason = halt_reason(name, row.error)
+    now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="halted", finished_at=utcnow(), halt_reason=reason)
+        .values(status="halted", finished_at=now, halt_reason=reason)
     )
     if not res.rowcount:
         db.session.rollback()
@@ -319,21 +322,24 @@ def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
     Alert.raise_or_touch(
         "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}"
     )
+    _announce_finished(fu, "halted", now, reason)
     db.session.commit()
     log.warning("fleet update %s halted at %s", fu.id, reason)
 
 
 def _succeed(fu: FleetUpdate) -> None:
+    now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="succeeded", finished_at=utcnow())
+        .values(status="succeeded", finished_at=now)
     )
     if not res.rowcount:
         db.session.rollback()
         return
     AuditEvent.record("system", "fleet.update_succeeded", f"fleet_update:{fu.id}", target_version=fu.target_version)
     Alert.resolve("fleet_update_halted", HALT_DEDUP)
+    _announce_finished(fu, "succeeded", now)
     db.session.commit()
     log.info("fleet update %s succeeded", fu.id)
 
@@ -360,3 +366,32 @@ def correct_host_row(job_id: str, reason: str) -> None:
         Alert.raise_or_touch(
             "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {fu.halt_reason}"
         )
+        _announce_finished(fu, "halted", fu.finished_at or utcnow(), fu.halt_reason)
+
+
+def summary(fu: FleetUpdate, status: str, finished_at, halt_reason: str | None = None) -> dict:
+    """The rollout in a few numbers: its hosts counted by state, and its wall time."""
+    rows = db.session.execute(
+        sa.select(FleetUpdateHost.status, sa.func.count(FleetUpdateHost.id))
+        .where(FleetUpdateHost.fleet_update_id == fu.id)
+        .group_by(FleetUpdateHost.status)
+    ).all()
+    found = dict(rows)
+    counts = {state: int(found.get(state, 0)) for state in FLEET_HOST_STATUSES}
+    return {
+        "id": fu.id,
+        "status": status,
+        "target_version": fu.target_version,
+        "created_by": fu.created_by,
+        "created_at": isoformat(fu.created_at),
+        "finished_at": isoformat(finished_at),
+        "wall_time_s": (finished_at - fu.created_at).total_seconds() if finished_at and fu.created_at else None,
+        "halt_reason": halt_reason,
+        "total": sum(counts.values()),
+        "counts": counts,
+    }
+
+
+def _announce_finished(fu: FleetUpdate, status: str, finished_at, halt_reason: str | None = None) -> None:
+    """Announce ``runtime().fleet_finished`` (people are notified) once this transaction commits."""
+    on_commit(runtime().fleet_finished.publish, summary(fu, status, finished_at, halt_reason))
