@@ -72,6 +72,15 @@ def release_path(server_proc):
     return os.path.join(server_proc.instance_dir, "releases", f"restic-manager-agent-{B}.pyz")
 
 
+def corrupt(path: str) -> None:
+    """Flip one byte of the artifact: same size, wrong sha256."""
+    with open(path, "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_version(fleet):
     host_id, token = fleet.host_ids[0], fleet.tokens[0]
     srv = fleet.start_server()
@@ -104,12 +113,7 @@ def test_a_corrupt_artifact_fails_the_job_and_the_agent_keeps_its_program(fleet)
     ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
-    path = release_path(srv)
-    with open(path, "r+b") as f:  # flip one byte: same size, wrong sha256
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 0xFF]))
+    corrupt(release_path(srv))
 
     press_update(admin, host_id)
     job = terminal_job(admin, host_id)

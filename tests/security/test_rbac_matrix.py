@@ -49,7 +49,8 @@ import requests
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import Alert, ApiToken, FleetUpdate, Host, Job, User
+from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
+from app.notify import Notifier, Webhook
 from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
 from app.updates import fleet
@@ -154,6 +155,10 @@ class World:
         self.behind_id, self.admin_id = self.cast.host_behind.id, self.cast.admin.id
         self.agents: list[ScriptedAgent] = []
         self.live: LiveServer | None = None
+        # A destination, so the test-notification button has something to queue for (never sent:
+        # the notifier thread is not started here).
+        rt = runtime(app)
+        rt.notifier = Notifier([Webhook("http://127.0.0.1:9/rbac", "rbac-webhook-secret")], rt.clock.now)
 
     # -- lifecycle
 
@@ -256,6 +261,10 @@ class World:
     def token_named(self, name: str) -> bool:
         db.session.remove()
         return db.session.scalar(sa.select(ApiToken.id).where(ApiToken.name == name)) is not None
+
+    def audit_count(self, action: str) -> int:
+        db.session.remove()
+        return db.session.scalar(sa.select(sa.func.count(AuditEvent.id)).where(AuditEvent.action == action))
 
     def rollout_running(self) -> bool:
         db.session.remove()
@@ -366,6 +375,11 @@ def _user_token_target(p: str) -> Callable[[World], Target]:
     return make
 
 
+def _audit_count_target(p: str, action: str) -> Callable[[World], Target]:
+    """A POST whose effect is one more audit record of ``action``."""
+    return lambda w: Target(p, ctx=w.audit_count(action))
+
+
 def _login_target(w):
     return Target("/login", form={"username": "viewer", "password": "viewer-pass-123"})
 
@@ -433,6 +447,16 @@ MATRIX: list[Case] = [
         _host_target("/hosts/{id}/delete", "new_host"),
         ok=303,
         effect=lambda w, t: w.row(Host, t.ctx) is None,
+    ),
+    Case("main.notifications", "GET", "admin", PAGE, path("/settings/notifications")),
+    Case(
+        "main.notifications_test",
+        "POST",
+        "admin",
+        admin_form(303),
+        _audit_count_target("/settings/notifications/test", "notifications.test_sent"),
+        ok=303,
+        effect=lambda w, t: w.audit_count("notifications.test_sent") > t.ctx,
     ),
     Case("main.fleet_update", "GET", "admin", PAGE, path("/settings/fleet-update"), note="viewers read it"),
     Case("main.fleet_status", "GET", "admin", PAGE, path("/settings/fleet-update/status")),
