@@ -323,6 +323,15 @@ class Notifier:
         with self._lock:
             return [DeliveryState(**vars(t.state)) for t in self._targets]
 
+    def to_dict(self) -> dict:
+        """The notifier and each destination's last delivery, as ``GET /api/notifications`` serves it."""
+        return {
+            "running": self.running,
+            "pending": self.pending(),
+            "dropped": self.dropped,
+            "destinations": [s.to_dict() for s in self.status()],
+        }
+
     def start(self) -> None:
         if self._thread is not None or not self._targets:
             return

@@ -164,6 +164,12 @@ def alert_ack(alert_id: int):
     return jsonify({"alert": alert.to_dict()})
 
 
+@bp.get("/notifications")
+def notifications():
+    """Where notifications go and how the last delivery to each went (no secrets: viewers read it)."""
+    return jsonify({"notifications": runtime().notifier.to_dict()})
+
+
 @bp.get("/audit")
 def audit():
     limit = _int_arg("limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)

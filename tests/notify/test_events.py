@@ -125,3 +125,32 @@ def test_a_destination_that_is_down_never_holds_up_the_rollout(app, cast, clock)
     assert fleet.history()[0].status == "halted"
     assert rt.notifier.pending() == 2
     assert all(s.last_attempt_at is None for s in rt.notifier.status())
+
+
+def test_on_commit_waits_for_the_outer_transaction_not_a_savepoint(app, cast):
+    from app.oncommit import on_commit
+
+    ran = []
+    on_commit(ran.append, "outer")
+    with db.session.begin_nested():
+        on_commit(ran.append, "inside the savepoint")
+    assert ran == []  # the savepoint was released; the transaction is still open
+    db.session.commit()
+    assert ran == ["outer", "inside the savepoint"]
+    db.session.commit()
+    assert ran == ["outer", "inside the savepoint"]  # run once, not on every later commit
+
+
+def test_a_failing_after_commit_callback_is_logged_and_the_others_still_run(app, cast, caplog):
+    from app.oncommit import on_commit
+
+    ran = []
+
+    def boom():
+        raise RuntimeError("subscriber bug")
+
+    on_commit(boom)
+    on_commit(ran.append, "after")
+    db.session.commit()
+    assert ran == ["after"]
+    assert any("after-commit callback" in r.message for r in caplog.records)

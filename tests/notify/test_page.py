@@ -93,3 +93,25 @@ def test_anonymous_callers_are_sent_to_login(client):
 def test_get_is_not_a_way_to_send(client, auth, cast):
     auth.login()
     assert client.get("/settings/notifications/test").status_code == 405
+
+
+def test_the_api_shows_a_failed_delivery_to_a_viewer_token_without_secrets(client, cast, app):
+    from app.models import ApiToken
+
+    port = free_port()
+    rt = runtime(app)
+    hook = Webhook(f"http://127.0.0.1:{port}/hooks/SECRET-PATH-TOKEN", SECRET)
+    rt.notifier = Notifier([hook], rt.clock.now, attempts=3, sleep=lambda s: None)
+    rt.notifier.submit({"event": "test", "id": "1", "title": "t", "text": "t"})
+    rt.notifier.drain()
+    _, token = ApiToken.issue(cast.viewer, "read")
+    db.session.commit()
+    r = client.get("/api/notifications", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200
+    body = r.get_json()["notifications"]
+    assert body["running"] is False and body["pending"] == 0 and body["dropped"] == 0
+    (dest,) = body["destinations"]
+    assert dest["kind"] == "webhook" and dest["destination"] == f"http://127.0.0.1:{port}/…"
+    assert dest["failing"] is True and dest["failed"] == 1 and dest["last_event"] == "test"
+    assert dest["last_failure_at"].endswith("Z") and "ConnectionError" in dest["last_error"]
+    assert "SECRET-PATH-TOKEN" not in r.get_data(as_text=True) and SECRET not in r.get_data(as_text=True)

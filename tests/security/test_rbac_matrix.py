@@ -641,6 +641,7 @@ MATRIX: list[Case] = [
         ok=201,
         effect=lambda w, t: w.rollout_running(),
     ),
+    Case("api.notifications", "GET", "admin", API_READ, path("/api/notifications")),
     Case("api.fleet_list", "GET", "admin", API_READ, path("/api/fleet-updates")),
     Case("api.fleet_get", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}")),
     Case(
