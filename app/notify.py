@@ -121,8 +121,9 @@ def _secret_parts(url: str) -> list[str]:
     found = [parts.password or "", parts.username or ""]
     found += [seg for seg in parts.path.split("/") if seg]
     found += [kv.partition("=")[2] for kv in parts.query.split("&")]
-    if parts.hostname and not _looks_like_a_host(parts.hostname):
-        found.append(parts.hostname)  # e.g. slack://TokenA/...: the "host" is a token
+    host = parts.netloc.rpartition("@")[2].partition(":")[0]  # as written (``hostname`` lowercases)
+    if host and not _looks_like_a_host(host):
+        found.append(host)  # e.g. slack://TokenA/...: the "host" is a token
     return sorted({p for p in found if len(p) >= 3}, key=len, reverse=True)
 
 

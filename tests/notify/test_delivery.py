@@ -201,3 +201,15 @@ def test_a_full_queue_drops_the_event_with_a_warning_and_never_blocks(caplog):
 def test_without_destinations_nothing_is_queued():
     n = Notifier([], lambda: NOW)
     assert not n.configured and not n.submit(probe_event("a", None, NOW)) and n.pending() == 0
+
+
+def test_a_slack_url_shows_no_token_and_its_errors_have_the_tokens_scrubbed():
+    from app.notify import _secret_parts, scrub
+
+    url = "slack://TokenAAA/TokenBBB/TokenCCC/#ops"
+    slack = AppriseUrl(url)
+    for token in ("TokenAAA", "TokenBBB", "TokenCCC"):
+        assert token not in slack.label and token.lower() not in slack.label
+    assert slack.label.startswith("Slack (slack://")
+    error = "POST https://hooks.slack.com/services/TokenAAA/TokenBBB/TokenCCC failed"
+    assert scrub(error, _secret_parts(url)) == "POST https://hooks.slack.com/services/…/…/… failed"
