@@ -117,7 +117,7 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
         .values(status="cancelled", finished_at=now)
     )
     AuditEvent.record(actor, "fleet.update_cancelled", f"fleet_update:{fleet_id}")
-    _announce_finished(fu, "cancelled", now)
+    _announce_finished(fleet_id)
     db.session.commit()
     db.session.refresh(fu)
     return fu
@@ -309,11 +309,10 @@ def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
 def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
     name = row.name or str(row.host_id)
     reason = halt_reason(name, row.error)
-    now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="halted", finished_at=now, halt_reason=reason)
+        .values(status="halted", finished_at=utcnow(), halt_reason=reason)
     )
     if not res.rowcount:
         db.session.rollback()
@@ -322,24 +321,23 @@ def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
     Alert.raise_or_touch(
         "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}"
     )
-    _announce_finished(fu, "halted", now, reason)
+    _announce_finished(fu.id)
     db.session.commit()
     log.warning("fleet update %s halted at %s", fu.id, reason)
 
 
 def _succeed(fu: FleetUpdate) -> None:
-    now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="succeeded", finished_at=now)
+        .values(status="succeeded", finished_at=utcnow())
     )
     if not res.rowcount:
         db.session.rollback()
         return
     AuditEvent.record("system", "fleet.update_succeeded", f"fleet_update:{fu.id}", target_version=fu.target_version)
     Alert.resolve("fleet_update_halted", HALT_DEDUP)
-    _announce_finished(fu, "succeeded", now)
+    _announce_finished(fu.id)
     db.session.commit()
     log.info("fleet update %s succeeded", fu.id)
 
@@ -366,32 +364,45 @@ def correct_host_row(job_id: str, reason: str) -> None:
         Alert.raise_or_touch(
             "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {fu.halt_reason}"
         )
-        _announce_finished(fu, "halted", fu.finished_at or utcnow(), fu.halt_reason)
+        _announce_finished(fu.id)
 
 
-def summary(fu: FleetUpdate, status: str, finished_at, halt_reason: str | None = None) -> dict:
-    """The rollout in a few numbers: its hosts counted by state, and its wall time."""
-    rows = db.session.execute(
-        sa.select(FleetUpdateHost.status, sa.func.count(FleetUpdateHost.id))
-        .where(FleetUpdateHost.fleet_update_id == fu.id)
-        .group_by(FleetUpdateHost.status)
-    ).all()
-    found = dict(rows)
+def summary(fleet_id: int) -> dict:
+    """The rollout in a few numbers, as the database has it now: hosts counted by state, wall time."""
+    fu = db.session.execute(
+        sa.select(
+            FleetUpdate.id,
+            FleetUpdate.status,
+            FleetUpdate.target_version,
+            FleetUpdate.created_by,
+            FleetUpdate.created_at,
+            FleetUpdate.finished_at,
+            FleetUpdate.halt_reason,
+        ).where(FleetUpdate.id == fleet_id)
+    ).one()
+    found = dict(
+        db.session.execute(
+            sa.select(FleetUpdateHost.status, sa.func.count(FleetUpdateHost.id))
+            .where(FleetUpdateHost.fleet_update_id == fleet_id)
+            .group_by(FleetUpdateHost.status)
+        ).all()
+    )
     counts = {state: int(found.get(state, 0)) for state in FLEET_HOST_STATUSES}
+    wall = (fu.finished_at - fu.created_at).total_seconds() if fu.finished_at and fu.created_at else None
     return {
         "id": fu.id,
-        "status": status,
+        "status": fu.status,
         "target_version": fu.target_version,
         "created_by": fu.created_by,
         "created_at": isoformat(fu.created_at),
-        "finished_at": isoformat(finished_at),
-        "wall_time_s": (finished_at - fu.created_at).total_seconds() if finished_at and fu.created_at else None,
-        "halt_reason": halt_reason,
+        "finished_at": isoformat(fu.finished_at),
+        "wall_time_s": wall,
+        "halt_reason": fu.halt_reason,
         "total": sum(counts.values()),
         "counts": counts,
     }
 
 
-def _announce_finished(fu: FleetUpdate, status: str, finished_at, halt_reason: str | None = None) -> None:
+def _announce_finished(fleet_id: int) -> None:
     """Announce ``runtime().fleet_finished`` (people are notified) once this transaction commits."""
-    on_commit(runtime().fleet_finished.publish, summary(fu, status, finished_at, halt_reason))
+    on_commit(runtime().fleet_finished.publish, summary(fleet_id))
