@@ -29,8 +29,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from flask import Flask
+from flask import Flask, current_app
 
+from .errors import Refusal
+from .extensions import db
+from .models import AuditEvent
 from .runtime import runtime
 from .timeutil import isoformat
 
@@ -446,7 +449,17 @@ def init_app(app: Flask) -> None:
     rt.fleet_finished.subscribe(lambda summary: rt.notifier.submit(fleet_event(summary, public_url, rt.clock.now())))
 
 
-def send_test(app: Flask, actor: str) -> bool:
-    """Queue a test notification to every destination."""
-    rt = runtime(app)
-    return rt.notifier.submit(probe_event(actor, app.config.get("PUBLIC_URL"), rt.clock.now()))
+def send_test(actor: str) -> int:
+    """Queue a test notification to every destination, audited; return how many destinations."""
+    rt = runtime()
+    notifier = rt.notifier
+    if not notifier.configured:
+        raise Refusal(
+            409, "no_notification_destinations", "No destination is configured (RM_NOTIFY_URLS, RM_WEBHOOK_URL)."
+        )
+    destinations = [s.destination for s in notifier.status()]
+    if not notifier.submit(probe_event(actor, current_app.config.get("PUBLIC_URL"), rt.clock.now())):
+        raise Refusal(503, "notification_queue_full", "The notification queue is full; the test was not queued.")
+    AuditEvent.record(actor, "notifications.test_sent", "notifications", destinations=destinations)
+    db.session.commit()
+    return len(destinations)
