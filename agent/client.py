@@ -127,10 +127,33 @@ class Agent:
         """Ask the main loop to close the link and return (safe from a signal handler)."""
         self.stop.set()
 
+    def update_unavailable(self) -> str | None:
+        """Why this agent cannot update itself (the hello's ``update_unavailable``), or None."""
+        if not can_self_update(self.program):
+            return protocol.UPDATE_UNAVAILABLE_NOT_REPLACEABLE
+        # "update" also needs a way to trust a release: a pinned key, or the explicit lab opt-out
+        if not self.config.updates_allowed:
+            return protocol.UPDATE_UNAVAILABLE_NO_KEY
+        return None
+
     def capabilities(self) -> list[str]:
         """Return what this agent can do; ``update`` only if it can really replace its program."""
-        # "update" also needs a way to trust a release: a pinned key, or the explicit lab opt-out
-        return ["update"] if can_self_update(self.program) and self.config.updates_allowed else []
+        return [] if self.update_unavailable() else ["update"]
+
+    def _log_update_unavailable(self) -> None:
+        why = self.update_unavailable()
+        if why == protocol.UPDATE_UNAVAILABLE_NO_KEY:
+            log.warning(
+                "this agent cannot update itself: no release key is pinned (release_public_key in %s). "
+                "Re-run the install one-liner with --release-key, or add the key to the config and restart.",
+                self.config.path,
+            )
+        elif why == protocol.UPDATE_UNAVAILABLE_NOT_REPLACEABLE:
+            log.warning(
+                "this agent cannot update itself: it does not run from a program file in a directory it may "
+                "write (%s). Install it with install-agent.sh to get self-updates.",
+                self.program or "run from source",
+            )
 
     def hello_data(self) -> dict:
         """Return the data of the ``hello`` envelope."""
@@ -149,11 +172,13 @@ class Agent:
             "boot_id": boot_id(),
             "last_update": last_update,
             "platform": platform_tag(),
+            "update_unavailable": self.update_unavailable(),
         }
 
     def run(self) -> int:
         """Stay connected until stopped (exit code EX_OK) or an update swapped the program."""
         log.info("restic-manager agent %s starting; server %s", self.version, self.config.server_url)
+        self._log_update_unavailable()
         code = self._start_up()
         if code is not None:
             return code

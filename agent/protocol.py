@@ -53,7 +53,7 @@ def _fields(*specs: str) -> dict[str, tuple[tuple[type, ...], bool]]:
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": _fields(
         "agent_version:str os:str arch:str hostname:str python:str capabilities:list boot_id:str",
-        "last_update:dict|null platform?:str",
+        "last_update:dict|null platform?:str update_unavailable?:str|null",
     ),
     # host_id: the host the token belongs to; a command.update must name it (absent from old servers)
     "welcome": _fields("server_version:str heartbeat_s:num host_id?:int"),
@@ -86,7 +86,12 @@ _MAX_LEN = {
     ("hello", "python"): 32,
     ("hello", "boot_id"): 64,
     ("hello", "platform"): 64,
+    ("hello", "update_unavailable"): 64,
 }
+#: Why an agent leaves ``update`` out of its capabilities (the hello's ``update_unavailable``).
+#: A server shows an unknown value as it is: a newer agent may know more reasons.
+UPDATE_UNAVAILABLE_NO_KEY = "no_release_key"
+UPDATE_UNAVAILABLE_NOT_REPLACEABLE = "not_replaceable"
 MAX_CAPABILITIES = 32
 MAX_CAPABILITY_CHARS = 64
 

@@ -9,23 +9,24 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask
 
+from agent.resources import resource_path
+
 from . import config as cfg
 from .extensions import csrf, db, login, migrate, sock
 from .timeutil import Clock
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask:
     """Build the app: defaults, then ``RM_*`` environment and instance file, then ``test_config``."""
     environ = os.environ if environ is None else environ
     instance_path = (test_config or {}).get("INSTANCE_PATH") or environ.get("RM_INSTANCE_PATH")
-    instance_path = os.path.abspath(instance_path or os.path.join(ROOT, "instance"))
+    # Relative to the working directory, as for any command: ./instance unless RM_INSTANCE_PATH says.
+    instance_path = os.path.abspath(instance_path or "instance")
     app = Flask(
         __name__,
         instance_path=instance_path,
         instance_relative_config=True,
-        template_folder=os.path.join(ROOT, "templates"),
+        template_folder=resource_path("app", "templates"),
         static_folder="static",
     )
     os.makedirs(app.instance_path, exist_ok=True)
@@ -54,7 +55,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 
     inputs.init_app(app)  # first: the id converter must be in place before any route is added
     _init_db(app)
-    migrate.init_app(app, db, directory=os.path.join(ROOT, "migrations"), compare_type=True, render_as_batch=True)
+    migrate.init_app(app, db, directory=resource_path("app", "migrations"), compare_type=True, render_as_batch=True)
     login.init_app(app)
     csrf.init_app(app)
     sock.init_app(app)
@@ -87,6 +88,10 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 
     oncommit.init_app()
     notify.init_app(app)
+
+    from .metrics import init_app as init_metrics
+
+    init_metrics(app)
 
     @app.context_processor
     def _inject_version():

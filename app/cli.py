@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
+from . import opcli
 from .config import ConfigError
 from .errors import Refusal
 from .extensions import db
@@ -173,6 +174,8 @@ def hosts_add(name):
     click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
     click.echo(f"agent token: {enrolment.token}")
     click.echo(f"install: {enrolment.install_command}")
+    if enrolment.no_release_key_warning:
+        click.secho(f"WARNING: {enrolment.no_release_key_warning}", fg="yellow", bold=True, err=True)
 
 
 @click.command("build-agent")
@@ -250,12 +253,16 @@ def demo_cmd(agent_version):
     raise SystemExit(run_demo(current_app._get_current_object(), agent_version))
 
 
+hosts_group.add_command(opcli.hosts_list)
+
 #: Every top-level command and group of ``restic-manager`` (besides Flask-Migrate's ``db``).
 COMMANDS = (
     serve_cmd,
     users_group,
     tokens_group,
     hosts_group,
+    opcli.jobs_group,
+    opcli.fleet_group,
     build_agent_cmd,
     releases_group,
     release_key_cmd,
@@ -269,12 +276,47 @@ def register_cli(app: Flask) -> None:
         app.cli.add_command(command)
 
 
+#: Flask's own options, which mean nothing to an operator of this product.
+_FLASK_ONLY_PARAMS = ("env_file", "app", "debug")
+
+
+class ProductGroup(FlaskGroup):
+    """``restic-manager``: Flask's command group without Flask's options (``--app``, ``--debug``,
+    ``--env-file``) and with the product's ``--version``."""
+
+    def __init__(self, **extra):
+        super().__init__(
+            create_app=_create_app,
+            add_default_commands=False,
+            add_version_option=False,
+            load_dotenv=False,
+            set_debug_flag=False,
+            **extra,
+        )
+        self.params = [p for p in self.params if p.name not in _FLASK_ONLY_PARAMS]
+        click.version_option(
+            product_version(), "--version", "-V", prog_name="restic-manager", message="%(prog)s %(version)s"
+        )(self)
+
+
+def product_version() -> str:
+    from agent.version import get_version
+
+    return get_version()
+
+
+def _schema_problem(exc: Exception) -> bool:
+    """True when a database error says a table or column is missing: the schema is not upgraded."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in ("no such table", "no such column", "does not exist", "undefinedtable"))
+
+
 def main(argv=None) -> None:
     """Entry point of the ``restic-manager`` console script."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     os.environ.setdefault("FLASK_RUN_FROM_CLI", "false")
-    group = FlaskGroup(
-        create_app=_create_app, add_default_commands=False, load_dotenv=False, help="restic-manager fleet server."
-    )
+    group = ProductGroup(help="restic-manager fleet server.")
     from flask_migrate.cli import db as db_group
 
     group.add_command(db_group)
@@ -283,3 +325,12 @@ def main(argv=None) -> None:
     except ConfigError as e:
         click.echo(f"restic-manager: config error: {e}", err=True)
         raise SystemExit(2) from None
+    except (OperationalError, ProgrammingError) as e:
+        if not _schema_problem(e):
+            raise
+        click.echo(
+            "restic-manager: the database has no restic-manager tables, or older ones than this version needs "
+            f"({str(e.orig).splitlines()[0]}). Run `restic-manager db upgrade` first (with the same RM_* settings).",
+            err=True,
+        )
+        raise SystemExit(1) from None

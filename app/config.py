@@ -222,6 +222,7 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_NOTIFY_BACKOFF_S": ("NOTIFY_BACKOFF_S", lambda n, v: parse_float(n, v, 0.0)),
     "RM_NOTIFY_TIMEOUT_S": ("NOTIFY_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_NOTIFY_QUEUE": ("NOTIFY_QUEUE", lambda n, v: parse_int(n, v, 1, 100000)),
+    "RM_METRICS_ADDR": ("METRICS_ADDR", parse_addr),
 }
 
 
@@ -260,6 +261,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "LOG_LEVEL": "INFO",
         "DOWNLOAD_RATE_KIB": 0,
         "MAX_BODY_KIB": 1024,  # request bodies on both planes; the API's are a few hundred bytes
+        "METRICS_ADDR": None,  # (host, port): also serve /metrics there, without authentication
         "AGENT_MSG_RATE": 20.0,
         "AGENT_MSG_BURST": 100.0,
         "RELEASE_SIGNING_KEY": None,

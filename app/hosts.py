@@ -28,11 +28,20 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")  # \Z: "$" would let a trailin
 JOB_HISTORY_LIMIT = 20
 
 
+NO_RELEASE_KEY_WARNING = (
+    "no release key is configured (RM_RELEASE_PUBLIC_KEY), so the install command pins none and this "
+    "agent will never be able to update itself. Set the key on the server (see `restic-manager release-key` "
+    "and docs/security.md), then enrol the host or re-run the install command."
+)
+
+
 @dataclass
 class Enrolment:
     host: Host
     token: str
     install_command: str
+    #: Set when the install command pins no release key: its agent can never update itself.
+    no_release_key_warning: str | None = None
 
 
 def get(host_id: int) -> Host:
@@ -99,7 +108,7 @@ def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
     except IntegrityError:
         db.session.rollback()  # a concurrent enrolment took the name between the check and the insert
         raise Refusal(409, "host_exists", f"a host named {name} already exists") from None
-    return Enrolment(host, token, install_command(token, request_host))
+    return _enrolment(host, token, request_host)
 
 
 #: The reason a running update ends with when its host's token is revoked or replaced / the host deleted.
@@ -135,7 +144,15 @@ def reissue_token(host: Host, actor: str, request_host: str | None = None) -> En
     db.session.commit()
     # The old token can no longer download or say hello: an update it was running ends now too.
     _cut_off(host.id, "token replaced", REPLACED_REASON, None)
-    return Enrolment(host, token, install_command(token, request_host))
+    return _enrolment(host, token, request_host)
+
+
+def _enrolment(host: Host, token: str, request_host: str | None) -> Enrolment:
+    """The token's answer: the install command, and a warning when it can pin no release key."""
+    from .updates.releases import public_key
+
+    warning = None if public_key() else NO_RELEASE_KEY_WARNING
+    return Enrolment(host, token, install_command(token, request_host), warning)
 
 
 def delete(host: Host, actor: str) -> None:
@@ -165,9 +182,10 @@ def _cut_off(host_id: int, close_message: str, reason: str, cancelled_job: str |
 def behind_hosts() -> list[Host]:
     """The hosts an update would move: not revoked, and running an agent older than the server.
 
-    The one definition of "behind" for counting and updating: the dashboard count, the
-    ``?updates=behind`` filter (pages and API) and a rollout's default host set all use it. A
-    revoked host cannot connect, so it can never be updated and is not counted (docs/updates.md).
+    The one definition of "behind" for counting: the dashboard count and the ``?updates=behind``
+    filter (pages and API) use it. A revoked host cannot connect, so it can never be updated and
+    is not counted (docs/updates.md). A rollout takes the behind hosts that can update now
+    (``app.updates.fleet.plan``: not offline, with the ``update`` capability).
     """
     version = current_app.config["SERVER_VERSION"]
     hosts = db.session.scalars(sa.select(Host).where(Host.revoked_at.is_(None)).order_by(Host.name))

@@ -7,12 +7,14 @@ Each job runs one unit of work inside an app context and logs (never raises) on 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
 
 from .extensions import db
+from .metrics import metrics
 from .runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 def _in_context(app: Flask, fn: Callable[[], object], name: str) -> Callable[[], None]:
     def run() -> None:
+        started = time.perf_counter()
         with app.app_context():
             try:
                 fn()
@@ -28,6 +31,7 @@ def _in_context(app: Flask, fn: Callable[[], object], name: str) -> Callable[[],
                 db.session.rollback()
             finally:
                 db.session.remove()
+                metrics(app).scheduler_tick.labels(job=name).observe(time.perf_counter() - started)
 
     return run
 

@@ -121,6 +121,7 @@ class Servers:
         )
         self.admin.channel_class = _AdminChannel
         self.scheduler = None
+        self.metrics_server = None  # RM_METRICS_ADDR's listener, once started
         self._want_scheduler = scheduler
         self._want_notifier = scheduler if notifier is None else notifier
         self._threads: list[threading.Thread] = []
@@ -137,6 +138,10 @@ class Servers:
     def agent_tls(self) -> bool:
         return self.agent.ssl_context is not None
 
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.server_port if self.metrics_server is not None else None
+
     def start(self) -> None:
         with self.app.app_context():
             prepare(self.app)
@@ -146,6 +151,10 @@ class Servers:
             self.scheduler = scheduler.start(self.app)
         if self._want_notifier:
             runtime(self.app).notifier.start()
+        if self.app.config.get("METRICS_ADDR"):
+            from .metrics import start_listener
+
+            self.metrics_server = start_listener(self.app, *self.app.config["METRICS_ADDR"])
         agent_loop = functools.partial(self.agent.serve_forever, poll_interval=AGENT_PLANE_POLL_S)
         for name, target in (("agent-plane", agent_loop), ("admin-plane", self.admin.run)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -163,6 +172,9 @@ class Servers:
         self.agent.server_close()
         runtime(self.app).connections.close_all(1001, "server shutting down")
         self._close_admin_plane()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         if self._want_notifier:
@@ -258,6 +270,8 @@ def serve(app: Flask, ready_file: str | None = None) -> int:
         f"agents {ws}://{agent_host}:{servers.agent_port}/ws/agent",
         flush=True,
     )
+    if servers.metrics_port is not None:
+        print(f"metrics: http://{app.config['METRICS_ADDR'][0]}:{servers.metrics_port}/metrics", flush=True)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{servers.admin_port} {servers.agent_port}\n")

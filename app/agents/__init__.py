@@ -11,6 +11,7 @@ import os
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 from agent import protocol
+from agent.resources import resource_path
 
 from ..errors import error_response
 from ..extensions import db, sock
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("agentlink", __name__)
 
-SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts")
+SCRIPTS_DIR = resource_path("agent", "scripts")
 
 
 def bearer_token() -> str:

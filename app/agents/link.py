@@ -12,6 +12,7 @@ from simple_websocket import ConnectionClosed
 from agent import protocol
 
 from ..extensions import db
+from ..metrics import count_rate_limited
 from ..models import Host
 from ..runtime import runtime
 from ..timeutil import utcnow
@@ -32,6 +33,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         return
     data = hello.data
     conn.agent_version = data["agent_version"]
+    conn.update_unavailable = data.get("update_unavailable")
     old = runtime().connections.register(conn)
     if old is not None:
         log.info("host %s reconnected from %s; closing its previous connection", host_id, remote)
@@ -127,6 +129,7 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
         # Pongs answer the server's own pings, so the server sets their pace: never drop them.
         if (env is None or env.type != "pong") and not limiter.allow():
             limiter.strikes += 1
+            count_rate_limited()
             if limiter.strikes >= MAX_RATE_STRIKES:
                 log.warning("host %s keeps exceeding the frame rate; closing its connection", conn.host_id)
                 conn.close(protocol.CLOSE_POLICY, "message rate exceeded")

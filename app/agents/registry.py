@@ -28,6 +28,8 @@ class Connection:
         self.remote = remote
         self.connected_at = time.monotonic()
         self.agent_version: str | None = None
+        #: Why the agent cannot update itself, as its hello said (None: it can, or it is too old to say).
+        self.update_unavailable: str | None = None
         self._send_lock = threading.Lock()
         self._pongs: dict[str, threading.Event] = {}
         self._pong_lock = threading.Lock()

@@ -34,11 +34,12 @@ import ssl
 import threading
 import time
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.serving import ThreadedWSGIServer
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from ..errors import error_bytes
+from .requestlog import RequestLogHandler
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ class _Discard(io.RawIOBase):
         return len(b)
 
 
-class AgentRequestHandler(WSGIRequestHandler):
-    """werkzeug's request handler, aware of pending connections and of upgraded sockets."""
+class AgentRequestHandler(RequestLogHandler):
+    """werkzeug's request handler, aware of pending connections and of upgraded sockets (and whose
+    request log has no colour codes off a terminal: :mod:`app.agents.requestlog`)."""
 
     server: AgentServer
 

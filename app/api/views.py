@@ -53,6 +53,7 @@ def _enrolment_json(enrolment: hosts.Enrolment):
             "host": enrolment.host.to_dict(_version()),
             "token": enrolment.token,
             "install_command": enrolment.install_command,
+            "warning": enrolment.no_release_key_warning,
         }
     )
 
@@ -265,6 +266,14 @@ def fleet_start():
     body = _json_body()
     fu = fleet.start(actor_name(), body.get("host_ids"))
     return jsonify({"fleet_update": fu.to_dict()}), 201
+
+
+@bp.post("/fleet/plan")
+@admin_required
+def fleet_plan():
+    """What ``POST /fleet/update`` with this body would do now; changes nothing."""
+    body = _json_body()
+    return jsonify({"plan": fleet.plan(body.get("host_ids")).to_dict()})
 
 
 @bp.get("/fleet-updates")

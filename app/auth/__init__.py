@@ -24,7 +24,8 @@ TOKEN_AUDIT_S = 3600.0
 
 
 def is_api_request() -> bool:
-    return request.path == "/api" or request.path.startswith("/api/")
+    """``/api`` and ``/metrics``: bearer API tokens authenticate them, and they answer in JSON."""
+    return request.path in ("/api", "/metrics") or request.path.startswith("/api/")
 
 
 def actor_name() -> str:

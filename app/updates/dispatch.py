@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 import sqlalchemy as sa
 from flask import current_app
@@ -14,6 +15,7 @@ from agent import protocol
 from .. import hosts
 from ..errors import Refusal
 from ..extensions import db
+from ..metrics import observe_dispatch
 from ..models import AuditEvent, FleetUpdateHost, Host, Job
 from ..runtime import runtime
 from ..timeutil import utcnow
@@ -26,6 +28,39 @@ log = logging.getLogger(__name__)
 def running_update_job(host_id: int) -> Job | None:
     return db.session.scalar(
         sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
+    )
+
+
+def cannot_update_message(host: Host) -> str:
+    """Why the agent on ``host`` cannot update itself, as precisely as its hello told us.
+
+    An agent of this version says why in its hello (``update_unavailable``, docs/protocol.md); the
+    reason is known while it is connected to this process. An agent that says nothing is an old one.
+    """
+    conn = runtime().connections.get(host.id)
+    why = getattr(conn, "update_unavailable", None) if conn is not None else None
+    agent = f"the agent on {host.name} ({host.agent_version or 'unknown version'})"
+    if why == protocol.UPDATE_UNAVAILABLE_NO_KEY:
+        return (
+            f"{agent} cannot update itself: it has no release key pinned. Configure the release key on the "
+            "server (RM_RELEASE_PUBLIC_KEY) and re-run the install one-liner, which then carries --release-key, "
+            "or add release_public_key to the agent's config and restart it"
+        )
+    if why == protocol.UPDATE_UNAVAILABLE_NOT_REPLACEABLE:
+        return (
+            f"{agent} cannot update itself: it does not run from a program file in a directory it may write "
+            "(not installed by install-agent.sh); install the agent with the install one-liner"
+        )
+    if why:
+        return f"{agent} cannot update itself: {why}"
+    if conn is None:
+        return (
+            f"{agent} did not announce the 'update' capability when it last connected: it may have no release "
+            "key pinned, not run from a replaceable program file, or be too old to update itself"
+        )
+    return (
+        f"{agent} does not announce the 'update' capability and does not say why: it is an old agent that "
+        "cannot update itself; install the new agent by hand once (the install one-liner)"
     )
 
 
@@ -55,13 +90,7 @@ def precheck(host: Host, allow_downgrade: bool = False) -> Refusal | None:
             "ask for allow_downgrade to roll it back",
         )
     if not host.can_update():
-        return Refusal(
-            422,
-            "agent_cannot_update",
-            f"the agent on {host.name} ({host.agent_version or 'unknown version'}) does not announce the "
-            "'update' capability: it is too old to update itself or does not run from a replaceable program "
-            "file; install the new agent by hand once",
-        )
+        return Refusal(422, "agent_cannot_update", cannot_update_message(host))
     return None
 
 
@@ -73,6 +102,7 @@ def dispatch_update(
     The job, its audit event and (for a rollout) the fleet row are written in one transaction,
     so a crash can never leave a sent command without its job, nor a fleet row without its job.
     """
+    started = time.perf_counter()
     host = hosts.get(host_id)
     refusal = precheck(host, allow_downgrade)
     if refusal is not None:
@@ -137,7 +167,9 @@ def dispatch_update(
         data["signature"] = release.signature
     if allow_downgrade:
         data["allow_downgrade"] = True
-    if not runtime().connections.send(host.id, protocol.encode("command.update", data)):
+    if runtime().connections.send(host.id, protocol.encode("command.update", data)):
+        observe_dispatch(started)
+    else:
         watcher.fail_job(job.id, "the agent disconnected before the update command was delivered")
         db.session.refresh(job)
     log.info("dispatched update job %s for host %s to %s", job.id, host.name, release.version)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from flask import current_app
@@ -19,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import Refusal
 from ..extensions import db
-from ..hosts import behind_hosts
 from ..inputs import MAX_ID, is_id
 from ..models import FLEET_HOST_STATUSES, Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
 from ..oncommit import on_commit
@@ -43,32 +43,171 @@ def history(limit: int = HISTORY_LIMIT) -> list[FleetUpdate]:
     return list(db.session.scalars(sa.select(FleetUpdate).order_by(FleetUpdate.id.desc()).limit(limit)))
 
 
+# --- the plan: which hosts a rollout takes, in which order, and which it leaves out -------------
+
+#: How a rollout moves through its hosts. Only one policy today: one host at a time, in order,
+#: halting at the first failure. A later policy (a canary, then waves) groups ``PlannedHost``
+#: rows into waves; the plan already says which wave each host is in.
+POLICY_SEQUENTIAL = "sequential"
+
+#: Why a host is left out of a rollout (``LeftOut.reason``).
+LEFT_OUT_REASONS = ("already_at_target", "ahead_of_target", "never_connected", "revoked", "cannot_update", "offline")
+
+
+@dataclass(frozen=True)
+class PlannedHost:
+    host: Host
+    position: int
+    wave: int
+    note: str | None = None  # what the rollout will do about it that the operator should know
+
+    def to_dict(self) -> dict:
+        h = self.host
+        return {
+            "host_id": h.id,
+            "name": h.name,
+            "position": self.position,
+            "wave": self.wave,
+            "agent_version": h.agent_version,
+            "online": bool(h.connected),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    host: Host
+    reason: str  # one of LEFT_OUT_REASONS
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {
+            "host_id": self.host.id,
+            "name": self.host.name,
+            "agent_version": self.host.agent_version,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Plan:
+    """What :func:`start` would do now: the hosts it takes, in order, and those it leaves out."""
+
+    target_version: str
+    policy: str
+    hosts: list[PlannedHost] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    explicit: bool = False  # the caller named the hosts (``host_ids``)
+
+    def to_dict(self) -> dict:
+        return {
+            "target_version": self.target_version,
+            "policy": self.policy,
+            "explicit": self.explicit,
+            "hosts": [p.to_dict() for p in self.hosts],
+            "left_out": [lo.to_dict() for lo in self.left_out],
+        }
+
+    def updates_nothing(self) -> bool:
+        """True when no host of the plan would be updated (none taken, or each one skipped)."""
+        return all(p.host.version_state(self.target_version) in ("current", "ahead") for p in self.hosts)
+
+    def refusal(self) -> Refusal:
+        """The 422 for a plan that updates no host, naming the hosts or why each was left out."""
+        counts: dict[str, int] = {}
+        for lo in self.left_out:
+            counts[lo.reason] = counts.get(lo.reason, 0) + 1
+        why = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.items())
+        target = self.target_version
+        if self.hosts:  # named hosts, every one already at (or past) the target: it would do nothing
+            names = ", ".join(p.host.name for p in self.hosts)
+            message = f"none of the selected hosts is behind the server's version {target}: "
+            message += f"{names} already run it or a newer one" + (f"; left out: {why}" if why else "")
+        elif why:
+            message = f"no host is behind the server's version {target} and can be updated ({why})"
+        else:
+            message = "no host is behind the server's version"
+        return Refusal(422, "no_hosts_to_update", message)
+
+
+def _validate_host_ids(host_ids) -> list[Host]:
+    # A malformed list is the caller's mistake (400); well-formed ids of no host are 422.
+    if not isinstance(host_ids, list) or not host_ids or not all(is_id(i) for i in host_ids):
+        raise Refusal(400, "invalid_host_ids", f"host_ids must list host ids (1 to {MAX_ID})")
+    if len(set(host_ids)) != len(host_ids):
+        raise Refusal(400, "invalid_host_ids", "host_ids lists a host more than once")
+    found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
+    missing = [i for i in host_ids if i not in found]
+    if missing:
+        raise Refusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
+    return [found[i] for i in host_ids]
+
+
+def _left_out_reason(host: Host, target: str, explicit: bool) -> tuple[str, str] | None:
+    """Why ``host`` stays out of a rollout to ``target``, or None when the rollout takes it."""
+    from .dispatch import cannot_update_message
+
+    if host.revoked_at is not None:
+        return "revoked", f"host {host.name} is revoked: its agent can no longer connect"
+    state = host.version_state(target)
+    if state == "current" and not explicit:
+        return "already_at_target", f"host {host.name} already runs {target}"
+    if state == "ahead" and not explicit:
+        return "ahead_of_target", f"host {host.name} runs {host.agent_version}, newer than {target}"
+    if state in ("current", "ahead"):
+        return None  # named: the rollout records it as skipped (see plan)
+    if state == "unknown":
+        return "never_connected", f"host {host.name} has never connected: its version is unknown"
+    if not host.can_update():
+        return "cannot_update", cannot_update_message(host)
+    if not host.connected and not explicit:
+        return "offline", f"host {host.name} is offline"
+    return None
+
+
+def plan(host_ids: list | None = None) -> Plan:
+    """The rollout :func:`start` would make now, without changing anything.
+
+    ``host_ids``: these hosts in this order; otherwise every host, by name. A rollout takes the
+    hosts that are behind the target and can update themselves; it leaves out revoked hosts,
+    hosts that never connected and agents that cannot update. The default selection also leaves
+    out hosts already at (or past) the target and offline hosts. Named hosts stay in the rollout
+    with a note: one at the target is recorded as skipped when its turn comes, and an offline one
+    gets ``RM_FLEET_OFFLINE_GRACE_S`` to reconnect, then halts the rollout. A plan in which no
+    host would be updated is refused by :func:`start` (``no_hosts_to_update``).
+
+    "Offline" is the database's record (``hosts.connected``), so the CLI's plan, made in another
+    process than the server's, sees what the server sees.
+    """
+    target = current_app.config["SERVER_VERSION"]
+    explicit = host_ids is not None
+    candidates = (
+        _validate_host_ids(host_ids) if explicit else list(db.session.scalars(sa.select(Host).order_by(Host.name)))
+    )
+    out = Plan(target_version=target, policy=POLICY_SEQUENTIAL, explicit=explicit)
+    grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
+    for host in candidates:
+        why = _left_out_reason(host, target, explicit)
+        if why is not None:
+            out.left_out.append(LeftOut(host, *why))
+            continue
+        note = None
+        if host.version_state(target) in ("current", "ahead"):
+            note = f"already runs {host.agent_version}: the rollout skips it"
+        elif not host.connected:
+            note = f"offline now: when its turn comes the rollout waits up to {grace:g} s for it, then halts"
+        n = len(out.hosts)
+        out.hosts.append(PlannedHost(host, position=n, wave=n, note=note))
+    return out
+
+
 def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
-    """Create a rollout over ``host_ids`` (in that order) or every behind host by name."""
-    if host_ids is None:
-        hosts = behind_hosts()
-    else:
-        # A malformed list is the caller's mistake (400); well-formed ids of no host are 422 below.
-        if not isinstance(host_ids, list) or not host_ids or not all(is_id(i) for i in host_ids):
-            raise Refusal(400, "invalid_host_ids", f"host_ids must list host ids (1 to {MAX_ID})")
-        if len(set(host_ids)) != len(host_ids):
-            raise Refusal(400, "invalid_host_ids", "host_ids lists a host more than once")
-        found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
-        missing = [i for i in host_ids if i not in found]
-        if missing:
-            raise Refusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
-        hosts = [found[i] for i in host_ids]
-        target = current_app.config["SERVER_VERSION"]
-        if hosts and not any(h.version_state(target) in ("behind", "unknown") for h in hosts):
-            # Every one would be skipped: the rollout would "succeed" having done nothing.
-            raise Refusal(
-                422,
-                "no_hosts_to_update",
-                f"none of the selected hosts is behind the server's version {target}: "
-                f"{', '.join(h.name for h in hosts)} already run it or a newer one",
-            )
-    if not hosts:
-        raise Refusal(422, "no_hosts_to_update", "no host is behind the server's version")
+    """Create a rollout over the hosts :func:`plan` takes (``host_ids`` in that order, or by name)."""
+    the_plan = plan(host_ids)
+    hosts = [p.host for p in the_plan.hosts]
+    if the_plan.updates_nothing():
+        raise the_plan.refusal()
     if running() is not None:
         raise Refusal(409, "fleet_update_running", "a fleet update is already running")
     now = utcnow()

@@ -1,0 +1,358 @@
+"""Operator commands: ``hosts list``, ``jobs show``, ``fleet plan|start|status|cancel``.
+
+They call the functions the JSON API calls (:mod:`app.hosts`, :mod:`app.updates.fleet`), in
+this process, on the same database; they never speak HTTP to the server. A rollout started here
+is advanced by the running ``serve`` process's scheduler (its fleet tick, ``RM_FLEET_TICK_S``),
+because only that process holds the agents' sockets; ``--follow`` watches the database.
+
+Exit codes: 0 succeeded (or still running, for a status read), 1 failed, halted or cancelled
+(or refused), 2 usage error (bad option, unknown host, job or rollout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+import sqlalchemy as sa
+from flask import current_app
+from flask.cli import AppGroup
+
+from .errors import Refusal
+from .extensions import db
+from .models import FleetUpdate, Host, Job
+from .timeutil import utcnow
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+jobs_group = AppGroup("jobs", help="Inspect jobs (agent updates).")
+fleet_group = AppGroup("fleet", help="Plan, start, watch and cancel fleet rollouts.")
+
+
+def _usage(message: str) -> click.exceptions.Exit:
+    click.echo(f"Error: {message}", err=True)
+    return click.exceptions.Exit(EXIT_USAGE)
+
+
+def _refused(refusal: Refusal) -> click.exceptions.Exit:
+    click.echo(f"Error: {refusal.message} ({refusal.code})", err=True)
+    return click.exceptions.Exit(
+        EXIT_USAGE if refusal.code in ("invalid_host_ids", "unknown_host_ids") else EXIT_FAILED
+    )
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[str]]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    return table
+
+
+# --- hosts list --------------------------------------------------------------------------------
+
+
+@click.command("list")
+@click.option("--behind", is_flag=True, help="Only hosts whose agent is older than the server.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's host objects).")
+def hosts_list(behind, as_json):
+    """List enrolled hosts: version, state, online, last seen."""
+    from .hosts import list_hosts
+
+    version = current_app.config["SERVER_VERSION"]
+    found = list_hosts("behind" if behind else None)
+    if as_json:
+        _echo_json({"server_version": version, "hosts": [h.to_dict(version) for h in found]})
+        return
+    rows = [
+        [
+            h.id,
+            h.name,
+            h.agent_version or "-",
+            "revoked" if h.revoked_at is not None else h.version_state(version),
+            "yes" if h.connected else "no",
+            "update" if h.can_update() else "-",
+            h.last_seen.strftime("%Y-%m-%d %H:%M:%S") if h.last_seen else "never",
+        ]
+        for h in found
+    ]
+    cols = ["id", "name", "agent", "state", "online", "can", "last seen"]
+    _console().print(_table(f"{len(found)} host(s); server {version}", cols, rows))
+
+
+# --- jobs show -----------------------------------------------------------------------------------
+
+
+@jobs_group.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's job object).")
+def jobs_show(job_id, as_json):
+    """Show one job; exit 1 if it failed or was cancelled."""
+    job = db.session.get(Job, job_id)
+    if job is None:
+        raise _usage(f"no job with id {job_id}")
+    d = job.to_dict()
+    if as_json:
+        _echo_json({"job": d})
+    else:
+        host = db.session.get(Host, job.host_id) if job.host_id is not None else None
+        for key, value in [("job", d["id"]), ("host", host.name if host else d["host_id"])] + [
+            (k, d[k])
+            for k in ("kind", "status", "phase", "from_version", "target_version", "actor", "error")
+            + ("created_at", "updated_at", "finished_at", "deadline")
+        ]:
+            if value is not None:
+                click.echo(f"{key + ':':<16}{value}")
+    raise click.exceptions.Exit(EXIT_FAILED if job.status in ("failed", "cancelled") else EXIT_OK)
+
+
+# --- fleet ---------------------------------------------------------------------------------------
+
+
+def _host_ids(names: tuple[str, ...]) -> list[int] | None:
+    """``--host`` values (names or ids, in order) as host ids; None when none were given."""
+    if not names:
+        return None
+    ids = []
+    for name in names:
+        host = db.session.scalar(sa.select(Host).where(Host.name == name))
+        if host is None and name.isdigit():
+            host = db.session.get(Host, int(name))
+        if host is None:
+            raise _usage(f"no host named {name!r}")
+        ids.append(host.id)
+    return ids
+
+
+_hosts_option = click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Roll over these hosts, in this order (repeat it); default: every host that can be updated.",
+)
+
+
+def _print_plan(p) -> None:
+    console = _console()
+    console.print(f"Rollout to {p.target_version} ({p.policy}, one host at a time): {len(p.hosts)} host(s)")
+    if p.hosts:
+        console.print(
+            _table(
+                None,
+                ["#", "host", "agent", "note"],
+                [[h.position + 1, h.host.name, h.host.agent_version, h.note or ""] for h in p.hosts],
+            )
+        )
+    if p.left_out:
+        console.print(f"Left out: {len(p.left_out)} host(s)")
+        console.print(
+            _table(None, ["host", "reason", "detail"], [[lo.host.name, lo.reason, lo.detail] for lo in p.left_out])
+        )
+
+
+@fleet_group.command("plan")
+@_hosts_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the body of POST /api/fleet/plan).")
+def fleet_plan(hosts, as_json):
+    """Show which hosts a rollout would take, in order, and which it leaves out and why. Changes nothing."""
+    from .updates import fleet
+
+    try:
+        p = fleet.plan(_host_ids(hosts))
+    except Refusal as r:
+        raise _refused(r) from None
+    if as_json:
+        _echo_json({"plan": p.to_dict()})
+    else:
+        _print_plan(p)
+
+
+@fleet_group.command("start")
+@_hosts_option
+@click.option("--follow", is_flag=True, help="Watch the rollout until it ends; exit 0 if it succeeded, 1 if not.")
+@click.option(
+    "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
+)
+def fleet_start(hosts, follow, interval):
+    """Start a rollout to the server's version (the same as POST /api/fleet/update)."""
+    from .updates import fleet
+
+    try:
+        fu = fleet.start("cli", _host_ids(hosts))
+    except Refusal as r:
+        raise _refused(r) from None
+    click.echo(f"fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s)")
+    if follow:
+        raise click.exceptions.Exit(follow_rollout(fu.id, interval))
+
+
+def _rollout(fleet_id: int | None) -> FleetUpdate:
+    from .updates import fleet
+
+    if fleet_id is not None:
+        fu = db.session.get(FleetUpdate, fleet_id)
+        if fu is None:
+            raise _usage(f"no fleet update with id {fleet_id}")
+        return fu
+    fu = fleet.running()
+    if fu is None:
+        latest = fleet.history(1)
+        if not latest:
+            raise _usage("there is no fleet update yet")
+        fu = latest[0]
+    return fu
+
+
+def outcome_code(status: str) -> int:
+    """A rollout's status as an exit code: 0 running or succeeded, 1 halted or cancelled."""
+    return EXIT_OK if status in ("running", "succeeded") else EXIT_FAILED
+
+
+@fleet_group.command("status")
+@click.argument("fleet_id", type=int, required=False)
+@click.option("--follow", is_flag=True, help="Watch the rollout until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's fleet update object).")
+@click.option(
+    "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
+)
+def fleet_status(fleet_id, follow, as_json, interval):
+    """Show a rollout (default: the running or the latest); exit 1 if it halted or was cancelled."""
+    fu = _rollout(fleet_id)
+    if follow:
+        raise click.exceptions.Exit(follow_rollout(fu.id, interval))
+    d = fu.to_dict()
+    if as_json:
+        _echo_json({"fleet_update": d})
+    else:
+        for line in _summary_lines(d):
+            click.echo(line)
+        for h in d["hosts"]:
+            click.echo(_host_line(h))
+    raise click.exceptions.Exit(outcome_code(fu.status))
+
+
+@fleet_group.command("cancel")
+@click.argument("fleet_id", type=int, required=False)
+def fleet_cancel(fleet_id):
+    """Cancel a running rollout (default: the running one); the host being updated finishes its job."""
+    from .updates import fleet
+
+    if fleet_id is None:
+        running = fleet.running()
+        if running is None:
+            raise _usage("no fleet update is running")
+        fleet_id = running.id
+    try:
+        fu = fleet.cancel(fleet_id, "cli")
+    except Refusal as r:
+        if r.code == "fleet_update_not_found":
+            raise _usage(r.message) from None
+        raise _refused(r) from None
+    click.echo(f"fleet update {fu.id} cancelled")
+
+
+# --- following a rollout ---------------------------------------------------------------------------
+
+
+def _elapsed(d: dict) -> float:
+    from datetime import datetime
+
+    start = datetime.fromisoformat(d["created_at"].replace("Z", "+00:00")).replace(tzinfo=None)
+    end = (
+        datetime.fromisoformat(d["finished_at"].replace("Z", "+00:00")).replace(tzinfo=None)
+        if d["finished_at"]
+        else utcnow()
+    )
+    return max(0.0, (end - start).total_seconds())
+
+
+def _counts(d: dict) -> dict:
+    counts: dict[str, int] = {}
+    for h in d["hosts"]:
+        counts[h["status"]] = counts.get(h["status"], 0) + 1
+    return counts
+
+
+def _summary_lines(d: dict) -> list[str]:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(_counts(d).items()))
+    lines = [
+        f"fleet update {d['id']} to {d['target_version']}: {d['status']}, {d['done']}/{d['total']} done "
+        f"({counts}), {_elapsed(d):.0f} s"
+    ]
+    if d.get("halt_reason"):
+        lines.append(f"halted: {d['halt_reason']}")
+    return lines
+
+
+def _host_line(h: dict) -> str:
+    phase = f" ({h['phase']})" if h.get("phase") and h["status"] == "running" else ""
+    error = f": {h['error']}" if h.get("error") else ""
+    return f"  {h['position'] + 1:>3}. {h['name']}: {h['status']}{phase}{error}"
+
+
+def _render(d: dict):
+    from rich.console import Group
+    from rich.text import Text
+
+    header = Text("\n".join(_summary_lines(d)))
+    rows = []
+    for h in d["hosts"]:
+        dur = f"{h['duration_s']:.1f} s" if h.get("duration_s") is not None else ""
+        rows.append([h["position"] + 1, h["name"], h["status"], h.get("phase") or "", dur, h.get("error") or ""])
+    return Group(header, _table(None, ["#", "host", "status", "phase", "took", "error"], rows))
+
+
+def _read(fleet_id: int) -> dict:
+    db.session.rollback()  # a fresh snapshot: the server process writes the rows
+    db.session.expire_all()
+    return db.session.get(FleetUpdate, fleet_id).to_dict()
+
+
+def follow_rollout(fleet_id: int, interval: float = 1.0, out=None, tty: bool | None = None) -> int:
+    """Watch a rollout until it ends; return its exit code (0 succeeded, 1 halted or cancelled).
+
+    In a terminal, a live table (per-host status and phase, counts, elapsed time); otherwise one
+    plain line per change, so a log or a pipe reads well.
+    """
+    out = out or sys.stdout
+    tty = out.isatty() if tty is None else tty
+    d = _read(fleet_id)
+    if tty:
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(_render(d), console=Console(file=out), refresh_per_second=4, transient=False) as live:
+            while d["status"] == "running":
+                time.sleep(interval)
+                d = _read(fleet_id)
+                live.update(_render(d))
+        return outcome_code(d["status"])
+    seen: dict = {}
+    while True:
+        for h in d["hosts"]:
+            key = (h["status"], h.get("phase"), h.get("error"))
+            if seen.get(h["position"]) != key:
+                seen[h["position"]] = key
+                print(_host_line(h).strip(), file=out, flush=True)
+        if d["status"] != "running":
+            for line in _summary_lines(d):
+                print(line, file=out, flush=True)
+            return outcome_code(d["status"])
+        time.sleep(interval)
+        d = _read(fleet_id)
