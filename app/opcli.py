@@ -92,7 +92,9 @@ def hosts_list(behind, as_json):
         for h in found
     ]
     cols = ["id", "name", "agent", "state", "online", "can", "last seen"]
-    _console().print(_table(f"{len(found)} host(s); server {version}", cols, rows))
+    console = _console()
+    console.print(f"{len(found)} host(s); server version {version}")
+    console.print(_table(None, cols, rows))
 
 
 # --- jobs show -----------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def follow_rollout(fleet_id: int, interval: float = 1.0, out=None, tty: bool | N
         from rich.console import Console
         from rich.live import Live
 
-        with Live(_render(d), console=Console(file=out), refresh_per_second=4, transient=False) as live:
+        with Live(_render(d), console=Console(file=out, force_terminal=True), refresh_per_second=4) as live:
             while d["status"] == "running":
                 time.sleep(interval)
                 d = _read(fleet_id)

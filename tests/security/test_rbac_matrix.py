@@ -642,6 +642,8 @@ MATRIX: list[Case] = [
         effect=lambda w, t: w.rollout_running(),
     ),
     Case("api.notifications", "GET", "admin", API_READ, path("/api/notifications")),
+    # A plan changes nothing: it is admin-only because it answers what an admin's start would do.
+    Case("api.fleet_plan", "POST", "admin", api_admin(200), lambda w: Target("/api/fleet/plan", json={})),
     Case("api.fleet_list", "GET", "admin", API_READ, path("/api/fleet-updates")),
     Case("api.fleet_get", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}")),
     Case(
@@ -691,6 +693,8 @@ MATRIX: list[Case] = [
         ok=200,
         effect=lambda w, t: w.row(ApiToken, t.ctx).revoked_at is not None,
     ),
+    # --- admin plane: Prometheus metrics (an API token of any role, or a session) ---
+    Case("metrics.scrape", "GET", "admin", API_READ, path("/metrics")),
     # --- agent plane ---
     Case("agentlink.download", "GET", "agent", agent_only(200), path("/agent/download/current")),
     Case("agentlink.install_script", "GET", "agent", PUBLIC, path("/agent/install.sh")),

@@ -22,6 +22,7 @@ class ScriptedAgent:
         self.token = token
         self.version = version
         self.capabilities = list(capabilities)
+        self.hello_extra: dict = {}  # more hello fields (e.g. update_unavailable)
         self.inbox: queue.Queue[protocol.Envelope] = queue.Queue()
         self.ws = None
         self._reader: threading.Thread | None = None
@@ -46,6 +47,7 @@ class ScriptedAgent:
             capabilities=self.capabilities,
             boot_id="scripted-boot",
             last_update=last_update,
+            **self.hello_extra,
         )
         ws = self.ws
         self._reader = threading.Thread(target=self._read, args=(ws,), daemon=True)

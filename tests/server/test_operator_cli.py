@@ -1,0 +1,184 @@
+"""The operator's command line: version, help, first steps, hosts list, jobs show, fleet commands.
+
+Each command runs as a real process with an RM_* environment, as an operator runs it. Exit codes:
+0 succeeded, 1 failed/halted/refused, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent.version import get_version
+from app.extensions import db
+from app.models import Job
+from app.timeutil import utcnow
+from tests.conftest import OLD_VERSION, SERVER_VERSION
+from tests.support.live import ROOT, release_key
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(args, env, cwd=ROOT):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def env(tmp_path, database_url, cast):
+    return {
+        "RM_INSTANCE_PATH": str(tmp_path / "cli-instance"),
+        "RM_DATABASE_URL": database_url,
+        "RM_SECRET_KEY": "k",
+        "RM_VERSION": SERVER_VERSION,
+    }
+
+
+def test_version_is_the_products_and_help_offers_no_flask_options(tmp_path):
+    r = run(["--version"], {}, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"restic-manager {get_version()}"
+    assert "Flask" not in r.stdout and "Werkzeug" not in r.stdout
+    r = run(["--help"], {"RM_INSTANCE_PATH": str(tmp_path / "i")}, cwd=tmp_path)
+    assert r.returncode == 0
+    for flask_only in ("--env-file", "--app", "--debug", "python-dotenv"):
+        assert flask_only not in r.stdout
+    for command in ("fleet", "hosts", "jobs", "serve", "db"):
+        assert f"  {command} " in r.stdout
+
+
+def test_a_command_before_db_upgrade_says_to_run_it(tmp_path):
+    env = {"RM_INSTANCE_PATH": str(tmp_path), "RM_DATABASE_URL": f"sqlite:///{tmp_path}/empty.sqlite3"}
+    for args in (["hosts", "list"], ["hosts", "add", "web-1"], ["fleet", "status"]):
+        r = run(args, env)
+        assert r.returncode == 1, r
+        assert "Run `restic-manager db upgrade` first" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_instance_folder_defaults_to_instance_in_the_working_directory(tmp_path):
+    r = run(["db", "upgrade"], {}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "instance" / "restic-manager.sqlite3").is_file()
+    assert (tmp_path / "instance" / "secret_key").is_file()
+    r = run(["hosts", "list", "--json"], {}, cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["hosts"] == []
+
+
+def test_hosts_list_as_a_table_and_as_json(env):
+    r = run(["hosts", "list"], env)
+    assert r.returncode == 0, r.stderr
+    assert "3 host(s); server version 2.0.0" in r.stdout
+    rows = [line.replace("│", " ").split() for line in r.stdout.splitlines() if "│" in line and line[:1].isdigit()]
+    lines = {row[1]: " ".join(row) for row in rows}
+    assert set(lines) == {"web-1", "db-1", "app-1"}
+    assert "behind" in lines["app-1"] and "current" in lines["web-1"]
+    r = run(["hosts", "list", "--json"], env)
+    hosts = json.loads(r.stdout)["hosts"]
+    assert [(h["name"], h["version_state"]) for h in hosts] == [
+        ("app-1", "behind"),
+        ("db-1", "current"),
+        ("web-1", "current"),
+    ]
+    r = run(["hosts", "list", "--behind", "--json"], env)
+    assert [h["name"] for h in json.loads(r.stdout)["hosts"]] == ["app-1"]
+
+
+def test_hosts_add_warns_loudly_without_a_release_key_and_pins_the_key_with_one(env):
+    r = run(["hosts", "add", "new-1"], env)
+    assert r.returncode == 0
+    assert "--release-key" not in r.stdout
+    assert "WARNING" in r.stderr and "never be able to update itself" in r.stderr
+    _, public = release_key()
+    r = run(["hosts", "add", "new-2"], {**env, "RM_RELEASE_PUBLIC_KEY": public})
+    assert r.returncode == 0 and "WARNING" not in r.stderr
+    assert f"--release-key {public}" in r.stdout
+
+
+def _job(cast, status):
+    now = utcnow()
+    job = Job(
+        host_id=cast.host_behind.id,
+        kind="update",
+        status=status,
+        phase="done" if status == "succeeded" else "downloading",
+        actor="admin",
+        created_at=now,
+        updated_at=now,
+        finished_at=now,
+        params={"version": SERVER_VERSION, "from_version": OLD_VERSION},
+        error="disk full" if status == "failed" else None,
+    )
+    db.session.add(job)
+    db.session.commit()
+    return job.id
+
+
+def test_jobs_show_exits_by_the_jobs_outcome(env, cast):
+    ok, failed = _job(cast, "succeeded"), _job(cast, "failed")
+    r = run(["jobs", "show", ok], env)
+    assert r.returncode == 0 and "status:         succeeded" in r.stdout and "host:           app-1" in r.stdout
+    r = run(["jobs", "show", failed], env)
+    assert r.returncode == 1 and "error:          disk full" in r.stdout
+    r = run(["jobs", "show", failed, "--json"], env)
+    assert json.loads(r.stdout)["job"]["id"] == failed
+    r = run(["jobs", "show", "no-such-job"], env)
+    assert r.returncode == 2 and "no job with id no-such-job" in r.stderr
+
+
+def test_fleet_plan_start_status_cancel_and_their_exit_codes(env, cast):
+    r = run(["fleet", "plan", "--json"], env)
+    assert r.returncode == 0
+    plan = json.loads(r.stdout)["plan"]
+    assert [h["name"] for h in plan["hosts"]] == ["app-1"]
+    assert {lo["name"]: lo["reason"] for lo in plan["left_out"]} == {
+        "db-1": "already_at_target",
+        "web-1": "already_at_target",
+    }
+    r = run(["fleet", "plan"], env)
+    assert r.returncode == 0 and "app-1" in r.stdout and "Left out: 2 host(s)" in r.stdout
+
+    r = run(["fleet", "start"], env)
+    assert r.returncode == 0 and "started over 1 host(s)" in r.stdout, r.stderr
+    fleet_id = r.stdout.split()[2]
+    r = run(["fleet", "start"], env)
+    assert r.returncode == 1 and "fleet_update_running" in r.stderr
+    r = run(["fleet", "status"], env)
+    assert r.returncode == 0 and f"fleet update {fleet_id} to 2.0.0: running, 0/1 done" in r.stdout
+    assert "1. app-1: pending" in r.stdout
+    r = run(["fleet", "status", fleet_id, "--json"], env)
+    assert json.loads(r.stdout)["fleet_update"]["status"] == "running"
+
+    r = run(["fleet", "cancel"], env)
+    assert r.returncode == 0 and f"fleet update {fleet_id} cancelled" in r.stdout
+    r = run(["fleet", "status", fleet_id], env)
+    assert r.returncode == 1 and "cancelled" in r.stdout
+    r = run(["fleet", "cancel", fleet_id], env)
+    assert r.returncode == 1 and "fleet_update_not_running" in r.stderr
+
+
+def test_usage_errors_exit_2(env, cast):
+    for args, message in (
+        (["fleet", "plan", "--host", "no-such-host"], "no host named 'no-such-host'"),
+        (["fleet", "start", "--host", "no-such-host"], "no host named 'no-such-host'"),
+        (["fleet", "status", "999"], "no fleet update with id 999"),
+        (["fleet", "cancel", "999"], "no such fleet update"),
+        (["fleet", "cancel"], "no fleet update is running"),
+        (["fleet", "start", "--bogus"], "No such option"),
+        (["hosts", "list", "--json", "extra"], "unexpected extra argument"),
+    ):
+        r = run(args, env)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+    r = run(["fleet", "start", "--host", "web-1"], env)  # named, but already current: nothing to do
+    assert r.returncode == 1 and "no_hosts_to_update" in r.stderr
