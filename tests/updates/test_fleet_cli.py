@@ -5,8 +5,8 @@ CLI follows it from the database to an exit code (0 succeeded, 1 halted)."""
 from __future__ import annotations
 
 import io
-import re
 import os
+import re
 import subprocess
 import sys
 

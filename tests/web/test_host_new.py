@@ -2,6 +2,7 @@
 
 from app.extensions import db
 from app.models import AuditEvent, Host
+from tests.web.helpers import bearer
 
 
 def test_the_add_host_form_renders_for_admins(as_admin):
@@ -67,3 +68,23 @@ def test_viewers_cannot_add_hosts(as_viewer):
 
 def test_add_host_refuses_other_methods(as_admin):
     assert as_admin.delete("/hosts/new").status_code == 405
+
+
+def test_without_a_release_key_the_enrolment_page_warns_the_agent_will_never_update_itself(as_admin, app):
+    html = as_admin.post("/hosts/new", data={"name": "mail-3"}).get_data(as_text=True)
+    assert 'id="no-release-key-warning"' in html and "will never update itself" in html
+    assert "RM_RELEASE_PUBLIC_KEY" in html and "--release-key" not in html
+
+
+def test_with_a_release_key_the_install_command_pins_it_and_nothing_warns(as_admin, app):
+    from agent.signing import generate_keypair
+
+    app.config["RELEASE_PUBLIC_KEY"] = generate_keypair()[1]
+    html = as_admin.post("/hosts/new", data={"name": "mail-4"}).get_data(as_text=True)
+    assert f"--release-key {app.config['RELEASE_PUBLIC_KEY']}" in html
+    assert "no-release-key-warning" not in html
+
+
+def test_the_api_says_the_same_in_its_warning_field(client, admin_token):
+    r = client.post("/api/hosts", json={"name": "mail-5"}, headers=bearer(admin_token))
+    assert r.status_code == 201 and "never be able to update itself" in r.get_json()["warning"]
