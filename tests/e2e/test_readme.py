@@ -17,6 +17,7 @@ stand-ins (and nothing else added):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -83,7 +84,7 @@ def test_the_readme_path_gives_an_agent_that_can_update_itself(tmp_path, tmp_pat
                     [*args, "--ready-file", str(ready)], cwd=work, env=env, stdout=log, stderr=log
                 )
                 log.close()
-                wait_until(lambda: listening(server, ready), 60, 0.1, "serve to listen")
+                wait_until(functools.partial(listening, server, ready), 60, 0.1, "serve to listen")
                 continue
             stdin = None
             if args[1:3] == ["users", "create"]:
