@@ -100,7 +100,7 @@ def test_the_readme_path_gives_an_agent_that_can_update_itself(tmp_path, tmp_pat
             elif args[1:3] == ["tokens", "create"]:
                 seen["api_token"] = r.stdout.strip()
             elif args[1] == "build-agent":
-                artifact = r.stdout.split()[0]
+                artifact = os.path.join(work, r.stdout.split()[0])
                 assert os.path.isfile(artifact + ".sig"), "the agent release is signed"
         assert server is not None, "the README never starts the server"
 
