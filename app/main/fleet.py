@@ -8,7 +8,6 @@ from __future__ import annotations
 from flask import flash, redirect, render_template, url_for
 from flask_login import login_required
 
-from .. import hosts
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
@@ -20,11 +19,14 @@ from . import bp
 def _context(message: str | None = None) -> dict:
     history = fleet.history()
     current = fleet.running() or (history[0] if history else None)
+    plan = fleet.plan()
     return {
         "current": current,
         "current_dict": current.to_dict() if current is not None else None,
         "waiting": fleet.offline_wait(current) if current is not None else None,
-        "behind": hosts.behind_hosts(),
+        # What Start would take: the plan's hosts; the behind hosts it leaves out are named apart.
+        "behind": [p.host for p in plan.hosts],
+        "left_out_behind": [lo for lo in plan.left_out if lo.reason in ("cannot_update", "offline")],
         "history": history,
         "message": message,
         "button": EmptyForm(),

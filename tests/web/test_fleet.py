@@ -206,3 +206,14 @@ def test_cancel_from_the_page_stops_the_rollout_and_polling(as_admin, cast):
 def test_cancel_of_a_missing_rollout_is_404_and_get_is_405(as_admin, cast):
     assert as_admin.post("/settings/fleet-update/9999/cancel").status_code == 404
     assert as_admin.get("/settings/fleet-update/1/cancel").status_code == 405
+
+
+def test_the_idle_page_names_behind_hosts_a_start_would_leave_out(as_admin, cast):
+    from app.models import Host
+
+    host, _ = Host.enrol("app-9")
+    host.agent_version, host.connected, host.capabilities = "1.0.0", True, []
+    db.session.commit()
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    assert "1 host behind 2.0.0: app-1." in html
+    assert "Left out (behind, but not updatable now):" in html and "app-9 (cannot update)" in html
