@@ -23,27 +23,20 @@ from tests.support.live import ROOT, release_key
 pytestmark = pytest.mark.timeout(60)
 
 
+#: The console script, as an operator runs it (the test environment has the project installed).
+RESTIC_MANAGER = os.path.join(os.path.dirname(sys.executable), "restic-manager")
+
+
 def run(args, env, cwd=ROOT):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-c", "from app.cli import main; main()", *args],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RM_")} | env
+    return subprocess.run([RESTIC_MANAGER, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture
 def env(tmp_path, database_url, cast):
-    return {
-        "RM_INSTANCE_PATH": str(tmp_path / "cli-instance"),
-        "RM_DATABASE_URL": database_url,
-        "RM_SECRET_KEY": "k",
-        "RM_VERSION": SERVER_VERSION,
-    }
+    """The cast's database, as every command of an operator's shell sees it."""
+    instance = str(tmp_path / "cli-instance")
+    return dict(RM_INSTANCE_PATH=instance, RM_DATABASE_URL=database_url, RM_SECRET_KEY="k", RM_VERSION=SERVER_VERSION)
 
 
 def test_version_is_the_products_and_help_offers_no_flask_options(tmp_path):
