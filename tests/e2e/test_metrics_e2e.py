@@ -9,7 +9,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.live import AgentProcess, ServerProcess, built_agent, seed_fleet, wait_until
+from tests.support.live import AgentProcess, ServerProcess, built_agent, seed_fleet
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

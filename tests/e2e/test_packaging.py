@@ -23,7 +23,8 @@ import zipfile
 import pytest
 import requests
 
-from tests.support.live import ROOT, wait_until
+from tests.support.live import ROOT
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -29,7 +29,8 @@ import sys
 import pytest
 import requests
 
-from tests.support.live import ROOT, AgentProcess, built_agent, wait_until
+from tests.support.live import ROOT, AgentProcess, built_agent
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

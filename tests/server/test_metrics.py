@@ -9,8 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.extensions import db
 from app.models import ApiToken
 from tests.conftest import SERVER_VERSION
-from tests.support.live import AdminSession, LiveServer, wait_until
+from tests.support.live import LiveClient, LiveServer
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,7 +39,7 @@ def test_metrics_need_an_api_token_of_any_role_or_a_session(app, cast):
         behind = ("rm_hosts", (("agent_version", "1.0.0"), ("state", "offline"), ("version_state", "behind")))
         current = ("rm_hosts", (("agent_version", SERVER_VERSION), ("state", "offline"), ("version_state", "current")))
         assert (got[behind], got[current], got[("rm_agents_connected", ())]) == (1, 2, 0)
-        session = AdminSession(live.admin_url).login("viewer", "viewer-pass-123")
+        session = LiveClient(live.admin_url).login("viewer", "viewer-pass-123")
         assert session.http.get(url, timeout=5).status_code == 200
 
 

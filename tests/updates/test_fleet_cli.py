@@ -17,8 +17,9 @@ from app.opcli import follow_rollout
 from app.runtime import runtime
 from app.updates import fleet
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import ROOT, LiveServer, wait_until
+from tests.support.live import ROOT, LiveServer
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

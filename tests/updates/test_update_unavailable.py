@@ -14,8 +14,8 @@ from app.extensions import db
 from app.runtime import runtime
 from app.updates import dispatch, fleet
 from tests.conftest import OLD_VERSION
-from tests.support.live import wait_until
 from tests.support.scripted import ScriptedAgent
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
