@@ -150,9 +150,11 @@ def _on_job_ended(job_id: str) -> None:
     """Count the ended job and its duration (subscribed to ``runtime().job_ended``)."""
     from .models import Job
 
-    row = db.session.execute(
-        sa.select(Job.status, Job.created_at, Job.finished_at).where(Job.id == job_id, Job.kind == "update")
-    ).first()
+    # Its own short connection: the publisher's session and transaction stay as they were.
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(Job.status, Job.created_at, Job.finished_at).where(Job.id == job_id, Job.kind == "update")
+        ).first()
     if row is None:
         return
     status, created, finished = row
