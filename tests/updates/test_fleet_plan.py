@@ -91,7 +91,7 @@ def test_a_plan_that_updates_nothing_is_refused_with_the_reasons(cast, mixed):
     with pytest.raises(Refusal) as e:
         fleet.start("admin", host_ids=[cast.host_online.id, cast.host_offline.id])  # both already current
     assert (e.value.status, e.value.code) == (422, "no_hosts_to_update")
-    assert "2 already at target" in e.value.message
+    assert "web-1, db-1 already run it" in e.value.message
     with pytest.raises(Refusal) as e:
         fleet.start("admin", host_ids=[mixed["revoked"].id, mixed["cannot"].id])
     assert (
