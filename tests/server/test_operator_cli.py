@@ -165,7 +165,7 @@ def test_usage_errors_exit_2(env, cast):
         (["fleet", "plan", "--host", "no-such-host"], "no host named 'no-such-host'"),
         (["fleet", "start", "--host", "no-such-host"], "no host named 'no-such-host'"),
         (["fleet", "status", "999"], "no fleet update with id 999"),
-        (["fleet", "cancel", "999"], "no such fleet update"),
+        (["fleet", "cancel", "999"], "no fleet update with id 999"),
         (["fleet", "cancel"], "no fleet update is running"),
         (["fleet", "start", "--bogus"], "No such option"),
         (["hosts", "list", "--json", "extra"], "unexpected extra argument"),
