@@ -26,7 +26,11 @@ MAX_USERNAME_LENGTH = 64
 JOB_KINDS = ("update",)
 JOB_STATUSES = ("running", "succeeded", "failed", "cancelled")
 ALERT_KINDS = ("update_failed", "fleet_update_halted")
-FLEET_STATUSES = ("running", "succeeded", "halted", "cancelled")
+FLEET_STATUSES = ("scheduled", "running", "succeeded", "halted", "cancelled")
+#: What a rollout is: a plain update, a retry of another's failed and skipped hosts, or a revert.
+FLEET_KINDS = ("update", "retry", "revert")
+#: What a rollout does about a host that is offline when its turn comes.
+OFFLINE_POLICIES = ("halt", "skip", "wait")
 FLEET_HOST_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
 #: How many resolved alerts a listing shows.
 RESOLVED_ALERTS_LIMIT = 50
@@ -297,6 +301,8 @@ class Host(db.Model):
     connected = sa.Column(sa.Boolean, nullable=False, default=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     revoked_at = sa.Column(sa.DateTime)
+    #: ``{"key": "value"}``: what a rollout's selector and a maintenance window match on.
+    labels = sa.Column(sa.JSON, nullable=False, default=dict, server_default=sa.text("'{}'"))
 
     @classmethod
     def enrol(cls, name: str) -> tuple[Host, str]:
@@ -647,6 +653,28 @@ class FleetUpdate(db.Model):
     finished_at = sa.Column(sa.DateTime)
     halt_reason = sa.Column(sa.Text)
     cancel_requested = sa.Column(sa.Boolean, nullable=False, default=False)
+    # What the rollout selected: the request's targeting fields (labels, os, arch, version, ...).
+    selector = sa.Column(sa.JSON, nullable=False, default=dict, server_default=sa.text("'{}'"))
+    # The strategy (docs/updates.md): counts, or percentages of the selected hosts ("10%").
+    canary = sa.Column(sa.Integer, nullable=False, default=0, server_default=sa.text("0"))
+    canary_soak_s = sa.Column(sa.Float, nullable=False, default=0.0, server_default=sa.text("0"))
+    max_in_flight = sa.Column(sa.String(16), nullable=False, default="1", server_default="1")
+    max_failures = sa.Column(sa.String(16), nullable=False, default="0", server_default="0")
+    wave_soak_s = sa.Column(sa.Float, nullable=False, default=0.0, server_default=sa.text("0"))
+    offline = sa.Column(sa.String(8), nullable=False, default="halt", server_default="halt")
+    offline_deadline_s = sa.Column(sa.Float)
+    # Control: a paused rollout stays ``running`` (it keeps the one-running slot) but dispatches nothing.
+    paused_at = sa.Column(sa.DateTime)
+    paused_by = sa.Column(sa.String(128))
+    hold_until = sa.Column(sa.DateTime)  # no new wave before this (a canary's or a wave's soak)
+    # Schedule: a ``scheduled`` rollout starts at ``start_at`` (UTC; ``start_tz`` as the operator gave it).
+    start_at = sa.Column(sa.DateTime)
+    start_tz = sa.Column(sa.String(64))
+    started_at = sa.Column(sa.DateTime)
+    respect_windows = sa.Column(sa.Boolean, nullable=False, default=False, server_default=sa.false())
+    revert_on_halt = sa.Column(sa.Boolean, nullable=False, default=False, server_default=sa.false())
+    kind = sa.Column(sa.String(16), nullable=False, default="update", server_default="update")
+    parent_id = sa.Column(sa.Integer, sa.ForeignKey("fleet_updates.id", ondelete="SET NULL"))
 
     hosts = db.relationship(
         "FleetUpdateHost", order_by="FleetUpdateHost.position", back_populates="fleet_update", cascade="all"
@@ -697,6 +725,10 @@ class FleetUpdateHost(db.Model):
     error = sa.Column(sa.Text)
     started_at = sa.Column(sa.DateTime)
     finished_at = sa.Column(sa.DateTime)
+    wave = sa.Column(sa.Integer, nullable=False, default=0, server_default=sa.text("0"))
+    from_version = sa.Column(sa.String(128))  # what the host ran when its update was dispatched
+    target_version = sa.Column(sa.String(128))  # this host's target, when not the rollout's (a revert)
+    waiting_since = sa.Column(sa.DateTime)  # the rollout has been waiting for this offline host since
 
     fleet_update = db.relationship("FleetUpdate", back_populates="hosts")
     host = db.relationship("Host")
@@ -722,3 +754,23 @@ class FleetUpdateHost(db.Model):
             if self.started_at and self.finished_at
             else None,
         }
+
+
+class MaintenanceWindow(db.Model):
+    """A named weekly window (``days`` 0=Monday..6, ``start``-``end`` "HH:MM" in ``timezone``).
+
+    It applies to the hosts whose labels include all of ``labels`` (``{}``: every host). An ``end``
+    before ``start`` runs past midnight into the next day.
+    """
+
+    __tablename__ = "maintenance_windows"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    name = sa.Column(sa.String(100), nullable=False, unique=True)
+    days = sa.Column(sa.JSON, nullable=False, default=list)
+    start = sa.Column(sa.String(5), nullable=False)
+    end = sa.Column(sa.String(5), nullable=False)
+    timezone = sa.Column(sa.String(64), nullable=False)
+    labels = sa.Column(sa.JSON, nullable=False, default=dict)
+    created_by = sa.Column(sa.String(128), nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)

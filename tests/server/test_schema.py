@@ -179,3 +179,54 @@ def test_migration_0007_keeps_jobs_rollout_rows_and_their_links(tmp_path):
         flask_migrate.upgrade()
         db.session.remove()
         db.engine.dispose()
+
+
+def test_migration_0008_keeps_rollouts_and_their_host_rows(tmp_path):
+    """Upgrading a 0007 database rebuilds ``fleet_updates`` (SQLite) without losing a rollout row."""
+    import flask_migrate
+
+    from app import create_app
+    from tests.support import dbsetup
+
+    url = dbsetup.empty_database(str(tmp_path), "policy")
+    other = create_app({"SQLALCHEMY_DATABASE_URI": url, "INSTANCE_PATH": str(tmp_path / "i"), "SECRET_KEY": "x"}, {})
+    t = "'2026-01-01 00:00:00'"
+    with other.app_context():
+        flask_migrate.upgrade(revision="0007")
+        with db.engine.begin() as conn:
+            for sql in (
+                f"INSERT INTO hosts (id, name, capabilities, connected, created_at) VALUES (5, 'h5', '[]', false, {t})",
+                "INSERT INTO fleet_updates (id, target_version, status, strategy, created_by, created_at) "
+                f"VALUES (2, '2.0.0', 'halted', 'rolling', 'a', {t})",
+                "INSERT INTO fleet_update_hosts (id, fleet_update_id, host_id, host_name, position, status) "
+                "VALUES (9, 2, 5, 'h5', 3, 'failed')",
+            ):
+                conn.execute(sa.text(sql))
+        flask_migrate.upgrade()
+        with db.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, fleet_update_id, position, wave, status FROM fleet_update_hosts"))
+            assert rows.all() == [(9, 2, 3, 3, "failed")]
+            fu = conn.execute(sa.text("SELECT status, kind, max_failures, offline, started_at FROM fleet_updates"))
+            assert [tuple(r[:4]) for r in fu.all()] == [("halted", "update", "0", "halt")]
+            assert conn.execute(sa.text("SELECT labels FROM hosts")).scalar() in ({}, "{}")
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO fleet_updates (id, target_version, status, created_by, created_at) "
+                    f"VALUES (3, '2.0.0', 'scheduled', 'a', {t})"
+                )
+            )
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO fleet_updates (id, target_version, status, created_by, created_at) "
+                    f"VALUES (4, '2.0.0', 'paused', 'a', {t})"
+                )
+            )
+        flask_migrate.downgrade(revision="0007")
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id FROM fleet_updates")).all() == [(2,)]  # the scheduled one goes
+            assert conn.execute(sa.text("SELECT id FROM fleet_update_hosts")).all() == [(9,)]
+        flask_migrate.upgrade()
+        db.session.remove()
+        db.engine.dispose()
