@@ -64,8 +64,8 @@ def cannot_update_message(host: Host) -> str:
     )
 
 
-def precheck(host: Host, allow_downgrade: bool = False) -> Refusal | None:
-    """Return why ``host`` cannot be updated now, or None if it can.
+def precheck(host: Host, allow_downgrade: bool = False, target: str | None = None) -> Refusal | None:
+    """Return why ``host`` cannot be updated to ``target`` (the server's version) now, or None if it can.
 
     A running update is checked first: while its agent restarts the host is briefly offline, and
     the answer to a second request is that the update is under way, not that the host is gone.
@@ -78,15 +78,17 @@ def precheck(host: Host, allow_downgrade: bool = False) -> Refusal | None:
         return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     if not host.connected or not runtime().connections.is_connected(host.id):
         return Refusal(409, "host_offline", f"host {host.name} is offline")
-    target = current_app.config["SERVER_VERSION"]
+    server = current_app.config["SERVER_VERSION"]
+    target = target or server
     state = host.version_state(target)
     if state == "current":
         return Refusal(409, "already_current", f"host {host.name} already runs {target}")
     if state == "ahead" and not allow_downgrade:
+        whose = "the server's " if target == server else ""
         return Refusal(
             409,
             "already_current",
-            f"host {host.name} runs {host.agent_version}, newer than the server's {target}; "
+            f"host {host.name} runs {host.agent_version}, newer than {whose}{target}; "
             "ask for allow_downgrade to roll it back",
         )
     if not host.can_update():
@@ -95,23 +97,29 @@ def precheck(host: Host, allow_downgrade: bool = False) -> Refusal | None:
 
 
 def dispatch_update(
-    host_id: int, actor: str, fleet_host_row_id: int | None = None, allow_downgrade: bool = False
+    host_id: int,
+    actor: str,
+    fleet_host_row_id: int | None = None,
+    allow_downgrade: bool = False,
+    version: str | None = None,
 ) -> Job:
-    """Start updating ``host_id`` to the server's version; raise :class:`Refusal` if it can't.
+    """Start updating ``host_id`` to ``version`` (the server's own by default); raise :class:`Refusal` if it can't.
+
+    Another ``version`` than the server's is a revert to a release the server kept
+    (:func:`releases.kept_release`); it needs ``allow_downgrade`` when it is older than the host's.
 
     The job, its audit event and (for a rollout) the fleet row are written in one transaction,
     so a crash can never leave a sent command without its job, nor a fleet row without its job.
     """
     started = time.perf_counter()
     host = hosts.get(host_id)
-    refusal = precheck(host, allow_downgrade)
+    refusal = precheck(host, allow_downgrade, version)
     if refusal is not None:
         raise refusal
-    release = releases.current_release()
+    release = releases.current_release() if version is None else releases.kept_release(version)
     if release is None:
-        raise Refusal(
-            503, "release_unavailable", f"no agent artifact is registered for {current_app.config['SERVER_VERSION']}"
-        )
+        wanted = version or current_app.config["SERVER_VERSION"]
+        raise Refusal(503, "release_unavailable", f"no agent artifact is registered for {wanted}")
     now = utcnow()
     timeout = float(current_app.config["UPDATE_TIMEOUT"])
     job = Job(
@@ -145,7 +153,7 @@ def dispatch_update(
             db.session.execute(
                 sa.update(FleetUpdateHost)
                 .where(FleetUpdateHost.id == fleet_host_row_id)
-                .values(status="running", job_id=job.id, started_at=now)
+                .values(status="running", job_id=job.id, started_at=now, from_version=host.agent_version)
             )
         db.session.commit()
     except IntegrityError:

@@ -118,7 +118,16 @@ def ensure_current_release() -> AgentRelease:
 
 def current_release() -> AgentRelease | None:
     """Return the registered release for the server's version, if its file is in place."""
-    rel = find(current_app.config["SERVER_VERSION"])
+    return kept_release(current_app.config["SERVER_VERSION"])
+
+
+def kept_release(version: str, platform: str | None = None) -> AgentRelease | None:
+    """The registered release of ``version`` whose file is still in place (what a revert needs).
+
+    Releases are never deleted by the server: registering a new version leaves the older ones in
+    ``agent_releases`` and ``RELEASES_DIR``, so a rollout can take hosts back to what they ran.
+    """
+    rel = find(version, platform)
     if rel is None or not os.path.isfile(rel.path):
         return None
     return rel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -256,3 +257,32 @@ def test_a_rollback_after_the_success_hello_turns_the_job_into_a_failure(cast, a
     assert "rolled back after its hello at the target: new version never committed" in job_row(job.id).error
     assert len(open_alerts()) == 1
     assert actions(cast.host_behind.name)[-1] == "host.update_failed"
+
+
+def test_a_kept_older_release_can_be_dispatched_as_an_explicit_downgrade(cast, agent_for, release, tmp_path):
+    """A revert's dispatch: another version than the server's, from the releases the server kept."""
+    from app.updates import releases
+
+    old = tmp_path / "old.pyz"
+    old.write_bytes(os.urandom(2048))
+    kept = releases.register(str(old), OLD_VERSION)
+    agent = agent_for(cast.host_behind, cast.host_behind_token, SERVER_VERSION)
+    with pytest.raises(Refusal) as e:
+        dispatch.dispatch_update(cast.host_behind.id, "admin", version=OLD_VERSION)
+    assert e.value.code == "already_current" and f"newer than {OLD_VERSION}" in e.value.message
+    with pytest.raises(Refusal) as e:
+        dispatch.dispatch_update(cast.host_behind.id, "admin", allow_downgrade=True, version="0.0.1")
+    assert (e.value.status, e.value.code) == (503, "release_unavailable") and "0.0.1" in e.value.message
+    assert job_row_count() == 0
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin", allow_downgrade=True, version=OLD_VERSION)
+    cmd = agent.expect("command.update")
+    assert (cmd.data["version"], cmd.data["sha256"], cmd.data["allow_downgrade"]) == (OLD_VERSION, kept.sha256, True)
+    assert cmd.data["url"].startswith(f"/agent/download/{OLD_VERSION}")
+    assert job_row(job.id).params["from_version"] == SERVER_VERSION
+    old.unlink()  # a release whose file is gone is not kept any more
+    assert releases.kept_release(OLD_VERSION) is None
+
+
+def job_row_count():
+    db.session.rollback()
+    return db.session.scalar(sa.select(sa.func.count(Job.id)))
