@@ -13,6 +13,7 @@ from flask_login import UserMixin
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import labels as host_labels
 from .errors import Refusal
 from .extensions import db
 from .oncommit import on_commit
@@ -343,6 +344,22 @@ class Host(db.Model):
     def can_update(self) -> bool:
         return "update" in (self.capabilities or [])
 
+    def matches_labels(self, wanted: dict) -> bool:
+        """True when the host carries every ``key: value`` of ``wanted`` (``{}`` matches every host)."""
+        return host_labels.matches(self.labels, wanted)
+
+    def set_labels(self, labels: dict, actor: str) -> bool:
+        """Replace the host's labels (already checked, see :mod:`app.labels`); audit a change.
+
+        Return False, auditing nothing, when the labels are already these.
+        """
+        old = dict(self.labels or {})
+        if old == labels:
+            return False
+        self.labels = dict(labels)
+        AuditEvent.record(actor, "host.labels_changed", self.name, host_id=self.id, old=old, new=dict(labels))
+        return True
+
     def to_dict(self, server_version: str | None = None) -> dict:
         d = {
             "id": self.id,
@@ -356,6 +373,7 @@ class Host(db.Model):
             "python": self.python,
             "platform": self.platform,
             "capabilities": list(self.capabilities or []),
+            "labels": dict(self.labels or {}),
             "created_at": isoformat(self.created_at),
             "revoked": self.revoked_at is not None,
         }
@@ -696,6 +714,7 @@ class FleetUpdate(db.Model):
             "status": self.status,
             "target_version": self.target_version,
             "strategy": self.strategy,
+            "selector": dict(self.selector or {}),
             "created_by": self.created_by,
             "created_at": isoformat(self.created_at),
             "finished_at": isoformat(self.finished_at),

@@ -38,9 +38,8 @@ def _usage(message: str) -> click.exceptions.Exit:
 
 def _refused(refusal: Refusal) -> click.exceptions.Exit:
     click.echo(f"Error: {refusal.message} ({refusal.code})", err=True)
-    return click.exceptions.Exit(
-        EXIT_USAGE if refusal.code in ("invalid_host_ids", "unknown_host_ids") else EXIT_FAILED
-    )
+    usage = refusal.code.startswith("invalid_") or refusal.code == "unknown_host_ids"
+    return click.exceptions.Exit(EXIT_USAGE if usage else EXIT_FAILED)
 
 
 def _echo_json(data) -> None:
@@ -141,18 +140,63 @@ def _host_ids(names: tuple[str, ...]) -> list[int] | None:
     return ids
 
 
-_hosts_option = click.option(
-    "--host",
-    "hosts",
-    multiple=True,
-    metavar="NAME",
-    help="Roll over these hosts, in this order (repeat it); default: every host that can be updated.",
-)
+def selector_body(labels, os_name, arch, older_than, hosts, excludes) -> dict:
+    """The selector options as the API's request body (``labels``, ``os``, ... ``exclude_host_ids``)."""
+    from .labels import parse_pairs
+
+    body: dict = {}
+    if labels:
+        body["labels"] = parse_pairs(labels)
+    for key, value in (("os", os_name), ("arch", arch), ("older_than", older_than)):
+        if value is not None:
+            body[key] = value
+    if hosts:
+        body["host_ids"] = _host_ids(hosts)
+    if excludes:
+        body["exclude_host_ids"] = _host_ids(excludes)
+    return body
+
+
+def _selector_options(command):
+    """``--label --os --arch --older-than --host --exclude``: the rollout's selector (docs/updates.md)."""
+    options = [
+        click.option(
+            "--label",
+            "labels",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Only hosts with this label (repeat it: all must match).",
+        ),
+        click.option("--os", "os_name", metavar="OS", help="Only hosts whose agent reports this OS (e.g. linux)."),
+        click.option("--arch", metavar="ARCH", help="Only hosts of this architecture (e.g. x86_64)."),
+        click.option("--older-than", metavar="VERSION", help="Only hosts whose agent is older than VERSION."),
+        click.option(
+            "--host",
+            "hosts",
+            multiple=True,
+            metavar="NAME",
+            help="Roll over these hosts, in this order (repeat it); default: every host that can be updated.",
+        ),
+        click.option("--exclude", "excludes", multiple=True, metavar="NAME", help="Leave this host out (repeat it)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _selector(labels, os_name, arch, older_than, hosts, excludes):
+    from .updates.selection import Selector
+
+    try:
+        return Selector.from_body(selector_body(labels, os_name, arch, older_than, hosts, excludes))
+    except Refusal as r:
+        raise _refused(r) from None
 
 
 def _print_plan(p) -> None:
     console = _console()
     console.print(f"Rollout to {p.target_version} ({p.policy}, one host at a time): {len(p.hosts)} host(s)")
+    console.print(f"Selected: {p.selector.describe()}")
     if p.hosts:
         console.print(
             _table(
@@ -169,14 +213,15 @@ def _print_plan(p) -> None:
 
 
 @fleet_group.command("plan")
-@_hosts_option
+@_selector_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the body of POST /api/fleet/plan).")
-def fleet_plan(hosts, as_json):
+def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json):
     """Show which hosts a rollout would take, in order, and which it leaves out and why. Changes nothing."""
     from .updates import fleet
 
+    selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
     try:
-        p = fleet.plan(_host_ids(hosts))
+        p = fleet.plan(selector=selector)
     except Refusal as r:
         raise _refused(r) from None
     if as_json:
@@ -186,17 +231,18 @@ def fleet_plan(hosts, as_json):
 
 
 @fleet_group.command("start")
-@_hosts_option
+@_selector_options
 @click.option("--follow", is_flag=True, help="Watch the rollout until it ends; exit 0 if it succeeded, 1 if not.")
 @click.option(
     "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
 )
-def fleet_start(hosts, follow, interval):
+def fleet_start(labels, os_name, arch, older_than, hosts, excludes, follow, interval):
     """Start a rollout to the server's version (the same as POST /api/fleet/update)."""
     from .updates import fleet
 
+    selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
     try:
-        fu = fleet.start("cli", _host_ids(hosts))
+        fu = fleet.start("cli", selector=selector)
     except Refusal as r:
         raise _refused(r) from None
     click.echo(f"fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s)")

@@ -14,6 +14,7 @@ from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
+from ..updates.selection import Selector
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -264,7 +265,7 @@ def token_revoke(token_id: int):
 @admin_required
 def fleet_start():
     body = _json_body()
-    fu = fleet.start(actor_name(), body.get("host_ids"))
+    fu = fleet.start(actor_name(), selector=Selector.from_body(body))
     return jsonify({"fleet_update": fu.to_dict()}), 201
 
 
@@ -273,7 +274,7 @@ def fleet_start():
 def fleet_plan():
     """What ``POST /fleet/update`` with this body would do now; changes nothing."""
     body = _json_body()
-    return jsonify({"plan": fleet.plan(body.get("host_ids")).to_dict()})
+    return jsonify({"plan": fleet.plan(selector=Selector.from_body(body)).to_dict()})
 
 
 @bp.get("/fleet-updates")

@@ -64,3 +64,11 @@ def took(span: tuple[dt.datetime | None, dt.datetime | None]) -> str:
         return "—"
     s = max(0, int((end - start).total_seconds()))
     return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+@bp.app_template_filter("selector")
+def selector_text(stored: dict | None) -> str:
+    """A rollout's stored selector in a few words (``labels env=prod, os linux`` or ``every host``)."""
+    from ..updates.selection import Selector
+
+    return Selector.from_body(stored or {}).describe()

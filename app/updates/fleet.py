@@ -20,12 +20,12 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import Refusal
 from ..extensions import db
-from ..inputs import MAX_ID, is_id
 from ..models import FLEET_HOST_STATUSES, Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
 from ..oncommit import on_commit
 from ..runtime import FLEET_TICK_JOB_ID, runtime
 from ..timeutil import isoformat, utcnow
-from . import dispatch
+from . import dispatch, selection
+from .selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,18 @@ def history(limit: int = HISTORY_LIMIT) -> list[FleetUpdate]:
 #: rows into waves; the plan already says which wave each host is in.
 POLICY_SEQUENTIAL = "sequential"
 
-#: Why a host is left out of a rollout (``LeftOut.reason``).
-LEFT_OUT_REASONS = ("already_at_target", "ahead_of_target", "never_connected", "revoked", "cannot_update", "offline")
+#: Why a host is left out of a rollout (``LeftOut.reason``). ``excluded`` and ``not_selected``
+#: come from the selector (:mod:`app.updates.selection`); the others from the host's state.
+LEFT_OUT_REASONS = (
+    "already_at_target",
+    "ahead_of_target",
+    "never_connected",
+    "revoked",
+    "cannot_update",
+    "offline",
+    selection.EXCLUDED,
+    selection.NOT_SELECTED,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class PlannedHost:
             "position": self.position,
             "wave": self.wave,
             "agent_version": h.agent_version,
+            "labels": dict(h.labels or {}),
             "online": bool(h.connected),
             "note": self.note,
         }
@@ -98,12 +109,18 @@ class Plan:
     policy: str
     hosts: list[PlannedHost] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
-    explicit: bool = False  # the caller named the hosts (``host_ids``)
+    selector: Selector = field(default_factory=Selector)
+
+    @property
+    def explicit(self) -> bool:
+        """The caller named the hosts (``host_ids``)."""
+        return self.selector.explicit
 
     def to_dict(self) -> dict:
         return {
             "target_version": self.target_version,
             "policy": self.policy,
+            "selector": self.selector.to_dict(),
             "explicit": self.explicit,
             "hosts": [p.to_dict() for p in self.hosts],
             "left_out": [lo.to_dict() for lo in self.left_out],
@@ -126,22 +143,11 @@ class Plan:
             message += f"{names} already run it or a newer one" + (f"; left out: {why}" if why else "")
         elif why:
             message = f"no host is behind the server's version {target} and can be updated ({why})"
+        elif self.selector.to_dict():
+            message = f"no host matches the selector ({self.selector.describe()})"
         else:
             message = "no host is behind the server's version"
         return Refusal(422, "no_hosts_to_update", message)
-
-
-def _validate_host_ids(host_ids) -> list[Host]:
-    # A malformed list is the caller's mistake (400); well-formed ids of no host are 422.
-    if not isinstance(host_ids, list) or not host_ids or not all(is_id(i) for i in host_ids):
-        raise Refusal(400, "invalid_host_ids", f"host_ids must list host ids (1 to {MAX_ID})")
-    if len(set(host_ids)) != len(host_ids):
-        raise Refusal(400, "invalid_host_ids", "host_ids lists a host more than once")
-    found = {h.id: h for h in db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids)))}
-    missing = [i for i in host_ids if i not in found]
-    if missing:
-        raise Refusal(422, "unknown_host_ids", f"no such host id(s): {', '.join(map(str, missing))}")
-    return [found[i] for i in host_ids]
 
 
 def _left_out_reason(host: Host, target: str, explicit: bool) -> tuple[str, str] | None:
@@ -166,28 +172,36 @@ def _left_out_reason(host: Host, target: str, explicit: bool) -> tuple[str, str]
     return None
 
 
-def plan(host_ids: list | None = None) -> Plan:
+def plan(host_ids: list | None = None, *, selector: Selector | None = None) -> Plan:
     """The rollout :func:`start` would make now, without changing anything.
 
-    ``host_ids``: these hosts in this order; otherwise every host, by name. A rollout takes the
-    hosts that are behind the target and can update themselves; it leaves out revoked hosts,
-    hosts that never connected and agents that cannot update. The default selection also leaves
-    out hosts already at (or past) the target and offline hosts. Named hosts stay in the rollout
-    with a note: one at the target is recorded as skipped when its turn comes, and an offline one
-    gets ``RM_FLEET_OFFLINE_GRACE_S`` to reconnect, then halts the rollout. A plan in which no
-    host would be updated is refused by :func:`start` (``no_hosts_to_update``).
+    ``selector`` picks the candidates (:class:`~app.updates.selection.Selector`: labels, OS,
+    architecture, ``older_than``, named ``host_ids`` in their order, exclusions); ``host_ids``
+    alone is shorthand for a selector of just those. Without either, every host, by name.
+
+    A rollout takes the candidates that are behind the target and can update themselves; it
+    leaves out revoked hosts, hosts that never connected and agents that cannot update, and
+    lists the hosts the selector excludes (``excluded``) or, among named hosts, does not match
+    (``not_selected``). The default selection also leaves out hosts already at (or past) the
+    target and offline hosts. Named hosts stay in the rollout with a note: one at the target is
+    recorded as skipped when its turn comes, and an offline one gets ``RM_FLEET_OFFLINE_GRACE_S``
+    to reconnect, then halts the rollout. A plan in which no host would be updated is refused by
+    :func:`start` (``no_hosts_to_update``).
 
     "Offline" is the database's record (``hosts.connected``), so the CLI's plan, made in another
     process than the server's, sees what the server sees.
     """
+    if selector is None:
+        selector = Selector.from_body({"host_ids": host_ids} if host_ids is not None else {})
+    elif host_ids is not None:
+        raise ValueError("give host_ids or a selector, not both")
     target = current_app.config["SERVER_VERSION"]
-    explicit = host_ids is not None
-    candidates = (
-        _validate_host_ids(host_ids) if explicit else list(db.session.scalars(sa.select(Host).order_by(Host.name)))
-    )
-    out = Plan(target_version=target, policy=POLICY_SEQUENTIAL, explicit=explicit)
+    explicit = selector.explicit
+    chosen = selector.select()
+    out = Plan(target_version=target, policy=POLICY_SEQUENTIAL, selector=selector)
+    out.left_out.extend(LeftOut(host, reason, detail) for host, reason, detail in chosen.left_out)
     grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
-    for host in candidates:
+    for host in chosen.hosts:
         why = _left_out_reason(host, target, explicit)
         if why is not None:
             out.left_out.append(LeftOut(host, *why))
@@ -202,9 +216,9 @@ def plan(host_ids: list | None = None) -> Plan:
     return out
 
 
-def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
-    """Create a rollout over the hosts :func:`plan` takes (``host_ids`` in that order, or by name)."""
-    the_plan = plan(host_ids)
+def start(actor: str, host_ids: list | None = None, *, selector: Selector | None = None) -> FleetUpdate:
+    """Create a rollout over the hosts :func:`plan` takes; the selector is stored on its row."""
+    the_plan = plan(host_ids, selector=selector)
     hosts = [p.host for p in the_plan.hosts]
     if the_plan.updates_nothing():
         raise the_plan.refusal()
@@ -212,7 +226,11 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
         raise Refusal(409, "fleet_update_running", "a fleet update is already running")
     now = utcnow()
     fu = FleetUpdate(
-        target_version=current_app.config["SERVER_VERSION"], status="running", created_by=actor, created_at=now
+        target_version=current_app.config["SERVER_VERSION"],
+        status="running",
+        created_by=actor,
+        created_at=now,
+        selector=the_plan.selector.to_dict(),
     )
     fu.hosts = [
         FleetUpdateHost(host_id=h.id, host_name=h.name, position=i, status="pending") for i, h in enumerate(hosts)
@@ -226,6 +244,7 @@ def start(actor: str, host_ids: list | None = None) -> FleetUpdate:
             f"fleet_update:{fu.id}",
             target_version=fu.target_version,
             hosts=[h.name for h in hosts],
+            selector=fu.selector,
         )
         db.session.commit()
     except IntegrityError:

@@ -217,3 +217,17 @@ def test_the_idle_page_names_behind_hosts_a_start_would_leave_out(as_admin, cast
     html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
     assert "1 host behind 2.0.0: app-1." in html
     assert "Left out (behind, but not updatable now):" in html and "app-9 (cannot update)" in html
+
+
+def test_the_rollout_page_says_what_the_rollout_selected(client, as_admin, cast, admin_token):
+    cast.host_behind.labels = {"env": "prod"}
+    db.session.commit()
+    body = {"labels": {"env": "prod"}, "os": "linux", "exclude_host_ids": [cast.host_offline.id]}
+    r = client.post("/api/fleet/update", json=body, headers=bearer(admin_token))
+    assert r.status_code == 201 and r.get_json()["fleet_update"]["selector"] == body
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    assert "Selected: labels env=prod, os linux, excluding 1 host(s)" in html
+
+
+def test_a_rollout_without_a_selector_says_every_host(as_admin, started):
+    assert "Selected: every host" in as_admin.get("/settings/fleet-update").get_data(as_text=True)
