@@ -263,6 +263,7 @@ COMMANDS = (
     hosts_group,
     opcli.jobs_group,
     opcli.fleet_group,
+    opcli.windows_group,
     build_agent_cmd,
     releases_group,
     release_key_cmd,

@@ -404,3 +404,78 @@ def follow_rollout(fleet_id: int, interval: float = 1.0, out=None, tty: bool | N
             return outcome_code(d["status"])
         time.sleep(interval)
         d = _read(fleet_id)
+
+
+# --- maintenance windows -------------------------------------------------------------------------
+
+windows_group = AppGroup("windows", help="List, add and delete maintenance windows.")
+
+
+@windows_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's maintenance window objects).")
+def windows_list(as_json):
+    """List maintenance windows: when, which hosts, open now, next opening (UTC)."""
+    from .updates import maintenance
+
+    found = [maintenance.to_dict(w) for w in maintenance.list_windows()]
+    if as_json:
+        _echo_json({"maintenance_windows": found})
+        return
+    rows = [
+        [
+            w["id"],
+            w["name"],
+            w["description"],
+            ", ".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "every host",
+            "open" if w["open_now"] else "closed",
+            w["next_open"],
+        ]
+        for w in found
+    ]
+    console = _console()
+    console.print(f"{len(found)} maintenance window(s)")
+    console.print(_table(None, ["id", "name", "when", "hosts", "now", "next opens (UTC)"], rows))
+
+
+@windows_group.command("add")
+@click.argument("name")
+@click.option("--days", required=True, help="Weekdays, e.g. sat,sun or 5,6 (0 = Monday).")
+@click.option("--start", required=True, metavar="HH:MM", help="Opens at this wall-clock time.")
+@click.option("--end", required=True, metavar="HH:MM", help="Closes at this time (before --start: the next day).")
+@click.option("--timezone", default="UTC", show_default=True, help="IANA time zone, e.g. Europe/Berlin.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only hosts with this label (repeat).")
+def windows_add(name, days, start, end, timezone, labels):
+    """Add a weekly maintenance window (the same as POST /api/maintenance-windows)."""
+    from .updates import maintenance
+    from .updates.windows import WindowError, parse_day_names, parse_label_text
+
+    try:
+        fields = {
+            "name": name,
+            "days": parse_day_names(d for d in days.split(",") if d.strip()),
+            "start": start,
+            "end": end,
+            "timezone": timezone,
+            "labels": parse_label_text(",".join(labels)),
+        }
+        row = maintenance.create("cli", fields)
+    except WindowError as e:
+        raise _usage(str(e)) from None
+    except Refusal as r:
+        raise (_usage(r.message) if r.status == 400 else _refused(r)) from None
+    click.echo(f"maintenance window {row.id} {row.name!r} added: {maintenance.to_dict(row)['description']}")
+
+
+@windows_group.command("delete")
+@click.argument("window")
+def windows_delete(window):
+    """Delete a maintenance window (by name or id)."""
+    from .updates import maintenance
+
+    try:
+        row = maintenance.by_name_or_id(window)
+    except Refusal as r:
+        raise _usage(r.message) from None
+    name = row.name
+    maintenance.delete(row, "cli")
+    click.echo(f"maintenance window {name!r} deleted")

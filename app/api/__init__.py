@@ -50,4 +50,4 @@ def _authenticate_and_check_csrf():
     )
 
 
-from . import views  # noqa: E402,F401  (routes register on bp)
+from . import views, windows  # noqa: E402,F401  (routes register on bp)

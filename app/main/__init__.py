@@ -4,4 +4,4 @@ from flask import Blueprint
 
 bp = Blueprint("main", __name__)
 
-from . import filters, fleet, notifications, views  # noqa: E402,F401  (routes and filters register on bp)
+from . import filters, fleet, notifications, views, windows  # noqa: E402,F401  (routes and filters register on bp)

@@ -49,7 +49,7 @@ import requests
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, User
+from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, MaintenanceWindow, User
 from app.notify import Notifier, Webhook
 from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
@@ -225,6 +225,13 @@ class World:
         db.session.commit()
         return tok.id
 
+    def new_window(self) -> int:
+        from app.updates import maintenance
+
+        db.session.remove()
+        body = {"name": unique("rbac-window"), "days": [5], "start": "02:00", "end": "04:00", "timezone": "UTC"}
+        return maintenance.create("rbac-setup", body).id
+
     def username(self, user_id: int) -> str:
         db.session.remove()
         return db.session.get(User, user_id).username
@@ -257,6 +264,10 @@ class World:
     def host_named(self, name: str) -> bool:
         db.session.remove()
         return db.session.scalar(sa.select(Host.id).where(Host.name == name)) is not None
+
+    def window_named(self, name: str) -> bool:
+        db.session.remove()
+        return db.session.scalar(sa.select(MaintenanceWindow.id).where(MaintenanceWindow.name == name)) is not None
 
     def token_named(self, name: str) -> bool:
         db.session.remove()
@@ -375,6 +386,25 @@ def _user_token_target(p: str) -> Callable[[World], Target]:
     return make
 
 
+def _window_target(p: str, **body) -> Callable[[World], Target]:
+    def make(w):
+        wid = w.new_window()
+        return Target(p.format(id=wid), ctx=wid, **body)
+
+    return make
+
+
+def _new_window_target(p: str, api: bool) -> Callable[[World], Target]:
+    def make(w):
+        name = unique("rbac-window")
+        fields = {"name": name, "start": "01:00", "end": "03:00", "timezone": "Europe/Berlin"}
+        if api:
+            return Target(p, json={**fields, "days": [6]}, ctx=name)
+        return Target(p, form={**fields, "days": "6"}, ctx=name)
+
+    return make
+
+
 def _audit_count_target(p: str, action: str) -> Callable[[World], Target]:
     """A POST whose effect is one more audit record of ``action``."""
     return lambda w: Target(p, ctx=w.audit_count(action))
@@ -449,6 +479,25 @@ MATRIX: list[Case] = [
         effect=lambda w, t: w.row(Host, t.ctx) is None,
     ),
     Case("main.notifications", "GET", "admin", PAGE, path("/settings/notifications")),
+    Case("main.windows", "GET", "admin", PAGE, path("/settings/maintenance-windows")),
+    Case(
+        "main.window_add",
+        "POST",
+        "admin",
+        admin_form(303),
+        _new_window_target("/settings/maintenance-windows", api=False),
+        ok=303,
+        effect=lambda w, t: w.window_named(t.ctx),
+    ),
+    Case(
+        "main.window_delete",
+        "POST",
+        "admin",
+        admin_form(303),
+        _window_target("/settings/maintenance-windows/{id}/delete"),
+        ok=303,
+        effect=lambda w, t: w.row(MaintenanceWindow, t.ctx) is None,
+    ),
     Case(
         "main.notifications_test",
         "POST",
@@ -642,6 +691,35 @@ MATRIX: list[Case] = [
         effect=lambda w, t: w.rollout_running(),
     ),
     Case("api.notifications", "GET", "admin", API_READ, path("/api/notifications")),
+    Case("api.window_list", "GET", "admin", API_READ, path("/api/maintenance-windows")),
+    Case("api.window_get", "GET", "admin", API_READ, _window_target("/api/maintenance-windows/{id}")),
+    Case(
+        "api.window_create",
+        "POST",
+        "admin",
+        api_admin(201),
+        _new_window_target("/api/maintenance-windows", api=True),
+        ok=201,
+        effect=lambda w, t: w.window_named(t.ctx),
+    ),
+    Case(
+        "api.window_update",
+        "PATCH",
+        "admin",
+        api_admin(200),
+        _window_target("/api/maintenance-windows/{id}", json={"end": "05:00"}),
+        ok=200,
+        effect=lambda w, t: w.row(MaintenanceWindow, t.ctx).end == "05:00",
+    ),
+    Case(
+        "api.window_delete",
+        "DELETE",
+        "admin",
+        api_admin(204),
+        _window_target("/api/maintenance-windows/{id}"),
+        ok=204,
+        effect=lambda w, t: w.row(MaintenanceWindow, t.ctx) is None,
+    ),
     # A plan changes nothing: it is admin-only because it answers what an admin's start would do.
     Case("api.fleet_plan", "POST", "admin", api_admin(200), lambda w: Target("/api/fleet/plan", json={})),
     Case("api.fleet_list", "GET", "admin", API_READ, path("/api/fleet-updates")),
