@@ -446,8 +446,9 @@ def windows_list(as_json):
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only hosts with this label (repeat).")
 def windows_add(name, days, start, end, timezone, labels):
     """Add a weekly maintenance window (the same as POST /api/maintenance-windows)."""
+    from .labels import parse_pairs
     from .updates import maintenance
-    from .updates.windows import WindowError, parse_day_names, parse_label_text
+    from .updates.windows import WindowError, parse_day_names
 
     try:
         fields = {
@@ -456,7 +457,7 @@ def windows_add(name, days, start, end, timezone, labels):
             "start": start,
             "end": end,
             "timezone": timezone,
-            "labels": parse_label_text(",".join(labels)),
+            "labels": parse_pairs(labels),
         }
         row = maintenance.create("cli", fields)
     except WindowError as e:

@@ -7,13 +7,14 @@ from flask_login import login_required
 from wtforms import StringField
 from wtforms.validators import DataRequired, Length
 
+from .. import labels as host_labels
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..htmx import redirect_or_hx
 from ..inputs import TextForm
 from ..updates import maintenance
-from ..updates.windows import DAY_NAMES, WindowError, parse_day_names, parse_label_text
+from ..updates.windows import DAY_NAMES, WindowError, parse_day_names
 from . import bp
 
 
@@ -75,7 +76,7 @@ def window_add():
             "start": (form.start.data or "").strip(),
             "end": (form.end.data or "").strip(),
             "timezone": (form.timezone.data or "").strip(),
-            "labels": parse_label_text(form.labels.data),
+            "labels": host_labels.parse_text(form.labels.data),
         }
     except WindowError as e:
         raise Refusal(400, "invalid_window", str(e)) from None

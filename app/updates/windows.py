@@ -28,17 +28,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, available_timezones
 
+from .. import labels as host_labels
 from ..inputs import has_control_characters
 
 UTC = dt.UTC
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 MAX_NAME = 100
-MAX_LABELS = 32
-MAX_LABEL_CHARS = 63
-# Host labels' syntax (Kubernetes-like): see docs/updates.md.
-_LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
-_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 
 
 class WindowError(ValueError):
@@ -83,34 +79,6 @@ def parse_days(value) -> tuple[int, ...]:
     return tuple(sorted(value))
 
 
-def parse_labels(value) -> dict[str, str]:
-    """A label selector: ``{"key": "value"}`` strings; ``{}`` matches every host."""
-    if not isinstance(value, dict) or len(value) > MAX_LABELS:
-        raise WindowError(f'labels must be an object of at most {MAX_LABELS} "key": "value" strings')
-    for k, v in value.items():
-        if not (isinstance(k, str) and _LABEL_KEY.fullmatch(k)):
-            raise WindowError(f"label key {k!r} must be 1-{MAX_LABEL_CHARS} letters, digits, '.', '_', '/' or '-'")
-        if not (isinstance(v, str) and _LABEL_VALUE.fullmatch(v)):
-            raise WindowError(
-                f"label {k!r} must have a value of at most {MAX_LABEL_CHARS} letters, digits, '.', '_' or '-'"
-            )
-    return dict(value)
-
-
-def parse_label_text(text: str | None) -> dict[str, str]:
-    """``"site=fra, role=db"`` (the page's and the CLI's form of a selector) as a dict."""
-    out: dict[str, str] = {}
-    for part in (text or "").replace("\n", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise WindowError(f"label {part!r} must be written key=value")
-        out[key.strip()] = value.strip()
-    return parse_labels(out)
-
-
 def parse_day_names(names) -> list[int]:
     """``["sat", "Sunday"]`` or ``["5", "6"]`` as weekday numbers (the CLI's and the page's form)."""
     full = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -126,23 +94,22 @@ def parse_day_names(names) -> list[int]:
     return out
 
 
-def labels_match(host_labels: Mapping | None, wanted: Mapping | None) -> bool:
-    """True when ``host_labels`` has every ``key: value`` of ``wanted`` (``{}`` matches all)."""
-    have = host_labels or {}
-    return all(have.get(k) == v for k, v in (wanted or {}).items())
-
-
 def resolve_local(day: dt.date, minutes: int, zone: ZoneInfo) -> dt.datetime:
-    """The UTC instant (naive) of wall time ``minutes`` after local midnight of ``day`` in ``zone``.
+    """The UTC instant (naive) of wall time ``minutes`` after local midnight of ``day`` in ``zone``."""
+    day = day + dt.timedelta(days=minutes // 1440)
+    minutes %= 1440
+    return resolve_wall(dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60)), zone)
+
+
+def resolve_wall(wall: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+    """The UTC instant (naive) a naive wall-clock time in ``zone`` means.
 
     A wall time in a spring-forward gap resolves to the end of the gap; an ambiguous one (fall
     back) to its first occurrence.
     """
-    day = day + dt.timedelta(days=minutes // 1440)
-    minutes %= 1440
-    local = dt.datetime.combine(day, dt.time(minutes // 60, minutes % 60), tzinfo=zone)  # fold=0: first
+    local = wall.replace(tzinfo=zone, fold=0)  # fold=0: the first occurrence
     instant = local.astimezone(UTC)
-    if instant.astimezone(zone).replace(tzinfo=None) != local.replace(tzinfo=None):
+    if instant.astimezone(zone).replace(tzinfo=None) != wall.replace(fold=0):
         # Not a real wall time (a gap): fold=0 read it with the offset from before the jump; the
         # gap ends at the first instant whose wall time is later than the one asked for.
         instant = _gap_end(local, zone)
@@ -191,12 +158,15 @@ class Window:
 
     @classmethod
     def parse(cls, name, days, start, end, timezone, labels, id: int | None = None) -> Window:
-        """Validate the fields as an operator gave them; :class:`WindowError` names the bad one."""
+        """Validate the fields as an operator gave them; :class:`WindowError` names the bad one.
+
+        Bad ``labels`` are refused as host labels are (``Refusal(400, "invalid_labels")``).
+        """
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or has_control_characters(name):
             raise WindowError(f"name must be 1 to {MAX_NAME} characters, without control characters")
         s = parse_hhmm(start, "start")
         e = parse_hhmm(end, "end", allow_24=True)
-        return cls(name, parse_days(days), s, e, parse_zone(timezone), parse_labels(labels), id)
+        return cls(name, parse_days(days), s, e, parse_zone(timezone), host_labels.validate(labels), id)
 
     @classmethod
     def from_row(cls, row) -> Window:
@@ -209,8 +179,8 @@ class Window:
         minutes = self.end - self.start if self.end > self.start else self.end + 1440 - self.start
         return dt.timedelta(minutes=minutes)
 
-    def applies_to(self, host_labels: Mapping | None) -> bool:
-        return labels_match(host_labels, self.labels)
+    def applies_to(self, labels: Mapping | None) -> bool:
+        return host_labels.matches(labels, self.labels)
 
     def occurrence_on(self, day: dt.date) -> Occurrence | None:
         """The opening that starts on local date ``day``, or None when ``day`` is not one of its days."""
@@ -267,13 +237,13 @@ class Wait:
     opens_at: dt.datetime
 
 
-def gate(windows: Iterable[Window], host_labels: Mapping | None, t: dt.datetime) -> Wait | None:
-    """None when a host with ``host_labels`` may be updated at ``t``; else what it waits for.
+def gate(windows: Iterable[Window], labels: Mapping | None, t: dt.datetime) -> Wait | None:
+    """None when a host carrying ``labels`` may be updated at ``t``; else what it waits for.
 
     A host may be updated when one of the windows that apply to it is open, or when none applies
     (a host without a maintenance window is not restricted).
     """
-    applying = [w for w in windows if w.applies_to(host_labels)]
+    applying = [w for w in windows if w.applies_to(labels)]
     if not applying:
         return None
     best: Wait | None = None

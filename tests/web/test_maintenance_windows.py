@@ -52,7 +52,6 @@ def test_an_admin_creates_a_window_and_everyone_reads_it(client, admin_token, vi
         ({"start": "25:00"}, "start"),
         ({"end": "4pm"}, "end"),
         ({"timezone": "Europe/Atlantis"}, "Europe/Atlantis"),
-        ({"labels": "site=fra"}, "labels"),
         ({"colour": "red"}, "unknown field"),
         ({"name": None}, "name"),
     ],
@@ -62,6 +61,14 @@ def test_bad_windows_are_refused_with_invalid_window(client, admin_token, change
     assert r.status_code == 400 and error_code(r) == "invalid_window"
     assert needle in r.get_json()["error"]["message"]
     assert _rows() == [] and "maintenance_window.created" not in audit_actions()
+
+
+def test_bad_labels_are_refused_as_host_labels_are(client, admin_token):
+    r = client.post(
+        "/api/maintenance-windows", json={**BERLIN_NIGHTS, "labels": {"site": "a b"}}, headers=bearer(admin_token)
+    )
+    assert r.status_code == 400 and error_code(r) == "invalid_labels"
+    assert _rows() == []
 
 
 def test_a_second_window_with_the_same_name_is_a_conflict(client, admin_token):
