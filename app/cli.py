@@ -49,13 +49,26 @@ releases_group = AppGroup("releases", help="Manage agent release artifacts.")
     "--ready-file", type=click.Path(dir_okay=False), help="Write 'ADMIN_PORT AGENT_PORT' here once listening."
 )
 @click.option("--no-build", is_flag=True, help="Do not build the agent release for this version on start.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the agent port through SO_REUSEPORT (PostgreSQL only).",
+)
+@click.option("--worker-index", type=click.IntRange(0, 63), hidden=True)
 @with_appcontext
-def serve_cmd(ready_file, no_build):
+def serve_cmd(ready_file, no_build, workers, worker_index):
     """Run the admin plane, the agent plane and the scheduler."""
     from .serve import serve
 
-    current_app.config["BUILD_AGENT_ON_START"] = not no_build
-    raise SystemExit(serve(current_app._get_current_object(), ready_file=ready_file))
+    app = current_app._get_current_object()
+    app.config["BUILD_AGENT_ON_START"] = not no_build
+    if workers > 1:
+        from .workers import serve_workers
+
+        raise SystemExit(serve_workers(app, workers, ready_file=ready_file))
+    raise SystemExit(serve(app, ready_file=ready_file, worker=worker_index))
 
 
 @users_group.command("create")

@@ -179,6 +179,12 @@ def check(config: Mapping[str, Any]) -> None:
     """Checks across variables, after every layer is applied."""
     if config.get("WEBHOOK_URL") and not config.get("WEBHOOK_SECRET"):
         raise ConfigError("RM_WEBHOOK_URL is set but RM_WEBHOOK_SECRET is not: webhook calls are always signed")
+    beat, expiry = config.get("INSTANCE_HEARTBEAT_S", 1.0), config.get("INSTANCE_EXPIRY_S", 5.0)
+    if expiry < 2 * beat:
+        raise ConfigError(
+            f"RM_INSTANCE_EXPIRY_S={expiry:g} must be at least twice RM_INSTANCE_HEARTBEAT_S={beat:g}: "
+            "one late heartbeat must not declare a live instance dead"
+        )
 
 
 # env var -> (config key, parser)
@@ -223,6 +229,8 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_NOTIFY_TIMEOUT_S": ("NOTIFY_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_NOTIFY_QUEUE": ("NOTIFY_QUEUE", lambda n, v: parse_int(n, v, 1, 100000)),
     "RM_METRICS_ADDR": ("METRICS_ADDR", parse_addr),
+    "RM_INSTANCE_HEARTBEAT_S": ("INSTANCE_HEARTBEAT_S", lambda n, v: parse_float(n, v, 0.05)),
+    "RM_INSTANCE_EXPIRY_S": ("INSTANCE_EXPIRY_S", lambda n, v: parse_float(n, v, 0.2)),
 }
 
 
@@ -276,6 +284,10 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "NOTIFY_TIMEOUT_S": 10.0,
         "NOTIFY_QUEUE": 1000,  # events waiting to be sent; beyond it new ones are dropped (logged)
         "BUILD_AGENT_ON_START": False,
+        # Several instances on PostgreSQL (app/cluster.py): heartbeat period, and the silence after
+        # which an instance counts as dead (its hosts offline, another may lead).
+        "INSTANCE_HEARTBEAT_S": 1.0,
+        "INSTANCE_EXPIRY_S": 5.0,
         "SOCK_SERVER_OPTIONS": {"ping_interval": None, "max_message_size": 64 * 1024},
         "WTF_CSRF_TIME_LIMIT": None,
         "SQLALCHEMY_TRACK_MODIFICATIONS": False,

@@ -173,7 +173,22 @@ def _cut_off(host_id: int, close_message: str, reason: str, cancelled_job: str |
     rt = runtime()
     rt.connections.close(host_id, protocol.CLOSE_REVOKED, close_message)
     rt.downloads.abort(host_id, reason)
+    if rt.cluster is not None:  # the socket, or a download, may be on another instance
+        rt.cluster.broadcast("cut", host_id, protocol.CLOSE_REVOKED, close_message)
     rt.host_removed.publish(host_id, reason, cancelled_job)
+
+
+def ping(host: Host, timeout: float) -> tuple[bool, float | None]:
+    """Round-trip a ``ping`` to the host's agent: (whether it is connected, seconds or None on no pong).
+
+    With several instances the ping goes through the one holding the host's socket.
+    """
+    rt = runtime()
+    conn = rt.connections.get(host.id)
+    if conn is None:
+        return rt.cluster.ping(host.id, timeout) if rt.cluster is not None else (False, None)
+    db.session.close()  # don't hold a database connection while waiting on the network
+    return True, conn.ping(timeout)
 
 
 # --- reads shared by pages and API ----------------------------------------------------------

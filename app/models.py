@@ -283,6 +283,22 @@ class LoginThrottle(db.Model):
     locked_until = sa.Column(sa.DateTime)
 
 
+class Instance(db.Model):
+    """One ``serve`` process on PostgreSQL (docs/architecture.md#instances); SQLite mode has none.
+
+    ``heartbeat_at`` is the database's clock, so instances on several machines compare alike.
+    """
+
+    __tablename__ = "instances"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    name = sa.Column(sa.String(255), nullable=False)
+    pid = sa.Column(sa.Integer, nullable=False)
+    agent_addr = sa.Column(sa.String(255))
+    started_at = sa.Column(sa.DateTime, nullable=False)
+    heartbeat_at = sa.Column(sa.DateTime, nullable=False, index=True)
+
+
 class Host(db.Model):
     __tablename__ = "hosts"
 
@@ -304,6 +320,9 @@ class Host(db.Model):
     revoked_at = sa.Column(sa.DateTime)
     #: ``{"key": "value"}``: what a rollout's selector and a maintenance window match on.
     labels = sa.Column(sa.JSON, nullable=False, default=dict, server_default=sa.text("'{}'"))
+    #: The instance holding the agent's socket (PostgreSQL instances only; NULL in SQLite mode).
+    #: No foreign key (see migration 0009): the sweep that deletes an instance clears this too.
+    instance_id = sa.Column(sa.Integer, index=True)
 
     @classmethod
     def enrol(cls, name: str) -> tuple[Host, str]:

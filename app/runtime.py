@@ -105,6 +105,13 @@ class Runtime:
         #: Published after the commit that ended a rollout (succeeded, halted, cancelled): ``(summary)``.
         self.fleet_finished = Announcement("fleet_finished")
         self.notifier = None  # app.notify.Notifier: built by create_app, its thread started by ``serve``
+        #: On PostgreSQL, ``serve`` makes this process an instance of several (``app.cluster.Cluster``):
+        #: ``cluster`` and ``instance_id`` stay None in SQLite's single-process mode.
+        self.cluster = None
+        self.instance_id: int | None = None
+        #: Published when a running update job's ``command.update`` must go out on this process's
+        #: socket for its host (routed here by another instance, or re-sent): ``(job_id)``.
+        self.update_routed = Announcement("update_routed")
 
 
 def install(app: Flask, rt: Runtime) -> Runtime:

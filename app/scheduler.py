@@ -2,6 +2,9 @@
 
 One scheduler per deployment: only ``restic-manager serve`` starts it, never a WSGI import.
 Each job runs one unit of work inside an app context and logs (never raises) on failure.
+With several instances on PostgreSQL every instance runs the scheduler, but the timeout sweep
+and the rollout tick do their work only on the leader (``app.cluster``); the offline sweep is
+each instance's own (its own hosts).
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from .runtime import runtime
 log = logging.getLogger(__name__)
 
 
-def _in_context(app: Flask, fn: Callable[[], object], name: str) -> Callable[[], None]:
+def _in_context(app: Flask, fn: Callable[[], object], name: str, leader_only: bool = False) -> Callable[[], None]:
+    rt = runtime(app)
+
     def run() -> None:
+        if leader_only and rt.cluster is not None and not rt.cluster.leader:
+            return
         started = time.perf_counter()
         with app.app_context():
             try:
@@ -44,13 +51,13 @@ def start(app: Flask) -> BackgroundScheduler:
     timeout = float(app.config["UPDATE_TIMEOUT"])
     sweep_every = max(0.05, min(1.0, timeout / 20))
     sched.add_job(
-        _in_context(app, watcher.sweep_timeouts, "update_timeouts"),
+        _in_context(app, watcher.sweep_timeouts, "update_timeouts", leader_only=True),
         "interval",
         seconds=sweep_every,
         id="update_timeouts",
     )
     sched.add_job(
-        _in_context(app, fleet.run_ticks, "fleet_tick"),
+        _in_context(app, fleet.run_ticks, "fleet_tick", leader_only=True),
         "interval",
         seconds=app.config["FLEET_TICK_S"],
         id=fleet.TICK_JOB_ID,
@@ -61,6 +68,9 @@ def start(app: Flask) -> BackgroundScheduler:
         seconds=app.config["OFFLINE_SWEEP_S"],
         id="offline_sweep",
     )
-    runtime(app).scheduler = sched
+    rt = runtime(app)
+    rt.scheduler = sched
+    if rt.cluster is not None:  # a new leader looks at the rollout at once, not at the next interval
+        rt.cluster.on_leadership.append(rt.fleet_waker.wake)
     sched.start()
     return sched

@@ -12,6 +12,8 @@ import functools
 import gc
 import io
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -90,8 +92,18 @@ class _AdminChannel(HTTPChannel):
 class Servers:
     """The two listeners, the scheduler and the notifier thread of one ``serve`` run."""
 
-    def __init__(self, app: Flask, scheduler: bool = True, notifier: bool | None = None):
+    def __init__(
+        self,
+        app: Flask,
+        scheduler: bool = True,
+        notifier: bool | None = None,
+        instance_name: str | None = None,
+        worker: int | None = None,
+    ):
+        """``worker``: this process is worker ``worker`` of ``serve --workers N`` (its ports are shared
+        through SO_REUSEPORT; only worker 0 serves the admin plane and the metrics listener)."""
         self.app = app
+        self.worker = worker
         self.stopped = threading.Event()
         cfg = app.config
         ahost, aport = cfg["AGENT_ADDR"]
@@ -104,12 +116,27 @@ class Servers:
             max_pending=cfg["AGENT_MAX_PENDING"],
             close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
             tls=agent_tls_context(cfg),
+            reuse_port=worker is not None,
         )
+        self.admin = None
+        if worker is None or worker == 0:
+            self.admin = self._admin_server(cfg)
+        self.scheduler = None
+        self.cluster = None  # app.cluster.Cluster on PostgreSQL, once started
+        self._instance_name = instance_name
+        self.metrics_server = None  # RM_METRICS_ADDR's listener, once started
+        self._want_scheduler = scheduler
+        self._want_notifier = scheduler if notifier is None else notifier
+        self._threads: list[threading.Thread] = []
+
+    def _admin_server(self, cfg):
         hhost, hport = cfg["HTTP_ADDR"]
-        self.admin = waitress.create_server(
-            PlaneMiddleware(app, "admin"),
-            host=hhost,
-            port=hport,
+        where: dict = {"host": hhost, "port": hport}
+        if self.worker is not None:  # the parent holds the port reserved with SO_REUSEPORT: join it
+            where = {"sockets": [reuseport_socket(hhost, hport, listen=True)]}
+        admin = waitress.create_server(
+            PlaneMiddleware(self.app, "admin"),
+            **where,
             threads=8,
             ident="restic-manager",
             clear_untrusted_proxy_headers=True,
@@ -119,16 +146,12 @@ class Servers:
             # waitress buffers a whole body before the app runs: never more than the app accepts.
             max_request_body_size=cfg["MAX_CONTENT_LENGTH"] + 1,  # waitress refuses at >= this
         )
-        self.admin.channel_class = _AdminChannel
-        self.scheduler = None
-        self.metrics_server = None  # RM_METRICS_ADDR's listener, once started
-        self._want_scheduler = scheduler
-        self._want_notifier = scheduler if notifier is None else notifier
-        self._threads: list[threading.Thread] = []
+        admin.channel_class = _AdminChannel
+        return admin
 
     @property
-    def admin_port(self) -> int:
-        return self.admin.effective_port
+    def admin_port(self) -> int | None:
+        return self.admin.effective_port if self.admin is not None else None
 
     @property
     def agent_port(self) -> int:
@@ -143,6 +166,12 @@ class Servers:
         return self.metrics_server.server_port if self.metrics_server is not None else None
 
     def start(self) -> None:
+        from . import cluster
+
+        if cluster.enabled(self.app):  # PostgreSQL: this process is one instance of possibly several
+            self.cluster = cluster.Cluster(self.app, self._instance_name)
+            self.cluster.install()
+            self.cluster.start()
         with self.app.app_context():
             prepare(self.app)
         if self._want_scheduler:
@@ -151,12 +180,13 @@ class Servers:
             self.scheduler = scheduler.start(self.app)
         if self._want_notifier:
             runtime(self.app).notifier.start()
-        if self.app.config.get("METRICS_ADDR"):
+        if self.app.config.get("METRICS_ADDR") and self.admin is not None:
             from .metrics import start_listener
 
             self.metrics_server = start_listener(self.app, *self.app.config["METRICS_ADDR"])
         agent_loop = functools.partial(self.agent.serve_forever, poll_interval=AGENT_PLANE_POLL_S)
-        for name, target in (("agent-plane", agent_loop), ("admin-plane", self.admin.run)):
+        planes = [("agent-plane", agent_loop)] + ([("admin-plane", self.admin.run)] if self.admin else [])
+        for name, target in planes:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -171,7 +201,8 @@ class Servers:
         self.agent.shutdown()
         self.agent.server_close()
         runtime(self.app).connections.close_all(1001, "server shutting down")
-        self._close_admin_plane()
+        if self.admin is not None:
+            self._close_admin_plane()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -181,7 +212,10 @@ class Servers:
             runtime(self.app).notifier.stop()
         for t in self._threads:
             t.join(timeout=2)
-        self._close_admin_channels()  # a no-op when the loop closed them; else (never started) now
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.admin is not None:
+            self._close_admin_channels()  # a no-op when the loop closed them; else (never started) now
         with self.app.app_context():
             try:
                 db.engine.dispose()
@@ -208,8 +242,12 @@ def prepare(app: Flask) -> None:
     from .models import Host
     from .updates import releases
 
-    # No socket is connected to a process that has not started listening yet.
-    db.session.execute(sa.update(Host).where(Host.connected.is_(True)).values(connected=False))
+    # No socket is connected to a process that has not started listening yet. With several
+    # instances, the hosts a live peer holds stay its own; a dead one's are the leader's to sweep.
+    offline = sa.update(Host).where(Host.connected.is_(True))
+    if runtime(app).cluster is not None:
+        offline = offline.where(Host.instance_id.is_(None))
+    db.session.execute(offline.values(connected=False))
     db.session.commit()
     rt = runtime(app)
     rt.inflight.reload()
@@ -241,23 +279,73 @@ def tune_threads(stack_kib: int, switch_interval: float | None = None) -> None:
         pass
 
 
-def wait_for_stop_signal(poll_s: float = 0.1) -> int | None:
+def wait_for_stop_signal(poll_s: float = 0.1, every=None, stop: StopFlag | None = None) -> int | None:
     """Block the main thread until SIGINT or SIGTERM arrives; return the signal's number.
 
     The handlers only set a flag (``agent.daemon.StopFlag``: ``threading.Event.set`` takes a lock
-    the interrupted thread may hold); this loop polls it in short slices and the caller does the
-    shutdown work. Call it from the main thread: only that thread may install signal handlers.
+    the interrupted thread may hold); this loop polls it in short slices (calling ``every()`` at
+    each one, if given) and the caller does the shutdown work. Call it from the main thread: only
+    that thread may install signal handlers. ``stop``: a flag whose handlers were installed earlier
+    (a signal during start-up then ends the wait at once).
     """
-    stop = StopFlag()
-    install_signal_handlers(stop)
+    if stop is None:
+        stop = StopFlag()
+        install_signal_handlers(stop)
     while not stop.is_set():
         time.sleep(poll_s)
+        if every is not None and not stop.is_set():
+            every()
     return stop.signum
 
 
-def serve(app: Flask, ready_file: str | None = None) -> int:
+def reuseport_socket(host: str, port: int, listen: bool = False) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, listening if asked."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(1024)
+    return sock
+
+
+SQLITE_SECOND_PROCESS = (
+    "another restic-manager serve already runs on the SQLite database {path}: SQLite serves one process. "
+    "Stop that one first, or use PostgreSQL (RM_DATABASE_URL) to run several instances (docs/deploy.md)"
+)
+
+
+def sqlite_single_process(app: Flask):
+    """SQLite: hold an exclusive lock beside the database file, so a second ``serve`` is refused at start.
+
+    Returns the open lock file (keep it for the process's life; the kernel drops the lock when the
+    process dies), or None for PostgreSQL or an in-memory database. Raises :class:`SystemExit` with
+    the reason when another process holds it.
+    """
+    url = sa.engine.make_url(app.config["SQLALCHEMY_DATABASE_URI"])
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    import fcntl
+
+    lock = open(url.database + ".serve-lock", "a")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit("error: " + SQLITE_SECOND_PROCESS.format(path=url.database)) from None
+    return lock
+
+
+def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) -> int:
+    lock = sqlite_single_process(app)  # noqa: F841 - held until the process exits
+    # From the start: a SIGTERM while starting (a worker restarted just before a stop) still ends
+    # in a clean stop that deregisters the instance.
+    stop = StopFlag()
+    install_signal_handlers(stop)
     tune_threads(app.config["THREAD_STACK_KIB"], app.config.get("SWITCH_INTERVAL"))
-    servers = Servers(app)
+    name = None if worker is None else f"{socket.gethostname()}:{os.getpid()}:worker{worker}"
+    servers = Servers(app, instance_name=name, worker=worker)
     servers.start()
     # Start-up objects (app, models, templates) never die: keep them out of every GC pass, so a
     # full collection under thousands of sockets stays short (seen as 45-100 ms rollout gaps).
@@ -265,18 +353,19 @@ def serve(app: Flask, ready_file: str | None = None) -> int:
     admin_host, _ = app.config["HTTP_ADDR"]
     agent_host, _ = app.config["AGENT_ADDR"]
     ws = "wss" if servers.agent_tls else "ws"
+    admin = f"admin http://{admin_host}:{servers.admin_port}/ " if servers.admin is not None else ""
+    who = "" if worker is None else f" worker {worker} (instance {servers.cluster.id if servers.cluster else '-'})"
     print(
-        f"restic-manager {app.config['SERVER_VERSION']}: admin http://{admin_host}:{servers.admin_port}/ "
-        f"agents {ws}://{agent_host}:{servers.agent_port}/ws/agent",
+        f"restic-manager {app.config['SERVER_VERSION']}{who}: {admin}agents {ws}://{agent_host}:{servers.agent_port}/ws/agent",
         flush=True,
     )
     if servers.metrics_port is not None:
         print(f"metrics: http://{app.config['METRICS_ADDR'][0]}:{servers.metrics_port}/metrics", flush=True)
     if ready_file:
         with open(ready_file, "w") as f:
-            f.write(f"{servers.admin_port} {servers.agent_port}\n")
+            f.write(f"{servers.admin_port or 0} {servers.agent_port}\n")
 
-    signum = wait_for_stop_signal()
+    signum = wait_for_stop_signal(stop=stop)
     log.info("shutting down (signal %s)", signum)
     servers.stop()
     sys.stdout.flush()

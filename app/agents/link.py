@@ -162,6 +162,18 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
             last_touch = now
 
 
+def _held_here() -> dict:
+    """Several instances: the host row also names this instance as the one holding its socket."""
+    instance_id = runtime().instance_id
+    return {} if instance_id is None else {"instance_id": instance_id}
+
+
+def _if_held_here(q):
+    """Several instances: only while this instance holds the host (a newer socket may be on a peer)."""
+    instance_id = runtime().instance_id
+    return q if instance_id is None else q.where(Host.instance_id == instance_id)
+
+
 def record_hello(host_id: int, data: dict) -> None:
     """Store what the agent said about itself and mark it online (the protocol bounds every field)."""
     db.session.execute(
@@ -178,6 +190,7 @@ def record_hello(host_id: int, data: dict) -> None:
             boot_id=data["boot_id"],
             connected=True,
             last_seen=utcnow(),
+            **_held_here(),
         )
     )
     db.session.commit()
@@ -192,19 +205,21 @@ def touch(conn: Connection) -> None:
     values = {"last_seen": utcnow()}
     if runtime().connections.get(conn.host_id) is conn:
         values["connected"] = True
+        values.update(_held_here())
     db.session.execute(sa.update(Host).where(Host.id == conn.host_id).values(**values))
     db.session.commit()
 
 
 def mark_offline(host_id: int) -> None:
-    db.session.execute(sa.update(Host).where(Host.id == host_id).values(connected=False, last_seen=utcnow()))
+    q = _if_held_here(sa.update(Host).where(Host.id == host_id))
+    db.session.execute(q.values(connected=False, last_seen=utcnow()))
     db.session.commit()
 
 
 def sweep_offline() -> int:
     """Mark hosts offline that the database thinks are connected but have no socket here."""
     live = runtime().connections.host_ids()
-    q = sa.update(Host).where(Host.connected.is_(True))
+    q = _if_held_here(sa.update(Host).where(Host.connected.is_(True)))
     if live:
         q = q.where(Host.id.not_in(live))
     n = db.session.execute(q.values(connected=False)).rowcount or 0

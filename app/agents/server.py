@@ -218,8 +218,11 @@ class AgentServer(ThreadedWSGIServer):
         close_timeout: float = 5.0,
         clock=time.monotonic,
         tls: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
     ):
         self.request_queue_size = backlog
+        # ``serve --workers N``: every worker listens on the same port; the kernel spreads accepts.
+        self.allow_reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
         self.max_pending = max_pending
         self.close_timeout = close_timeout

@@ -113,11 +113,9 @@ def host_token(host_id: int):
 @admin_required
 def host_ping(host_id: int):
     host = hosts.get(host_id)
-    conn = runtime().connections.get(host.id)
-    if conn is None:
+    held, rtt = hosts.ping(host, float(current_app.config.get("PING_TIMEOUT", PING_TIMEOUT_S)))
+    if not held:
         return error_response(409, "host_offline", f"host {host.name} is not connected")
-    db.session.close()  # don't hold a database connection while waiting on the network
-    rtt = conn.ping(float(current_app.config.get("PING_TIMEOUT", PING_TIMEOUT_S)))
     if rtt is None:
         return error_response(504, "agent_timeout", f"host {host_id} did not answer the ping in time")
     return jsonify({"rtt_ms": round(rtt * 1000.0, 3)})

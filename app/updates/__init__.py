@@ -13,9 +13,10 @@ from ..runtime import runtime
 
 def init_app(app: Flask) -> None:
     """Subscribe the fleet rollout to the watcher's announcements, and the watcher to host removals."""
-    from . import fleet, watcher
+    from . import dispatch, fleet, watcher
 
     rt = runtime(app)
     rt.job_ended.subscribe(fleet.on_job_ended)
     rt.job_corrected.subscribe(fleet.correct_host_row)
     rt.host_removed.subscribe(watcher.on_host_removed)
+    rt.update_routed.subscribe(dispatch.deliver)

@@ -16,7 +16,7 @@ from .. import hosts
 from ..errors import Refusal
 from ..extensions import db
 from ..metrics import observe_dispatch
-from ..models import AuditEvent, FleetUpdateHost, Host, Job
+from ..models import AgentRelease, AuditEvent, FleetUpdateHost, Host, Job
 from ..runtime import runtime
 from ..timeutil import utcnow
 from . import releases, watcher
@@ -96,6 +96,62 @@ def precheck(host: Host, allow_downgrade: bool = False, target: str | None = Non
     return None
 
 
+def update_frame(job: Job, signature: str | None) -> str:
+    """The ``command.update`` frame of a running update job, from its row."""
+    p = job.params
+    data = {
+        "job_id": job.id,
+        "host_id": job.host_id,  # the agent refuses a command naming another host (a misdirected replay)
+        "version": p["version"],
+        "url": p["url"],
+        "sha256": p["sha256"],
+        "size": p["size"],
+        "platform": p["platform"],
+    }
+    if signature:
+        data["signature"] = signature
+    if p.get("allow_downgrade"):
+        data["allow_downgrade"] = True
+    return protocol.encode("command.update", data)
+
+
+def _route_to_holder(host_id: int, job_id: str) -> bool:
+    """Several instances: the host's socket is on a peer, so notify it in the job's own transaction.
+
+    The notification carries only the job id and is delivered only if the job commits; the peer
+    reads the row and sends the command (:func:`deliver`). Never on SQLite (no cluster).
+    """
+    rt = runtime()
+    if rt.cluster is None or rt.connections.get(host_id) is not None:
+        return False
+    return rt.cluster.route(host_id, "update", job_id)
+
+
+def deliver(job_id: str) -> None:
+    """Send a running job's ``command.update`` on this process's socket for its host.
+
+    Subscribed to ``runtime().update_routed``: a peer instance dispatched the job, or the agent said
+    hello with its job still undelivered. Only a job still ``dispatched`` (the agent has not
+    reported on it) is sent; an agent that already has it ignores the repeat. A host that is not
+    connected here gets it with its next hello; the job's deadline decides otherwise.
+    """
+    job = db.session.get(Job, job_id)
+    if job is None or job.status != "running" or job.phase != "dispatched" or job.host_id is None:
+        return
+    signature = db.session.scalar(
+        sa.select(AgentRelease.signature).where(
+            AgentRelease.version == job.params["version"], AgentRelease.platform == job.params["platform"]
+        )
+    )
+    db.session.close()
+    if runtime().connections.send(job.host_id, update_frame(job, signature)):
+        log.info("update job %s: command sent to host %s", job_id, job.host_id)
+    else:
+        log.info(
+            "update job %s: host %s is not connected here; it gets the command with its next hello", job_id, job.host_id
+        )
+
+
 def dispatch_update(
     host_id: int,
     actor: str,
@@ -155,6 +211,7 @@ def dispatch_update(
                 .where(FleetUpdateHost.id == fleet_host_row_id)
                 .values(status="running", job_id=job.id, started_at=now, from_version=host.agent_version)
             )
+        routed = _route_to_holder(host.id, job.id)
         db.session.commit()
     except IntegrityError:
         # The partial unique index refused a second running update job for this host.
@@ -162,20 +219,9 @@ def dispatch_update(
         raise Refusal(409, "update_in_progress", "an update of this host is already running") from None
     runtime().inflight.add(InFlight(job.id, host.id, release.version, job.deadline))
 
-    data = {
-        "job_id": job.id,
-        "host_id": host.id,  # the agent refuses a command naming another host (a misdirected replay)
-        "version": release.version,
-        "url": job.params["url"],
-        "sha256": release.sha256,
-        "size": release.size,
-        "platform": release.platform,
-    }
-    if release.signature:
-        data["signature"] = release.signature
-    if allow_downgrade:
-        data["allow_downgrade"] = True
-    if runtime().connections.send(host.id, protocol.encode("command.update", data)):
+    if routed:
+        log.info("update job %s for host %s: its command goes out on the instance holding the host", job.id, host.name)
+    elif runtime().connections.send(host.id, update_frame(job, release.signature)):
         observe_dispatch(started)
     else:
         watcher.fail_job(job.id, "the agent disconnected before the update command was delivered")

@@ -21,13 +21,19 @@ class InFlight:
     target_version: str
     deadline: dt.datetime | None
     restarting: bool = False
+    phase: str | None = None  # the job's phase when read from the database (uncached registry)
 
 
 class InFlightRegistry:
-    def __init__(self):
+    """``cached=False`` (several instances on PostgreSQL): every read asks the database, because a
+    job dispatched by another instance ends with a hello here; the partial unique index on running
+    update jobs makes that read one index lookup."""
+
+    def __init__(self, cached: bool = True):
         self._lock = threading.Lock()
         self._by_host: dict[int, InFlight] = {}
         self._loaded = False
+        self.cached = cached
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
@@ -57,6 +63,8 @@ class InFlightRegistry:
             self._by_host[entry.host_id] = entry
 
     def get(self, host_id: int) -> InFlight | None:
+        if not self.cached:
+            return self._read(host_id)
         self._ensure_loaded()
         with self._lock:
             return self._by_host.get(host_id)
@@ -74,6 +82,24 @@ class InFlightRegistry:
             if e is not None and e.job_id == job_id:
                 del self._by_host[host_id]
 
+    def _read(self, host_id: int) -> InFlight | None:
+        from ..extensions import db
+        from ..models import Job
+
+        j = db.session.scalar(
+            sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
+        )
+        if j is None:
+            return None
+        return InFlight(j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase)
+
     def __len__(self) -> int:
+        if not self.cached:
+            from ..extensions import db
+            from ..models import Job
+
+            return db.session.scalar(
+                sa.select(sa.func.count(Job.id)).where(Job.kind == "update", Job.status == "running")
+            )
         with self._lock:
             return len(self._by_host)

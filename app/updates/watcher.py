@@ -138,6 +138,10 @@ def on_hello(host_id: int, data: dict) -> None:
             entry.job_id,
             f"agent restarted but came back at version {version} instead of {entry.target_version}",
         )
+    elif runtime().cluster is not None and entry.phase == "dispatched":
+        # Several instances: the command may have been routed to an instance that died before
+        # sending it. The row is the command: send it again (an agent that has it ignores it).
+        runtime().update_routed.publish(entry.job_id)
     # Otherwise the link merely blipped before the swap; the agent's own report or the
     # deadline decides the job.
 

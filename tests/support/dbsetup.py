@@ -70,6 +70,7 @@ DATA_TABLES = (
     "api_tokens",
     "users",
     "login_throttle",
+    "instances",
 )
 
 
