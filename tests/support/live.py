@@ -79,8 +79,16 @@ class LiveServer:
 class ServerProcess:
     """``restic-manager serve`` as a separate process (what an operator runs)."""
 
-    def __init__(self, instance_dir: str, database_url: str, version: str, extra_env: dict | None = None):
+    def __init__(
+        self,
+        instance_dir: str,
+        database_url: str,
+        version: str,
+        extra_env: dict | None = None,
+        serve_args: tuple[str, ...] = (),
+    ):
         self.instance_dir = instance_dir
+        self.serve_args = list(serve_args)  # e.g. ("--workers", "2")
         os.makedirs(instance_dir, exist_ok=True)
         self.ready_file = os.path.join(instance_dir, "ready")
         self.log_path = os.path.join(instance_dir, "server.log")
@@ -110,7 +118,8 @@ class ServerProcess:
             self.env["RM_AGENT_ADDR"] = f"127.0.0.1:{self.agent_port}"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", self.ready_file],
+            [sys.executable, "-c", "from app.cli import main; main()", "serve", "--ready-file", self.ready_file]
+            + self.serve_args,
             cwd=ROOT,
             env=self.env,
             stdout=log,
