@@ -54,6 +54,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (``serve --workers N``: the parent and its N workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except FileNotFoundError:
+        return [pid]
+
+
+def group_status(pid: int) -> dict:
+    """:func:`proc_status` summed over :func:`process_tree`, plus each process's VmRSS (``rss_each``)."""
+    out: dict = {"rss_each": []}
+    for p in process_tree(pid):
+        st = proc_status(p)
+        for key, value in st.items():
+            out[key] = out.get(key, 0) + value
+        if st:
+            out["rss_each"].append(st.get("VmRSS", 0))
+    return out
+
+
+def group_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 def tcp_ext(*names: str) -> dict[str, int]:
     """Counters from /proc/net/netstat TcpExt (e.g. ListenOverflows, ListenDrops)."""
     with open("/proc/net/netstat") as f:
@@ -134,8 +159,9 @@ class Server:
     the agent artifact for its own version before it listens.
     """
 
-    def __init__(self, env: dict, log_path: str, build: bool = False):
+    def __init__(self, env: dict, log_path: str, build: bool = False, serve_args: tuple[str, ...] = ()):
         self.env = env
+        self.serve_args = tuple(serve_args)  # e.g. ("--workers", "4")
         self.build = build
         self.log_path = log_path
         self.ready_file = log_path + ".ready"
@@ -149,7 +175,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from app.cli import main; main()", "serve",
-                 *(() if self.build else ("--no-build",)), "--ready-file", self.ready_file],
+                 *(() if self.build else ("--no-build",)), "--ready-file", self.ready_file, *self.serve_args],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

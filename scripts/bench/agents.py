@@ -46,11 +46,11 @@ from _common import (  # noqa: E402
     ROOT,
     Server,
     cli,
-    cpu_seconds,
+    group_cpu_seconds,
+    group_status,
     kill_group,
     percentile,
     print_table,
-    proc_status,
     raise_nofile,
     server_env,
     sysctl,
@@ -492,6 +492,8 @@ def enrol(env: dict, n: int) -> tuple[list[int], list[str], str]:
 
 
 def db_connected(db_path: str) -> int:
+    if db_path.startswith("postgresql"):
+        return pg_connected(db_path)
     try:
         con = sqlite3.connect(db_path, timeout=5)
     except sqlite3.Error:
@@ -504,6 +506,20 @@ def db_connected(db_path: str) -> int:
         con.close()
 
 
+_pg_engines: dict = {}
+
+
+def pg_connected(url: str) -> int:
+    import sqlalchemy as sa
+
+    engine = _pg_engines.get(url) or _pg_engines.setdefault(url, sa.create_engine(url, pool_size=1))
+    try:
+        with engine.connect() as c:
+            return c.execute(sa.text("SELECT count(*) FROM hosts WHERE connected")).scalar()
+    except sa.exc.SQLAlchemyError:
+        return -1
+
+
 def listen_backlog(port: int) -> int | None:
     """The accept queue size the kernel really gave the listener (ss shows it as Send-Q)."""
     try:
@@ -511,6 +527,11 @@ def listen_backlog(port: int) -> int | None:
         return int(out.split()[2])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def mb(kib) -> float:
@@ -522,6 +543,11 @@ def run(args) -> dict:
     n = args.agents
     tmp = tempfile.mkdtemp(prefix="rm-bench-agents-")
     db_path = os.path.join(tmp, "bench.sqlite3")
+    db_url = "sqlite:///" + db_path
+    if args.database_url:  # PostgreSQL: a schema of the bench's own; db_path is then that URL
+        from cluster_dispatch import pg_schema_url
+
+        db_path = db_url = pg_schema_url(args.database_url, args.schema)
     tune = {}
     if args.stack_kib is not None:
         tune["RM_THREAD_STACK_KIB"] = str(args.stack_kib)
@@ -532,14 +558,16 @@ def run(args) -> dict:
     if args.max_pending is not None:
         tune["RM_AGENT_MAX_PENDING"] = str(args.max_pending)
     env = server_env(
-        tmp, "sqlite:///" + db_path, RM_VERSION=VERSION, RM_HEARTBEAT_S=str(args.heartbeat),
+        tmp, db_url, RM_VERSION=VERSION, RM_HEARTBEAT_S=str(args.heartbeat),
         RM_HEARTBEAT_TIMEOUT=str(args.heartbeat * 3), RM_LOG_LEVEL=args.log_level, **tune,
     )
-    res: dict = {"agents": n, "heartbeat_s": args.heartbeat, "backoff_cap_s": args.backoff_cap,
+    res: dict = {"agents": n, "workers": args.workers, "database": "postgresql" if args.database_url else "sqlite",
+                 "load_before": loadavg(), "heartbeat_s": args.heartbeat, "backoff_cap_s": args.backoff_cap,
                  "cpus": os.cpu_count(), "python": platform.python_version(), "tuning_env": tune,
                  "nofile_limit": nofile[0], "somaxconn": int(sysctl("net.core.somaxconn") or 0),
                  "tcp_max_syn_backlog": sysctl("net.ipv4.tcp_max_syn_backlog")}
-    server = Server(env, os.path.join(tmp, "server.log"))
+    serve_args = ("--workers", str(args.workers)) if args.workers > 1 else ()
+    server = Server(env, os.path.join(tmp, "server.log"), serve_args=serve_args)
     load = None
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     try:
@@ -558,7 +586,7 @@ def run(args) -> dict:
         http.headers["Authorization"] = f"Bearer {api_token}"
         http.get(server.admin_url + "/api/version", timeout=10).raise_for_status()  # warm the admin plane
         time.sleep(1.0)
-        st0 = proc_status(server.pid)
+        st0 = group_status(server.pid)
         res["rss0_mb"], res["threads0"] = mb(st0["VmRSS"]), st0["Threads"]
         res["agent_backlog_effective"] = listen_backlog(server.agent_port)
         log(f"[bench] server pid {server.pid} admin :{server.admin_port} agents :{server.agent_port}; "
@@ -574,7 +602,7 @@ def run(args) -> dict:
         peak_threads = 0
         while True:
             s = load.ask()
-            peak_threads = max(peak_threads, proc_status(server.pid).get("Threads", 0))
+            peak_threads = max(peak_threads, group_status(server.pid).get("Threads", 0))
             if s["t_all_online"] is not None:
                 break
             if time.monotonic() > deadline:
@@ -592,15 +620,17 @@ def run(args) -> dict:
         while db_connected(db_path) < n and time.monotonic() < wait_db:
             time.sleep(0.2)
         res["db_connected_at_n"] = db_connected(db_path)
-        cpu0, tc0 = cpu_seconds(server.pid), time.monotonic()
+        cpu0, tc0 = group_cpu_seconds(server.pid), time.monotonic()
         samples = []
         end = time.monotonic() + args.duration
         while time.monotonic() < end:
-            samples.append(proc_status(server.pid))
+            samples.append(group_status(server.pid))
             time.sleep(1.0)
-        stn = proc_status(server.pid)
-        res["idle_cpu_pct"] = 100.0 * (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - tc0)
+        stn = group_status(server.pid)
+        res["idle_cpu_pct"] = 100.0 * (group_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - tc0)
         res["rss_n_mb"] = mb(stn["VmRSS"])
+        res["rss_n_each_mb"] = [round(mb(x), 1) for x in stn["rss_each"]]
+        res["load_idle"] = loadavg()
         res["rss_n_max_mb"] = mb(max(x.get("VmRSS", 0) for x in samples + [stn]))
         res["vmsize_n_mb"] = mb(stn["VmSize"])
         res["threads_n"] = stn["Threads"]
@@ -652,7 +682,7 @@ def run(args) -> dict:
         deadline = t_ready + args.storm_timeout
         while True:
             s = load.ask()
-            peak_threads = max(peak_threads, proc_status(server.pid).get("Threads", 0))
+            peak_threads = max(peak_threads, group_status(server.pid).get("Threads", 0))
             if t_db_all is None and db_connected(db_path) >= n:
                 t_db_all = time.monotonic()
             if s["t_all_after_mark"] is not None and t_db_all is not None:
@@ -677,12 +707,13 @@ def run(args) -> dict:
         log(f"[bench] storm: all welcomed {res.get('storm_all_welcomed_after_sigterm_s')} s after SIGTERM, "
             f"DB {res.get('storm_all_db_connected_after_sigterm_s')} s")
         time.sleep(2.0)
-        st = proc_status(server.pid)
+        st = group_status(server.pid)
         res["rss_after_storm_mb"], res["threads_after_storm"] = mb(st.get("VmRSS", 0)), st.get("Threads", 0)
         t = time.perf_counter()
         hosts = http.get(server.admin_url + "/api/hosts", timeout=60).json()["hosts"]
         res["api_hosts_list_s"] = time.perf_counter() - t
         res["api_online_after_storm"] = sum(1 for h in hosts if h["online"])
+        res["load_after"] = loadavg()
         log(f"[bench] GET /api/hosts: {res['api_online_after_storm']}/{n} online ({res['api_hosts_list_s']:.2f} s)")
     except Exception as e:  # noqa: BLE001 - report what was measured, and why the rest was not
         res["error"] = f"{type(e).__name__}: {e}"
@@ -717,6 +748,9 @@ def report(res: dict) -> None:
     sw = res.get("storm_welcome_s_after_sigterm") or {}
     rows = [
         ("agents (N)", res["agents"]),
+        ("server processes / database", f"{res['workers']} worker(s) / {res['database']}"),
+        ("machine load (1/5/15 min): before / idle at N / after",
+         f"{res.get('load_before')} / {res.get('load_idle')} / {res.get('load_after')}"),
         ("tuning env", " ".join(f"{k}={v}" for k, v in res["tuning_env"].items()) or "(server defaults)"),
         ("machine", f"{res['cpus']} CPUs, Python {res['python']}, somaxconn {res['somaxconn']}, "
                     f"nofile {res['nofile_limit']}"),
@@ -724,6 +758,7 @@ def report(res: dict) -> None:
         ("server RSS / threads, 0 agents", f"{f('rss0_mb', '{:.1f}')} MB / {res.get('threads0')}"),
         ("all N connected (first connect -> all welcomed)", f"{f('connect_all_s')} s"),
         ("server RSS at N idle (max while idle)", f"{f('rss_n_mb', '{:.1f}')} MB ({f('rss_n_max_mb', '{:.1f}')} MB)"),
+        ("RSS per process at N (parent first)", " + ".join(f"{x:.0f}" for x in res.get("rss_n_each_mb", [])) + " MB"),
         ("RSS per idle connection", f"{f('rss_per_conn_kib', '{:.1f}')} KiB"),
         ("server threads at N idle (peak while connecting)",
          f"{res.get('threads_n')} ({res.get('threads_peak_connect')})"),
@@ -775,6 +810,11 @@ def main(argv=None) -> int:
     ap.add_argument("--connect-timeout", type=float, default=180.0, help="give up connecting N after this many s")
     ap.add_argument("--storm-timeout", type=float, default=90.0, help="give up on the storm after this many s")
     ap.add_argument("--ping-timeout", type=float, default=60.0, help="stop pinging after this many s")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="serve --workers N (needs --database-url: PostgreSQL); RSS and CPU summed over all")
+    ap.add_argument("--database-url", default=os.environ.get("RM_BENCH_DATABASE_URL"),
+                    help="PostgreSQL URL (default: a fresh SQLite file); the bench owns --schema on it")
+    ap.add_argument("--schema", default="rm_bench_agents", help="schema dropped and migrated on --database-url")
     ap.add_argument("--keep", action="store_true", help="keep the temporary instance folder (logs)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     # internal: the load process
@@ -787,6 +827,8 @@ def main(argv=None) -> int:
         return load_worker(args)
     if args.agents < 1:
         ap.error("--agents must be at least 1")
+    if args.workers > 1 and not args.database_url:
+        ap.error("--workers > 1 needs --database-url (PostgreSQL): SQLite serves one process")
     res = run(args)
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))
