@@ -44,8 +44,8 @@ class Waker:
     """Wake-ups for one periodic scheduler job, never lost.
 
     :meth:`wake` (from any thread) marks a run as wanted and moves the job's next run to now;
-    :meth:`run` repeats its step while wake-ups arrived during it. ``waiting_for`` names the one
-    host whose reconnect should wake the job (the fleet rollout waiting out an offline grace).
+    :meth:`run` repeats its step while wake-ups arrived during it. ``waiting_for`` names the
+    hosts whose reconnect should wake the job (offline hosts the fleet rollout waits for).
     """
 
     def __init__(self, job_id: str, scheduler: Callable[[], Any]):
@@ -53,7 +53,7 @@ class Waker:
         self._scheduler = scheduler
         self._lock = threading.Lock()
         self._pending = False
-        self.waiting_for: int | None = None
+        self.waiting_for: frozenset[int] = frozenset()  # replaced whole, never mutated: no lock
 
     def wake(self) -> None:
         with self._lock:
@@ -67,7 +67,7 @@ class Waker:
 
     def wake_for(self, host_id: int) -> None:
         """A host reconnected: wake the job if it is waiting for that host."""
-        if self.waiting_for == host_id:
+        if host_id in self.waiting_for:
             self.wake()
 
     def run(self, step: Callable[[], None]) -> None:

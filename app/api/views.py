@@ -14,7 +14,6 @@ from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
 from ..updates import dispatch, fleet
-from ..updates.selection import Selector
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -263,7 +262,7 @@ def token_revoke(token_id: int):
 @admin_required
 def fleet_start():
     body = _json_body()
-    fu = fleet.start(actor_name(), selector=Selector.from_body(body))
+    fu = fleet.start_from_body(actor_name(), body)
     return jsonify({"fleet_update": fu.to_dict()}), 201
 
 
@@ -272,7 +271,7 @@ def fleet_start():
 def fleet_plan():
     """What ``POST /fleet/update`` with this body would do now; changes nothing."""
     body = _json_body()
-    return jsonify({"plan": fleet.plan(selector=Selector.from_body(body)).to_dict()})
+    return jsonify({"plan": fleet.plan_from_body(body).to_dict()})
 
 
 @bp.get("/fleet-updates")
@@ -294,3 +293,28 @@ def fleet_get(fleet_id: int):
 def fleet_cancel(fleet_id: int):
     fu = fleet.cancel(fleet_id, actor_name())
     return jsonify({"fleet_update": fu.to_dict()})
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/pause")
+@admin_required
+def fleet_pause(fleet_id: int):
+    return jsonify({"fleet_update": fleet.pause(fleet_id, actor_name()).to_dict()})
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/resume")
+@admin_required
+def fleet_resume(fleet_id: int):
+    return jsonify({"fleet_update": fleet.resume(fleet_id, actor_name()).to_dict()})
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/retry")
+@admin_required
+def fleet_retry(fleet_id: int):
+    """A new rollout of the failed and skipped hosts of this one, with the same strategy."""
+    return jsonify({"fleet_update": fleet.retry(fleet_id, actor_name()).to_dict()}), 201
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/hosts/<int:host_id>/skip")
+@admin_required
+def fleet_skip_host(fleet_id: int, host_id: int):
+    return jsonify({"fleet_update": fleet.skip_host(fleet_id, host_id, actor_name()).to_dict()})

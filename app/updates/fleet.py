@@ -1,15 +1,17 @@
 """Fleet rolling update: a state machine over ``fleet_updates`` / ``fleet_update_hosts``.
 
-Each :func:`tick` reads the database and does the next step: settle the in-flight host from its
-job, skip a host already at the target, halt on an offline host or a failure, or dispatch the
-next host through the single-host path. All state is in the database, so a restarted server
-resumes a rollout where it was. Ticks are woken at once when an update job ends (the fleet
+Each :func:`tick` reads the database and does the next step: settle in-flight hosts from their
+jobs, halt when the failure budget is exceeded, skip hosts already at the target, apply the
+offline policy, or dispatch the next hosts of the current wave through the single-host path, up
+to the in-flight limit. The strategy (counts, percentages, waves) is :mod:`.strategy`. All
+state is in the database, so a restarted server resumes a rollout where it was. Ticks are woken at once when an update job ends (the fleet
 subscribes to the watcher's ``job_ended`` announcement); the periodic scheduler tick is only a
 safety net. The wake-up state lives on the runtime (``runtime().fleet_waker``), not here.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,12 +22,14 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import Refusal
 from ..extensions import db
+from ..inputs import MAX_ID, is_id
 from ..models import FLEET_HOST_STATUSES, Alert, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
 from ..oncommit import on_commit
 from ..runtime import FLEET_TICK_JOB_ID, runtime
 from ..timeutil import isoformat, utcnow
 from . import dispatch, selection
 from .selection import Selector
+from .strategy import Strategy, assign_waves
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,8 @@ def history(limit: int = HISTORY_LIMIT) -> list[FleetUpdate]:
     return list(db.session.scalars(sa.select(FleetUpdate).order_by(FleetUpdate.id.desc()).limit(limit)))
 
 
-# --- the plan: which hosts a rollout takes, in which order, and which it leaves out -------------
+# --- the plan: which hosts a rollout takes, in which order, in which wave, and which it leaves out
 
-#: How a rollout moves through its hosts. Only one policy today: one host at a time, in order,
-#: halting at the first failure. A later policy (a canary, then waves) groups ``PlannedHost``
-#: rows into waves; the plan already says which wave each host is in.
-POLICY_SEQUENTIAL = "sequential"
 
 #: Why a host is left out of a rollout (``LeftOut.reason``). ``excluded`` and ``not_selected``
 #: come from the selector (:mod:`app.updates.selection`); the others from the host's state.
@@ -103,10 +103,10 @@ class LeftOut:
 
 @dataclass
 class Plan:
-    """What :func:`start` would do now: the hosts it takes, in order, and those it leaves out."""
+    """What :func:`start` would do now: the hosts it takes, in order and in waves, and those it leaves out."""
 
     target_version: str
-    policy: str
+    strategy: Strategy = field(default_factory=Strategy)
     hosts: list[PlannedHost] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
     selector: Selector = field(default_factory=Selector)
@@ -116,12 +116,39 @@ class Plan:
         """The caller named the hosts (``host_ids``)."""
         return self.selector.explicit
 
+    @property
+    def policy(self) -> str:
+        """``sequential`` (the default strategy: one host at a time, halt at the first failure) or ``waves``."""
+        return "sequential" if self.strategy == Strategy() else "waves"
+
+    def waves(self) -> list[dict]:
+        """The hosts grouped by wave, in order: ``[{"wave", "canary", "soak_before_s", "hosts"}]``."""
+        out: list[dict] = []
+        for p in self.hosts:
+            if not out or out[-1]["wave"] != p.wave:
+                out.append(
+                    {
+                        "wave": p.wave,
+                        "canary": bool(self.strategy.canary) and p.wave == 0,
+                        "soak_before_s": self.strategy.soak_before(p.wave),
+                        "hosts": [],
+                    }
+                )
+            out[-1]["hosts"].append(p.to_dict())
+        return out
+
     def to_dict(self) -> dict:
+        total = len(self.hosts)
         return {
             "target_version": self.target_version,
             "policy": self.policy,
             "selector": self.selector.to_dict(),
+            "strategy": self.strategy.to_dict(),
+            "summary": self.strategy.describe(total),
+            "max_in_flight_hosts": self.strategy.in_flight(total),
+            "failure_budget_hosts": self.strategy.failure_budget(total),
             "explicit": self.explicit,
+            "waves": self.waves(),
             "hosts": [p.to_dict() for p in self.hosts],
             "left_out": [lo.to_dict() for lo in self.left_out],
         }
@@ -150,7 +177,20 @@ class Plan:
         return Refusal(422, "no_hosts_to_update", message)
 
 
-def _left_out_reason(host: Host, target: str, explicit: bool) -> tuple[str, str] | None:
+def _offline_note(strategy: Strategy) -> str:
+    """What the rollout will do about a host that is offline when its turn comes."""
+    grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
+    if strategy.offline == "wait":
+        return (
+            f"offline now: offline=wait queues it and updates it when it comes back, "
+            f"for up to {strategy.offline_deadline_s:g} s; then it is recorded as skipped"
+        )
+    if strategy.offline == "skip":
+        return f"offline now: when its turn comes the rollout waits up to {grace:g} s for it, then skips it"
+    return f"offline now: when its turn comes the rollout waits up to {grace:g} s for it, then halts"
+
+
+def _left_out_reason(host: Host, target: str, explicit: bool, strategy: Strategy) -> tuple[str, str] | None:
     """Why ``host`` stays out of a rollout to ``target``, or None when the rollout takes it."""
     from .dispatch import cannot_update_message
 
@@ -167,12 +207,15 @@ def _left_out_reason(host: Host, target: str, explicit: bool) -> tuple[str, str]
         return "never_connected", f"host {host.name} has never connected: its version is unknown"
     if not host.can_update():
         return "cannot_update", cannot_update_message(host)
-    if not host.connected and not explicit:
-        return "offline", f"host {host.name} is offline"
+    if not host.connected and not explicit and strategy.offline != "wait":
+        return "offline", (
+            f"host {host.name} is offline: with offline={strategy.offline} a rollout of the default "
+            "selection leaves offline hosts out (name it in host_ids, or choose offline=wait, to take it)"
+        )
     return None
 
 
-def plan(host_ids: list | None = None, *, selector: Selector | None = None) -> Plan:
+def plan(host_ids: list | None = None, strategy: Strategy | None = None, *, selector: Selector | None = None) -> Plan:
     """The rollout :func:`start` would make now, without changing anything.
 
     ``selector`` picks the candidates (:class:`~app.updates.selection.Selector`: labels, OS,
@@ -183,9 +226,10 @@ def plan(host_ids: list | None = None, *, selector: Selector | None = None) -> P
     leaves out revoked hosts, hosts that never connected and agents that cannot update, and
     lists the hosts the selector excludes (``excluded``) or, among named hosts, does not match
     (``not_selected``). The default selection also leaves out hosts already at (or past) the
-    target and offline hosts. Named hosts stay in the rollout with a note: one at the target is
-    recorded as skipped when its turn comes, and an offline one gets ``RM_FLEET_OFFLINE_GRACE_S``
-    to reconnect, then halts the rollout. A plan in which no host would be updated is refused by
+    target and, unless ``offline=wait``, offline hosts. Named hosts stay in the rollout with a
+    note: one at the target is recorded as skipped when its turn comes, and an offline one is
+    handled by the strategy's offline policy. The hosts are grouped into waves
+    (:func:`strategy.assign_waves`). A plan in which no host would be updated is refused by
     :func:`start` (``no_hosts_to_update``).
 
     "Offline" is the database's record (``hosts.connected``), so the CLI's plan, made in another
@@ -195,14 +239,15 @@ def plan(host_ids: list | None = None, *, selector: Selector | None = None) -> P
         selector = Selector.from_body({"host_ids": host_ids} if host_ids is not None else {})
     elif host_ids is not None:
         raise ValueError("give host_ids or a selector, not both")
+    strategy = strategy or Strategy()
     target = current_app.config["SERVER_VERSION"]
     explicit = selector.explicit
     chosen = selector.select()
-    out = Plan(target_version=target, policy=POLICY_SEQUENTIAL, selector=selector)
+    out = Plan(target_version=target, strategy=strategy, selector=selector)
     out.left_out.extend(LeftOut(host, reason, detail) for host, reason, detail in chosen.left_out)
-    grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
+    taken: list[tuple[Host, str | None]] = []
     for host in chosen.hosts:
-        why = _left_out_reason(host, target, explicit)
+        why = _left_out_reason(host, target, explicit, strategy)
         if why is not None:
             out.left_out.append(LeftOut(host, *why))
             continue
@@ -210,16 +255,35 @@ def plan(host_ids: list | None = None, *, selector: Selector | None = None) -> P
         if host.version_state(target) in ("current", "ahead"):
             note = f"already runs {host.agent_version}: the rollout skips it"
         elif not host.connected:
-            note = f"offline now: when its turn comes the rollout waits up to {grace:g} s for it, then halts"
-        n = len(out.hosts)
-        out.hosts.append(PlannedHost(host, position=n, wave=n, note=note))
+            note = _offline_note(strategy)
+        taken.append((host, note))
+    waves = assign_waves(len(taken), strategy)
+    out.hosts = [PlannedHost(h, position=i, wave=waves[i], note=note) for i, (h, note) in enumerate(taken)]
     return out
 
 
-def start(actor: str, host_ids: list | None = None, *, selector: Selector | None = None) -> FleetUpdate:
-    """Create a rollout over the hosts :func:`plan` takes; the selector is stored on its row."""
-    the_plan = plan(host_ids, selector=selector)
-    hosts = [p.host for p in the_plan.hosts]
+def plan_from_body(body: dict) -> Plan:
+    """The plan for a ``POST /api/fleet/plan`` / ``/api/fleet/update`` body (400s for bad fields)."""
+    return plan(strategy=Strategy.from_body(body), selector=Selector.from_body(body))
+
+
+def start_from_body(actor: str, body: dict) -> FleetUpdate:
+    """Start the rollout a ``POST /api/fleet/update`` body asks for."""
+    return start(actor, strategy=Strategy.from_body(body), selector=Selector.from_body(body))
+
+
+def start(
+    actor: str,
+    host_ids: list | None = None,
+    strategy: Strategy | None = None,
+    *,
+    selector: Selector | None = None,
+    kind: str = "update",
+    parent_id: int | None = None,
+) -> FleetUpdate:
+    """Create a rollout over the hosts :func:`plan` takes; the selector and strategy are stored on its row."""
+    the_plan = plan(host_ids, strategy, selector=selector)
+    strategy = the_plan.strategy
     if the_plan.updates_nothing():
         raise the_plan.refusal()
     if running() is not None:
@@ -230,10 +294,15 @@ def start(actor: str, host_ids: list | None = None, *, selector: Selector | None
         status="running",
         created_by=actor,
         created_at=now,
+        started_at=now,
+        kind=kind,
+        parent_id=parent_id,
         selector=the_plan.selector.to_dict(),
+        **strategy.columns(),
     )
     fu.hosts = [
-        FleetUpdateHost(host_id=h.id, host_name=h.name, position=i, status="pending") for i, h in enumerate(hosts)
+        FleetUpdateHost(host_id=p.host.id, host_name=p.host.name, position=p.position, wave=p.wave, status="pending")
+        for p in the_plan.hosts
     ]
     db.session.add(fu)
     try:
@@ -243,32 +312,47 @@ def start(actor: str, host_ids: list | None = None, *, selector: Selector | None
             "fleet.update_started",
             f"fleet_update:{fu.id}",
             target_version=fu.target_version,
-            hosts=[h.name for h in hosts],
+            hosts=[p.host.name for p in the_plan.hosts],
             selector=fu.selector,
+            strategy=strategy.to_dict(),
+            kind=kind,
+            parent_id=parent_id,
         )
         db.session.commit()
     except IntegrityError:
         # The partial unique index: another admin's rollout won the race.
         db.session.rollback()
         raise Refusal(409, "fleet_update_running", "a fleet update is already running") from None
-    log.info("fleet update %s started by %s over %d hosts", fu.id, actor, len(hosts))
+    log.info("fleet update %s started by %s over %d hosts (%s)", fu.id, actor, len(fu.hosts), strategy)
     wake()
     return fu
 
 
-def cancel(fleet_id: int, actor: str) -> FleetUpdate:
+# --- control: cancel, pause, resume, skip one host, retry --------------------------------------
+
+
+def _get(fleet_id: int) -> FleetUpdate:
     fu = db.session.get(FleetUpdate, fleet_id)
     if fu is None:
         raise Refusal(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
+    return fu
+
+
+def _not_running(fu: FleetUpdate) -> Refusal:
+    return Refusal(409, "fleet_update_not_running", f"fleet update {fu.id} is {fu.status}, not running")
+
+
+def cancel(fleet_id: int, actor: str) -> FleetUpdate:
+    fu = _get(fleet_id)
     now = utcnow()
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running")
-        .values(status="cancelled", finished_at=now, cancel_requested=True)
+        .values(status="cancelled", finished_at=now, cancel_requested=True, hold_until=None)
     )
     if not res.rowcount:
         db.session.rollback()
-        raise Refusal(409, "fleet_update_not_running", f"fleet update {fleet_id} is {fu.status}, not running")
+        raise _not_running(fu)
     db.session.execute(
         sa.update(FleetUpdateHost)
         .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == "pending")
@@ -279,6 +363,108 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
     db.session.commit()
     db.session.refresh(fu)
     return fu
+
+
+def pause(fleet_id: int, actor: str) -> FleetUpdate:
+    """Stop dispatching (in-flight jobs finish); the rollout stays ``running`` with ``paused_at`` set."""
+    fu = _get(fleet_id)
+    res = db.session.execute(
+        sa.update(FleetUpdate)
+        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running", FleetUpdate.paused_at.is_(None))
+        .values(paused_at=utcnow(), paused_by=actor)
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        if fu.status != "running":
+            raise _not_running(fu)
+        raise Refusal(409, "fleet_update_paused", f"fleet update {fleet_id} is already paused")
+    AuditEvent.record(actor, "fleet.update_paused", f"fleet_update:{fleet_id}")
+    db.session.commit()
+    db.session.refresh(fu)
+    log.info("fleet update %s paused by %s", fleet_id, actor)
+    return fu
+
+
+def resume(fleet_id: int, actor: str) -> FleetUpdate:
+    fu = _get(fleet_id)
+    res = db.session.execute(
+        sa.update(FleetUpdate)
+        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running", FleetUpdate.paused_at.is_not(None))
+        .values(paused_at=None, paused_by=None)
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        if fu.status != "running":
+            raise _not_running(fu)
+        raise Refusal(409, "fleet_update_not_paused", f"fleet update {fleet_id} is not paused")
+    AuditEvent.record(actor, "fleet.update_resumed", f"fleet_update:{fleet_id}")
+    db.session.commit()
+    db.session.refresh(fu)
+    log.info("fleet update %s resumed by %s", fleet_id, actor)
+    wake()
+    return fu
+
+
+def skip_host(fleet_id: int, host_id, actor: str) -> FleetUpdate:
+    """Record one pending host of a running rollout as ``skipped`` (by ``actor``): it is not updated."""
+    fu = _get(fleet_id)
+    if not is_id(host_id):
+        raise Refusal(400, "invalid_host_id", f"host_id must be a host id (1 to {MAX_ID})")
+    row = db.session.scalar(
+        sa.select(FleetUpdateHost).where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.host_id == host_id)
+    )
+    if row is None:
+        raise Refusal(404, "fleet_host_not_found", f"host {host_id} is not in fleet update {fleet_id}")
+    if fu.status != "running":
+        raise _not_running(fu)
+    res = db.session.execute(
+        sa.update(FleetUpdateHost)
+        .where(FleetUpdateHost.id == row.id, FleetUpdateHost.status == "pending")
+        .values(status="skipped", error=f"skipped by {actor}", finished_at=utcnow())
+    )
+    if not res.rowcount:
+        db.session.rollback()
+        raise Refusal(
+            409, "fleet_host_not_pending", f"host {row.name} is {row.status} in fleet update {fleet_id}, not pending"
+        )
+    AuditEvent.record(actor, "fleet.host_skipped", f"fleet_update:{fleet_id}", host=row.name, host_id=host_id)
+    db.session.commit()
+    db.session.refresh(fu)
+    wake()
+    return fu
+
+
+def retry(fleet_id: int, actor: str) -> FleetUpdate:
+    """Start a rollout (``kind='retry'``) of the failed and skipped hosts of a finished one, same strategy.
+
+    Hosts that were deleted since are gone; hosts that reached the target meanwhile are left out
+    (``already_at_target``); a retry that would update nothing is ``422 no_hosts_to_update``.
+    """
+    fu = _get(fleet_id)
+    if fu.status in ("running", "scheduled"):
+        raise Refusal(409, "fleet_update_running", f"fleet update {fleet_id} is {fu.status}: retry it once it ended")
+    host_ids = list(
+        db.session.scalars(
+            sa.select(FleetUpdateHost.host_id)
+            .where(
+                FleetUpdateHost.fleet_update_id == fleet_id,
+                FleetUpdateHost.status.in_(("failed", "skipped")),
+                FleetUpdateHost.host_id.is_not(None),
+            )
+            .order_by(FleetUpdateHost.position)
+        )
+    )
+    if not host_ids:
+        raise Refusal(422, "no_hosts_to_update", f"fleet update {fleet_id} has no failed or skipped host to retry")
+    target = current_app.config["SERVER_VERSION"]
+    hosts = db.session.scalars(sa.select(Host).where(Host.id.in_(host_ids))).all()
+    states = {h.id: h.version_state(target) for h in hosts}
+    behind = [i for i in host_ids if states.get(i) not in (None, "current", "ahead")]
+    if not behind:
+        raise Refusal(
+            422, "no_hosts_to_update", f"every failed or skipped host of fleet update {fleet_id} already runs {target}"
+        )
+    return start(actor, behind, Strategy.of(fu), kind="retry", parent_id=fu.id)
 
 
 # --- the state machine -------------------------------------------------------------------------
@@ -308,43 +494,225 @@ def _tick_until_idle() -> None:
 
 
 def tick() -> bool:
-    """Advance the rollouts by one step; return True if something changed (tick again)."""
+    """Advance the running rollout by one step; return True if something changed (tick again).
+
+    One step: settle finished rows; halt if the failure budget is exceeded; succeed if nothing
+    is left; otherwise (unless paused or soaking) fill the free in-flight slots with the next
+    hosts of the current wave and with queued offline hosts that came back.
+    """
     settled = _settle_finished_rows()
     fu = running()
     if fu is None:
+        runtime().fleet_waker.waiting_for = frozenset()
         return settled
-    # Ask the database for the one row that decides the step rather than loading every row of
-    # the rollout: loading N ORM rows twice per host made a rollout O(N^2) (docs/benchmarks.md).
-    if _first_row(fu.id, "running") is not None:
-        return settled  # wait for the in-flight host's job
-    failed = _first_stopping_row(fu.id)
-    if failed is not None:
-        _halt(fu, failed)
-        return True
-    nxt = _first_row(fu.id, "pending")
-    if nxt is None:
-        _succeed(fu)
-        return True
-    return _advance(fu, nxt)
+    return _step(fu) or settled
 
 
-def _first_row(fleet_id: int, status: str) -> FleetUpdateHost | None:
-    """The rollout's first row (by position) in ``status``, or None."""
-    return db.session.scalar(
-        sa.select(FleetUpdateHost)
-        .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == status)
-        .order_by(FleetUpdateHost.position)
-        .limit(1)
+@dataclass
+class _Shape:
+    """The rollout's rows in numbers (one aggregate query): what a step decides on."""
+
+    total: int = 0
+    counts: dict = field(default_factory=dict)
+    failures: int = 0  # failed rows, and cancelled ones that had started (host deleted mid-update)
+    running: int = 0  # rows in flight, queued (offline=wait) hosts included
+    waiting: int = 0  # pending rows queued for an offline host to come back
+    wave: int | None = None  # the current wave: the lowest with a row pending or running (not queued)
+    wave_started: bool = False  # a row of the current wave left ``pending`` (or was queued)
+
+
+def _shape(fleet_id: int) -> _Shape:
+    r = FleetUpdateHost
+    rows = db.session.execute(
+        sa.select(
+            r.wave, r.status, r.waiting_since.is_not(None), r.started_at.is_not(None), sa.func.count(r.id)
+        )
+        .where(r.fleet_update_id == fleet_id)
+        .group_by(r.wave, r.status, r.waiting_since.is_not(None), r.started_at.is_not(None))
+    ).all()
+    s = _Shape()
+    for wave, status, queued, started, n in rows:
+        s.total += n
+        s.counts[status] = s.counts.get(status, 0) + n
+        if status == "failed" or (status == "cancelled" and started):
+            s.failures += n
+        if status == "running":
+            s.running += n
+        if status == "pending" and queued:
+            s.waiting += n
+        if status in ("pending", "running") and not queued and (s.wave is None or wave < s.wave):
+            s.wave = wave
+    for wave, status, queued, _started, _n in rows:
+        if wave == s.wave and (status != "pending" or queued):
+            s.wave_started = True
+    return s
+
+
+def _step(fu: FleetUpdate) -> bool:
+    strat = Strategy.of(fu)
+    shape = _shape(fu.id)
+    if shape.failures > strat.failure_budget(shape.total):
+        _halt(fu, _first_stopping_row(fu.id), strat, shape)
+        return True
+    if not shape.counts.get("pending") and not shape.running:
+        _succeed(fu, shape)
+        return True
+    if fu.paused_at is not None:
+        return False  # in-flight jobs settle; nothing new starts
+    now = utcnow()
+    if shape.wave is not None and not shape.wave_started:
+        soak = strat.soak_before(shape.wave)
+        if soak > 0:
+            if fu.hold_until is None:  # the previous wave just ended: watch it for ``soak`` seconds
+                fu.hold_until = now + dt.timedelta(seconds=soak)
+                db.session.commit()
+                log.info("fleet update %s: soaking %g s before wave %s", fu.id, soak, shape.wave)
+                return True
+            if now < fu.hold_until:
+                return False
+            fu.hold_until = None  # over: the next wave's soak starts afresh
+            db.session.commit()
+    slots = strat.in_flight(shape.total) - shape.running
+    if slots <= 0:
+        return False
+    rows = _next_rows(fu, shape, strat, slots, now)
+    changed = False
+    waiting: set[int] = set()
+    for row, host in rows:
+        outcome = _consider(fu, strat, row, host, now)
+        if outcome == "dispatched":
+            slots -= 1
+        if outcome == "waiting":
+            waiting.add(row.host_id)
+        else:
+            changed = True
+        if slots <= 0:
+            break
+    runtime().fleet_waker.waiting_for = frozenset(waiting | _queued_host_ids(fu.id))
+    return changed
+
+
+def _next_rows(fu: FleetUpdate, shape: _Shape, strat: Strategy, slots: int, now) -> list:
+    """The rows to consider now, with their hosts: queued offline hosts that came back (or whose
+    deadline passed) first, then the current wave's next pending rows, ``slots`` of them."""
+    r = FleetUpdateHost
+    out = []
+    if shape.waiting:
+        deadline = now - dt.timedelta(seconds=strat.offline_deadline_s or 0)
+        out += db.session.execute(
+            sa.select(r, Host)
+            .outerjoin(Host, Host.id == r.host_id)
+            .where(
+                r.fleet_update_id == fu.id,
+                r.status == "pending",
+                r.waiting_since.is_not(None),
+                sa.or_(Host.id.is_(None), Host.connected.is_(True), r.waiting_since <= deadline),
+            )
+            .order_by(r.position)
+        ).all()
+    if shape.wave is not None:
+        out += db.session.execute(
+            sa.select(r, Host)
+            .outerjoin(Host, Host.id == r.host_id)
+            .where(r.fleet_update_id == fu.id, r.status == "pending", r.waiting_since.is_(None), r.wave == shape.wave)
+            .order_by(r.position)
+            .limit(slots)
+        ).all()
+    return out
+
+
+def _queued_host_ids(fleet_id: int) -> set[int]:
+    return set(
+        db.session.scalars(
+            sa.select(FleetUpdateHost.host_id).where(
+                FleetUpdateHost.fleet_update_id == fleet_id,
+                FleetUpdateHost.status == "pending",
+                FleetUpdateHost.waiting_since.is_not(None),
+                FleetUpdateHost.host_id.is_not(None),
+            )
+        )
     )
 
 
-def _first_stopping_row(fleet_id: int) -> FleetUpdateHost | None:
-    """The first row that halts the rollout: a failed host, or one whose update was cut short.
+def may_dispatch_now(fu: FleetUpdate, row: FleetUpdateHost, host: Host, now) -> str | None:
+    """The one place that decides whether this host may be dispatched now: None, or why not yet.
 
-    A host deleted during its update (its job ``cancelled``, "host deleted") halts the rollout
-    like a failure: its update was started and did not end with the host updated, and the
-    rollout cannot tell whether that had to do with the release. A deleted host that was still
-    pending is passed over (it was never touched; see :func:`_advance`).
+    Offline hosts and hosts already at the target are handled by the caller; this is for gates
+    that keep a host ``pending`` without touching it (maintenance windows go here).
+    """
+    return None
+
+
+def _online(host: Host) -> bool:
+    return bool(host.connected) and runtime().connections.is_connected(host.id)
+
+
+def _consider(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host | None, now) -> str:
+    """Do what this host's turn calls for; return ``dispatched``, ``finished`` (the row ended),
+    ``waiting`` (it stays pending: offline within its grace, or gated) or ``queued``."""
+    if host is None:  # deleted before its turn
+        _finish_row(row, "cancelled", "host deleted")
+        return "finished"
+    target = row.target_version or fu.target_version
+    if host.agent_version == target:
+        _finish_row(row, "skipped", None)
+        return "finished"
+    if not _online(host):
+        return _offline(fu, strat, row, host, now)
+    if may_dispatch_now(fu, row, host, now) is not None:
+        return "waiting"
+    try:
+        dispatch.dispatch_update(
+            host.id,
+            f"fleet:{fu.id}",
+            fleet_host_row_id=row.id,
+            version=row.target_version,  # a row's own target (a revert's); None: the server's version
+            allow_downgrade=fu.kind == "revert",
+        )
+    except Refusal as refusal:
+        db.session.rollback()
+        row = db.session.get(FleetUpdateHost, row.id)
+        if refusal.code == "already_current":
+            _finish_row(row, "skipped", refusal.message)
+            return "finished"
+        if refusal.code == "host_offline":  # it went away between our look and the dispatch's
+            return "waiting"
+        _finish_row(row, "failed", refusal.message)
+        return "finished"
+    log.info("fleet update %s: dispatched host %s (wave %s)", fu.id, host.name, row.wave)
+    return "dispatched"
+
+
+def _offline(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host, now) -> str:
+    """An offline host's turn, by the rollout's ``offline`` policy."""
+    if strat.offline == "wait":
+        if row.waiting_since is None:
+            row.waiting_since = now
+            db.session.commit()
+            log.info("fleet update %s: host %s is offline; queued until it comes back", fu.id, host.name)
+            return "queued"
+        deadline = strat.offline_deadline_s or 0
+        if (now - row.waiting_since).total_seconds() >= deadline:
+            _finish_row(row, "skipped", f"stayed offline past the {deadline:g} s deadline of offline=wait")
+            return "finished"
+        return "waiting"
+    if _offline_grace_left(host) > 0:
+        return "waiting"  # its hello wakes us; the periodic tick re-checks the grace
+    grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
+    if strat.offline == "skip":
+        _finish_row(row, "skipped", f"offline: skipped after the {grace:g} s grace to reconnect (offline=skip)")
+    else:
+        _finish_row(row, "failed", f"stayed offline past the {grace:g} s grace to reconnect")
+    return "finished"
+
+
+def _first_stopping_row(fleet_id: int) -> FleetUpdateHost | None:
+    """The first row that counts against the failure budget: a failed host, or one whose update was cut short.
+
+    A host deleted during its update (its job ``cancelled``, "host deleted") counts like a failure:
+    its update was started and did not end with the host updated, and the rollout cannot tell
+    whether that had to do with the release. A deleted host that was still pending is passed
+    over (it was never touched; see :func:`_consider`).
     """
     return db.session.scalar(
         sa.select(FleetUpdateHost)
@@ -355,7 +723,7 @@ def _first_stopping_row(fleet_id: int) -> FleetUpdateHost | None:
                 sa.and_(FleetUpdateHost.status == "cancelled", FleetUpdateHost.started_at.is_not(None)),
             ),
         )
-        .order_by(FleetUpdateHost.position)
+        .order_by(FleetUpdateHost.finished_at, FleetUpdateHost.position)
         .limit(1)
     )
 
@@ -389,7 +757,7 @@ def host_connected(host_id: int) -> None:
 
 
 def _offline_grace_left(host: Host) -> float:
-    """Seconds this offline host still gets to reconnect before the rollout halts at it.
+    """Seconds this offline host still gets to reconnect before its offline policy applies.
 
     After a server restart every host is offline until its agent reconnects (with backoff), so
     the grace counts from the later of the host's last sighting and this server's start.
@@ -399,21 +767,43 @@ def _offline_grace_left(host: Host) -> float:
     return float(current_app.config["FLEET_OFFLINE_GRACE_S"]) - (utcnow() - since).total_seconds()
 
 
-def offline_wait(fu: FleetUpdate) -> dict | None:
-    """What a running rollout is waiting for, if it waits for an offline host to come back.
+def offline_waits(fu: FleetUpdate) -> dict[int, dict]:
+    """The offline hosts a running rollout waits for, by host id: ``{"host_id", "name", "left_s", "policy"}``.
 
-    ``{"host_id", "name", "left_s"}``: the host at the front of the queue is offline and the
-    rollout gives it ``left_s`` more seconds (``FLEET_OFFLINE_GRACE_S``) before halting there.
+    ``left_s``: seconds before the offline policy applies (halt, skip) or, for a host queued by
+    ``offline=wait``, before its deadline passes and it is recorded as skipped.
     """
-    if fu.status != "running" or _first_row(fu.id, "running") is not None:
-        return None
-    row = _first_row(fu.id, "pending")
-    host = row.host if row is not None else None
-    if host is None or host.agent_version == fu.target_version:
-        return None
-    if host.connected and runtime().connections.is_connected(host.id):
-        return None
-    return {"host_id": host.id, "name": host.name, "left_s": max(0, round(_offline_grace_left(host)))}
+    if fu.status != "running":
+        return {}
+    strat = Strategy.of(fu)
+    r = FleetUpdateHost
+    shape = _shape(fu.id)
+    conds = [r.waiting_since.is_not(None)]
+    if shape.wave is not None:
+        conds.append(sa.and_(r.wave == shape.wave, r.waiting_since.is_(None)))
+    rows = db.session.execute(
+        sa.select(r, Host)
+        .join(Host, Host.id == r.host_id)
+        .where(r.fleet_update_id == fu.id, r.status == "pending", sa.or_(*conds))
+        .order_by(r.position)
+    ).all()
+    now = utcnow()
+    out = {}
+    for row, host in rows:
+        if host.agent_version == (row.target_version or fu.target_version) or _online(host):
+            continue
+        if row.waiting_since is not None:
+            left = (strat.offline_deadline_s or 0) - (now - row.waiting_since).total_seconds()
+        else:
+            left = _offline_grace_left(host)
+        out[host.id] = {"host_id": host.id, "name": host.name, "left_s": max(0, round(left)), "policy": strat.offline}
+    return out
+
+
+def offline_wait(fu: FleetUpdate) -> dict | None:
+    """The first offline host the rollout waits for (see :func:`offline_waits`), or None."""
+    waits = offline_waits(fu)
+    return next(iter(waits.values()), None)
 
 
 def halt_reason(name: str, error: str | None) -> str:
@@ -424,76 +814,65 @@ def halt_reason(name: str, error: str | None) -> str:
     return f"host {name}: {error}"
 
 
-def _advance(fu: FleetUpdate, row: FleetUpdateHost) -> bool:
-    waker = runtime().fleet_waker
-    host = row.host
-    now = utcnow()
-    if host is None:  # deleted before its turn
-        _finish_row(row, "cancelled", "host deleted")
-        return True
-    if host.agent_version == fu.target_version:
-        _finish_row(row, "skipped", None)
-        return True
-    if not host.connected or not runtime().connections.is_connected(host.id):
-        if _offline_grace_left(host) > 0:
-            waker.waiting_for = host.id  # its hello wakes us; the periodic tick re-checks the grace
-            db.session.rollback()
-            return False
-        grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
-        _finish_row(row, "failed", f"stayed offline past the {grace:g} s grace to reconnect")
-        _halt(fu, row)
-        return True
-    waker.waiting_for = None
-    try:
-        dispatch.dispatch_update(host.id, f"fleet:{fu.id}", fleet_host_row_id=row.id)
-    except Refusal as refusal:
-        db.session.rollback()
-        if refusal.code == "already_current":
-            _finish_row(row, "skipped", refusal.message)
-            return True
-        row = db.session.get(FleetUpdateHost, row.id)
-        _finish_row(row, "failed", refusal.message)
-        _halt(fu, row)
-        return True
-    log.info("fleet update %s: dispatched host %s (%s)", fu.id, host.name, now)
-    return True
-
-
 def _finish_row(row: FleetUpdateHost, status: str, error: str | None) -> None:
     row.status, row.error, row.finished_at = status, error, utcnow()
     db.session.commit()
 
 
-def _halt(fu: FleetUpdate, row: FleetUpdateHost) -> None:
-    name = row.name or str(row.host_id)
-    reason = halt_reason(name, row.error)
+def _halt(fu: FleetUpdate, row: FleetUpdateHost | None, strat: Strategy, shape: _Shape) -> None:
+    """Halt: no new dispatch (in-flight jobs finish and settle), the alert, the audit."""
+    name = (row.name or str(row.host_id)) if row is not None else "?"
+    first = halt_reason(name, row.error if row is not None else None)
+    budget = strat.failure_budget(shape.total)
+    if budget == 0:
+        reason = first
+    else:
+        reason = (
+            f"{shape.failures} hosts failed, over the failure budget of {budget} "
+            f"(max_failures {strat.max_failures}); first: {first}"
+        )
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="halted", finished_at=utcnow(), halt_reason=reason)
+        .values(status="halted", finished_at=utcnow(), halt_reason=reason, hold_until=None)
     )
     if not res.rowcount:
         db.session.rollback()
         return
-    AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=reason)
+    AuditEvent.record(
+        "system",
+        "fleet.update_halted",
+        f"fleet_update:{fu.id}",
+        host=name,
+        reason=reason,
+        failures=shape.failures,
+        failure_budget=budget,
+        in_flight=shape.running,
+    )
     Alert.raise_or_touch(
         "fleet_update_halted", HALT_DEDUP, f"Fleet update {fu.id} to {fu.target_version} halted at {reason}"
     )
     _announce_finished(fu.id)
     db.session.commit()
-    log.warning("fleet update %s halted at %s", fu.id, reason)
+    log.warning("fleet update %s halted at %s (%d still in flight finish)", fu.id, reason, shape.running)
 
 
-def _succeed(fu: FleetUpdate) -> None:
+def _succeed(fu: FleetUpdate, shape: _Shape) -> None:
     res = db.session.execute(
         sa.update(FleetUpdate)
         .where(FleetUpdate.id == fu.id, FleetUpdate.status == "running")
-        .values(status="succeeded", finished_at=utcnow())
+        .values(status="succeeded", finished_at=utcnow(), hold_until=None)
     )
     if not res.rowcount:
         db.session.rollback()
         return
-    AuditEvent.record("system", "fleet.update_succeeded", f"fleet_update:{fu.id}", target_version=fu.target_version)
+    AuditEvent.record(
+        "system",
+        "fleet.update_succeeded",
+        f"fleet_update:{fu.id}",
+        target_version=fu.target_version,
+        failed=shape.failures,
+    )
     Alert.resolve("fleet_update_halted", HALT_DEDUP)
     _announce_finished(fu.id)
     db.session.commit()
@@ -505,8 +884,9 @@ def correct_host_row(job_id: str, reason: str) -> None:
 
     Subscribed to ``runtime().job_corrected``, which the watcher publishes inside that transaction.
 
-    A running rollout then halts at its next tick; one that already finished is marked halted
-    now, with the alert, because its record must not claim a host it left on the old version.
+    A running rollout then counts it against its failure budget at its next tick; one that
+    already finished is marked halted now, with the alert, when the failure is over its budget,
+    because its record must not claim a host it left on the old version.
     """
     row = db.session.scalar(
         sa.select(FleetUpdateHost).where(FleetUpdateHost.job_id == job_id, FleetUpdateHost.status == "succeeded")
@@ -516,6 +896,10 @@ def correct_host_row(job_id: str, reason: str) -> None:
     row.status, row.error = "failed", reason
     fu = row.fleet_update
     if fu.status == "succeeded":
+        db.session.flush()
+        shape = _shape(fu.id)
+        if shape.failures <= Strategy.of(fu).failure_budget(shape.total):
+            return
         name = row.name or str(row.host_id)
         fu.status, fu.halt_reason = "halted", halt_reason(name, reason)
         AuditEvent.record("system", "fleet.update_halted", f"fleet_update:{fu.id}", host=name, reason=fu.halt_reason)

@@ -246,6 +246,22 @@ class World:
         self.no_rollout()
         return fleet.start("rbac-setup", host_ids=[self.behind_id]).id
 
+    def new_paused_rollout(self) -> int:
+        fid = self.new_rollout()
+        fleet.pause(fid, "rbac-setup")
+        return fid
+
+    def new_retryable_rollout(self) -> int:
+        """A cancelled rollout whose one host was skipped: a retry takes that host again."""
+        fid = self.new_rollout()
+        fleet.skip_host(fid, self.behind_id, "rbac-setup")
+        fleet.cancel(fid, "rbac-setup")
+        return fid
+
+    def retried(self, fid: int) -> bool:
+        db.session.remove()
+        return db.session.scalar(sa.select(FleetUpdate.id).where(FleetUpdate.parent_id == fid)) is not None
+
     # -- side effects, read fresh from the database
 
     def row(self, model, key):
@@ -337,6 +353,14 @@ def _rollout_target(p: str, **body) -> Callable[[World], Target]:
     def make(w):
         fid = w.new_rollout()
         return Target(p.format(id=fid), ctx=fid, **body)
+
+    return make
+
+
+def _made_rollout_target(p: str, make_rollout: str, **body) -> Callable[[World], Target]:
+    def make(w):
+        fid = getattr(w, make_rollout)()
+        return Target(p.format(id=fid, host=w.behind_id), ctx=fid, **body)
 
     return make
 
@@ -732,6 +756,42 @@ MATRIX: list[Case] = [
         _rollout_target("/api/fleet-updates/{id}/cancel", json={}),
         ok=200,
         effect=lambda w, t: w.row(FleetUpdate, t.ctx).status == "cancelled",
+    ),
+    Case(
+        "api.fleet_pause",
+        "POST",
+        "admin",
+        api_admin(200),
+        _rollout_target("/api/fleet-updates/{id}/pause", json={}),
+        ok=200,
+        effect=lambda w, t: w.row(FleetUpdate, t.ctx).paused_at is not None,
+    ),
+    Case(
+        "api.fleet_resume",
+        "POST",
+        "admin",
+        api_admin(200),
+        _made_rollout_target("/api/fleet-updates/{id}/resume", "new_paused_rollout", json={}),
+        ok=200,
+        effect=lambda w, t: w.row(FleetUpdate, t.ctx).paused_at is None,
+    ),
+    Case(
+        "api.fleet_skip_host",
+        "POST",
+        "admin",
+        api_admin(200),
+        _made_rollout_target("/api/fleet-updates/{id}/hosts/{host}/skip", "new_rollout", json={}),
+        ok=200,
+        effect=lambda w, t: w.row(FleetUpdate, t.ctx).hosts[0].status == "skipped",
+    ),
+    Case(
+        "api.fleet_retry",
+        "POST",
+        "admin",
+        api_admin(201),
+        _made_rollout_target("/api/fleet-updates/{id}/retry", "new_retryable_rollout", json={}),
+        ok=201,
+        effect=lambda w, t: w.retried(t.ctx),
     ),
     Case("api.user_list", "GET", "admin", api_admin(200), path("/api/users"), note="viewers may not list accounts"),
     Case(

@@ -38,7 +38,7 @@ def test_a_wake_during_a_run_makes_the_waker_run_again():
 
 def test_the_waker_wakes_only_for_the_host_it_waits_for():
     waker = Waker("job", lambda: None)
-    waker.waiting_for = 7
+    waker.waiting_for = frozenset({7})
     waker.wake_for(8)
     runs = []
     waker.run(lambda: runs.append(1))
