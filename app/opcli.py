@@ -1,4 +1,4 @@
-"""Operator commands: ``hosts list``, ``jobs show``, ``fleet plan|start|status|cancel``.
+"""Operator commands: ``hosts list``, ``jobs show``, ``fleet plan|start|status|pause|resume|skip|cancel|retry``.
 
 They call the functions the JSON API calls (:mod:`app.hosts`, :mod:`app.updates.fleet`), in
 this process, on the same database; they never speak HTTP to the server. A rollout started here
@@ -28,7 +28,7 @@ from .timeutil import utcnow
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 jobs_group = AppGroup("jobs", help="Inspect jobs (agent updates).")
-fleet_group = AppGroup("fleet", help="Plan, start, watch and cancel fleet rollouts.")
+fleet_group = AppGroup("fleet", help="Plan, start, watch, pause, resume, cancel and retry fleet rollouts.")
 
 
 def _usage(message: str) -> click.exceptions.Exit:
@@ -193,16 +193,61 @@ def _selector(labels, os_name, arch, older_than, hosts, excludes):
         raise _refused(r) from None
 
 
+def _strategy_options(fn):
+    """The rollout strategy options (docs/updates.md), as ``POST /api/fleet/update`` takes them."""
+    options = [
+        click.option("--canary", type=click.IntRange(0), help="Hosts that go first, alone (wave 0)."),
+        click.option("--canary-soak", "canary_soak_s", type=float, metavar="SECONDS", help="Watch after the canary."),
+        click.option("--max-in-flight", metavar="N|P%", help="Hosts updated at once, and the wave size (default 1)."),
+        click.option("--max-failures", metavar="N|P%", help="Failed hosts tolerated; one more halts (default 0)."),
+        click.option("--wave-soak", "wave_soak_s", type=float, metavar="SECONDS", help="Pause between waves."),
+        click.option("--offline", type=click.Choice(["halt", "skip", "wait"]), help="A host offline at its turn."),
+        click.option(
+            "--offline-deadline",
+            "offline_deadline_s",
+            type=float,
+            metavar="SECONDS",
+            help="With --offline wait: how long a host may take to come back (default 3600).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _strategy(**options):
+    from .updates.strategy import Strategy
+
+    body = {k: v for k, v in options.items() if v is not None}
+    try:
+        return Strategy.from_body(body)
+    except Refusal as r:
+        raise _refused(r) from None
+
+
 def _print_plan(p) -> None:
     console = _console()
-    console.print(f"Rollout to {p.target_version} ({p.policy}, one host at a time): {len(p.hosts)} host(s)")
-    console.print(f"Selected: {p.selector.describe()}")
+    waves = p.waves()
+    click.echo(  # one line, never wrapped: scripts grep it
+        f"Rollout to {p.target_version}: {len(p.hosts)} host(s) in {len(waves)} wave(s); "
+        f"{p.strategy.describe(len(p.hosts))}"
+    )
+    click.echo(f"Selected: {p.selector.describe()}")
     if p.hosts:
         console.print(
             _table(
                 None,
-                ["#", "host", "agent", "note"],
-                [[h.position + 1, h.host.name, h.host.agent_version, h.note or ""] for h in p.hosts],
+                ["#", "wave", "host", "agent", "note"],
+                [
+                    [
+                        h.position + 1,
+                        "canary" if p.strategy.canary and h.wave == 0 else h.wave,
+                        h.host.name,
+                        h.host.agent_version,
+                        h.note or "",
+                    ]
+                    for h in p.hosts
+                ],
             )
         )
     if p.left_out:
@@ -214,14 +259,15 @@ def _print_plan(p) -> None:
 
 @fleet_group.command("plan")
 @_selector_options
+@_strategy_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the body of POST /api/fleet/plan).")
-def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json):
-    """Show which hosts a rollout would take, in order, and which it leaves out and why. Changes nothing."""
+def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json, **strategy):
+    """Show the waves a rollout would make, in order, and which hosts it leaves out and why. Changes nothing."""
     from .updates import fleet
 
     selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
     try:
-        p = fleet.plan(selector=selector)
+        p = fleet.plan(strategy=_strategy(**strategy), selector=selector)
     except Refusal as r:
         raise _refused(r) from None
     if as_json:
@@ -236,13 +282,14 @@ def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json):
 @click.option(
     "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
 )
-def fleet_start(labels, os_name, arch, older_than, hosts, excludes, follow, interval):
+@_strategy_options
+def fleet_start(labels, os_name, arch, older_than, hosts, excludes, follow, interval, **strategy):
     """Start a rollout to the server's version (the same as POST /api/fleet/update)."""
     from .updates import fleet
 
     selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
     try:
-        fu = fleet.start("cli", selector=selector)
+        fu = fleet.start("cli", strategy=_strategy(**strategy), selector=selector)
     except Refusal as r:
         raise _refused(r) from None
     click.echo(f"fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s)")
@@ -313,6 +360,75 @@ def fleet_cancel(fleet_id):
             raise _usage(r.message) from None
         raise _refused(r) from None
     click.echo(f"fleet update {fu.id} cancelled")
+
+
+def _running_id(fleet_id: int | None) -> int:
+    from .updates import fleet
+
+    if fleet_id is not None:
+        return fleet_id
+    running = fleet.running()
+    if running is None:
+        raise _usage("no fleet update is running")
+    return running.id
+
+
+def _control(action, fleet_id: int, *args):
+    try:
+        return action(fleet_id, *args)
+    except Refusal as r:
+        if r.status == 404:
+            raise _usage(r.message) from None
+        raise _refused(r) from None
+
+
+@fleet_group.command("pause")
+@click.argument("fleet_id", type=int, required=False)
+def fleet_pause(fleet_id):
+    """Pause a running rollout (default: the running one): nothing new starts; hosts updating finish."""
+    from .updates import fleet
+
+    fu = _control(fleet.pause, _running_id(fleet_id), "cli")
+    click.echo(f"fleet update {fu.id} paused")
+
+
+@fleet_group.command("resume")
+@click.argument("fleet_id", type=int, required=False)
+def fleet_resume(fleet_id):
+    """Resume a paused rollout (default: the running one); the server's next tick goes on."""
+    from .updates import fleet
+
+    fu = _control(fleet.resume, _running_id(fleet_id), "cli")
+    click.echo(f"fleet update {fu.id} resumed")
+
+
+@fleet_group.command("skip")
+@click.argument("host")
+@click.option("--fleet-id", type=int, help="The rollout (default: the running one).")
+def fleet_skip(host, fleet_id):
+    """Skip one pending HOST (name or id) of a running rollout: it is recorded skipped, never updated."""
+    from .updates import fleet
+
+    [host_id] = _host_ids((host,))
+    fu = _control(fleet.skip_host, _running_id(fleet_id), host_id, "cli")
+    click.echo(f"fleet update {fu.id}: {host} skipped")
+
+
+@fleet_group.command("retry")
+@click.argument("fleet_id", type=int, required=False)
+@click.option("--follow", is_flag=True, help="Watch the new rollout until it ends; exit 0 if it succeeded, 1 if not.")
+@click.option(
+    "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
+)
+def fleet_retry(fleet_id, follow, interval):
+    """Start a rollout of the failed and skipped hosts of a finished one (default: the latest), same strategy."""
+    from .updates import fleet
+
+    fid = fleet_id if fleet_id is not None else _rollout(None).id
+    fu = _control(fleet.retry, fid, "cli")
+    click.echo(f"fleet update {fu.id} retries {len(fu.hosts)} host(s) of fleet update {fid}")
+    if follow:
+        raise click.exceptions.Exit(follow_rollout(fu.id, interval))
 
 
 # --- following a rollout ---------------------------------------------------------------------------

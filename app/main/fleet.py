@@ -1,11 +1,12 @@
-"""The fleet rolling-update page: start, watch (HTMX polling partial), cancel, history.
+"""The fleet rolling-update page: plan (with a strategy), confirm and start, watch (HTMX polling
+partial), pause/resume, skip a host, cancel, retry, history.
 
-Every user sees the page (viewers read-only, without the start and cancel controls).
+Every user sees the page (viewers read-only, without the controls).
 """
 
 from __future__ import annotations
 
-from flask import flash, redirect, render_template, url_for
+from flask import flash, redirect, render_template, request, url_for
 from flask_login import login_required
 
 from ..auth import actor_name, admin_required
@@ -13,17 +14,60 @@ from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..htmx import is_htmx, redirect_or_hx
 from ..updates import fleet
+from ..updates.strategy import FIELDS, OFFLINE_POLICIES, Strategy
 from . import bp
 
 
-def _context(message: str | None = None) -> dict:
+def _number(raw: str):
+    """A form field as the JSON body would carry it: an int or a float when it reads as one."""
+    raw = raw.strip()
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _strategy_body(form) -> dict:
+    """The strategy fields of the page's form as an API body (blank fields take the defaults)."""
+    body: dict = {}
+    for name in FIELDS:
+        raw = (form.get(name) or "").strip()
+        if not raw:
+            continue
+        body[name] = raw if name in ("max_in_flight", "max_failures", "offline") else _number(raw)
+    return body
+
+
+def _form_values(body: dict) -> dict:
+    """What the strategy inputs show: the submitted values, or the defaults."""
+    d = Strategy().to_dict()
+    return {name: body.get(name, d[name] if d[name] is not None else "") for name in FIELDS}
+
+
+def _context(message: str | None = None, body: dict | None = None, plan_message: str | None = None) -> dict:
     history = fleet.history()
     current = fleet.running() or (history[0] if history else None)
-    plan = fleet.plan()
+    body = body or {}
+    plan = None
+    try:
+        plan = fleet.plan_from_body(body)
+    except Refusal as refusal:
+        plan_message = plan_message or refusal.message
+        plan = fleet.plan()
+    waits = fleet.offline_waits(current) if current is not None else {}
     return {
         "current": current,
         "current_dict": current.to_dict() if current is not None else None,
-        "waiting": fleet.offline_wait(current) if current is not None else None,
+        "strategy_line": Strategy.of(current).describe(current.total) if current is not None else None,
+        "waiting": next(iter(waits.values()), None),
+        "waits": waits,
+        "plan": plan,
+        "plan_dict": plan.to_dict(),
+        "plan_message": plan_message,
+        "form_values": _form_values(body),
+        "offline_policies": OFFLINE_POLICIES,
         # What Start would take: the plan's hosts; the behind hosts it leaves out are named apart.
         "behind": [p.host for p in plan.hosts],
         "left_out_behind": [lo for lo in plan.left_out if lo.reason in ("cannot_update", "offline")],
@@ -34,7 +78,7 @@ def _context(message: str | None = None) -> dict:
 
 
 def _refused(refusal: Refusal):
-    """Show a refused start or cancel: in place for HTMX, as a flash message otherwise."""
+    """Show a refused action: in place for HTMX, as a flash message otherwise."""
     if refusal.status == 404:
         return None  # the error page
     if is_htmx():
@@ -57,12 +101,35 @@ def fleet_status():
     return render_template("fleet/page.html", **_context())
 
 
+@bp.route("/settings/fleet-update/plan", methods=["POST"])
+@admin_required
+def fleet_plan():
+    """The plan for the form's strategy, with the button that starts exactly it (nothing changes)."""
+    body = _strategy_body(request.form)
+    status = 200
+    try:
+        Strategy.from_body(body)
+    except Refusal as refusal:
+        status = refusal.status
+    ctx = _context(body=body)
+    if is_htmx():
+        return render_template("fleet/_plan.html", **ctx), status
+    return render_template("fleet/page.html", **ctx), status
+
+
 @bp.route("/settings/fleet-update/start", methods=["POST"])
 @renders_refusal(_refused)
 @admin_required
 def fleet_start():
-    fu = fleet.start(actor_name())
+    fu = fleet.start_from_body(actor_name(), _strategy_body(request.form))
     flash(f"Fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s).", "info")
+    return redirect_or_hx(url_for("main.fleet_update"))
+
+
+def _act(action, fleet_id: int, done: str):
+    """Run a control ``action`` on the rollout, flash what it did, and go back to the page."""
+    action(fleet_id, actor_name())
+    flash(f"Fleet update {fleet_id} {done}", "info")
     return redirect_or_hx(url_for("main.fleet_update"))
 
 
@@ -70,6 +137,35 @@ def fleet_start():
 @renders_refusal(_refused)
 @admin_required
 def fleet_cancel(fleet_id: int):
-    fleet.cancel(fleet_id, actor_name())
-    flash(f"Fleet update {fleet_id} cancelled; the host being updated finishes its own job.", "info")
+    return _act(fleet.cancel, fleet_id, "cancelled; the hosts being updated finish their own jobs.")
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/pause", methods=["POST"])
+@renders_refusal(_refused)
+@admin_required
+def fleet_pause(fleet_id: int):
+    return _act(fleet.pause, fleet_id, "paused; the hosts being updated finish their own jobs.")
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/resume", methods=["POST"])
+@renders_refusal(_refused)
+@admin_required
+def fleet_resume(fleet_id: int):
+    return _act(fleet.resume, fleet_id, "resumed.")
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/retry", methods=["POST"])
+@renders_refusal(_refused)
+@admin_required
+def fleet_retry(fleet_id: int):
+    fu = fleet.retry(fleet_id, actor_name())
+    flash(f"Fleet update {fu.id} retries the failed and skipped hosts of {fleet_id} ({len(fu.hosts)}).", "info")
+    return redirect_or_hx(url_for("main.fleet_update"))
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/hosts/<int:host_id>/skip", methods=["POST"])
+@renders_refusal(_refused)
+@admin_required
+def fleet_skip_host(fleet_id: int, host_id: int):
+    fleet.skip_host(fleet_id, host_id, actor_name())
     return redirect_or_hx(url_for("main.fleet_update"))

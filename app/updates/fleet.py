@@ -4,9 +4,10 @@ Each :func:`tick` reads the database and does the next step: settle in-flight ho
 jobs, halt when the failure budget is exceeded, skip hosts already at the target, apply the
 offline policy, or dispatch the next hosts of the current wave through the single-host path, up
 to the in-flight limit. The strategy (counts, percentages, waves) is :mod:`.strategy`. All
-state is in the database, so a restarted server resumes a rollout where it was. Ticks are woken at once when an update job ends (the fleet
-subscribes to the watcher's ``job_ended`` announcement); the periodic scheduler tick is only a
-safety net. The wake-up state lives on the runtime (``runtime().fleet_waker``), not here.
+state is in the database, so a restarted server resumes a rollout where it was. Ticks are woken
+at once when an update job ends (the fleet subscribes to the watcher's ``job_ended``
+announcement); the periodic scheduler tick is only a safety net. The wake-up state lives on
+the runtime (``runtime().fleet_waker``), not here.
 """
 
 from __future__ import annotations
@@ -411,7 +412,9 @@ def skip_host(fleet_id: int, host_id, actor: str) -> FleetUpdate:
     if not is_id(host_id):
         raise Refusal(400, "invalid_host_id", f"host_id must be a host id (1 to {MAX_ID})")
     row = db.session.scalar(
-        sa.select(FleetUpdateHost).where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.host_id == host_id)
+        sa.select(FleetUpdateHost).where(
+            FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.host_id == host_id
+        )
     )
     if row is None:
         raise Refusal(404, "fleet_host_not_found", f"host {host_id} is not in fleet update {fleet_id}")
@@ -524,9 +527,7 @@ class _Shape:
 def _shape(fleet_id: int) -> _Shape:
     r = FleetUpdateHost
     rows = db.session.execute(
-        sa.select(
-            r.wave, r.status, r.waiting_since.is_not(None), r.started_at.is_not(None), sa.func.count(r.id)
-        )
+        sa.select(r.wave, r.status, r.waiting_since.is_not(None), r.started_at.is_not(None), sa.func.count(r.id))
         .where(r.fleet_update_id == fleet_id)
         .group_by(r.wave, r.status, r.waiting_since.is_not(None), r.started_at.is_not(None))
     ).all()

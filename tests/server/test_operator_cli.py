@@ -169,6 +169,8 @@ def test_usage_errors_exit_2(env, cast):
         (["fleet", "cancel", "999"], "no fleet update with id 999"),
         (["fleet", "cancel"], "no fleet update is running"),
         (["fleet", "start", "--bogus"], "No such option"),
+        (["fleet", "pause", "999"], "no fleet update with id 999"),
+        (["fleet", "skip", "no-such-host"], "no host named 'no-such-host'"),
         (["hosts", "list", "--json", "extra"], "unexpected extra argument"),
     ):
         r = run(args, env)
@@ -213,3 +215,40 @@ def test_bad_selector_options_are_usage_errors(env, cast):
         assert message in r.stderr, (args, r.stderr)
     r = run(["fleet", "start", "--label", "env=nowhere"], env)
     assert r.returncode == 1 and "no host matches the selector (labels env=nowhere)" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_fleet_plan_and_start_take_the_strategy_options(env, cast):
+    r = run(["fleet", "plan", "--json", "--canary", "1", "--max-in-flight", "50%", "--offline", "wait"], env)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)["plan"]
+    assert plan["strategy"]["max_in_flight"] == "50%" and plan["waves"][0]["canary"] is True
+    r = run(["fleet", "plan", "--max-failures", "5"], env)
+    assert r.returncode == 0 and "tolerate 5 failure(s)" in r.stdout and "wave" in r.stdout
+    r = run(["fleet", "start", "--max-in-flight", "ten"], env)
+    assert r.returncode == 2 and "invalid_strategy" in r.stderr and "max_in_flight" in r.stderr  # a usage error
+    r = run(["fleet", "start", "--max-in-flight", "2", "--max-failures", "1"], env)
+    assert r.returncode == 0, r.stderr
+    r = run(["fleet", "status", r.stdout.split()[2], "--json"], env)
+    fu = json.loads(r.stdout)["fleet_update"]
+    assert (fu["max_in_flight"], fu["max_failures"]) == ("2", "1")
+
+
+@pytest.mark.timeout(120)
+def test_fleet_pause_resume_skip_and_retry(env, cast):
+    from app.updates import fleet
+
+    fleet_id = str(fleet.start("admin").id)
+    r = run(["fleet", "pause"], env)
+    assert r.returncode == 0 and f"fleet update {fleet_id} paused" in r.stdout
+    r = run(["fleet", "pause"], env)
+    assert r.returncode == 1 and "fleet_update_paused" in r.stderr
+    r = run(["fleet", "resume", fleet_id], env)
+    assert r.returncode == 0 and "resumed" in r.stdout
+    r = run(["fleet", "skip", "app-1"], env)
+    assert r.returncode == 0 and "app-1 skipped" in r.stdout
+    fleet.cancel(int(fleet_id), "admin")
+    r = run(["fleet", "retry", fleet_id], env)
+    assert r.returncode == 0 and f"retries 1 host(s) of fleet update {fleet_id}" in r.stdout, r.stderr
+    r = run(["fleet", "retry", fleet_id], env)
+    assert r.returncode == 1 and "fleet_update_running" in r.stderr  # the retry runs now

@@ -29,8 +29,17 @@ def test_the_defaults_are_the_seed_behaviour():
 
 @pytest.mark.parametrize(
     "amount,total,minimum,count",
-    [("5", 200, 1, 5), ("10%", 200, 1, 20), ("10%", 5, 1, 1), ("1%", 30, 1, 1), ("5%", 200, 0, 10),
-     ("5%", 30, 0, 1), ("5%", 10, 0, 0), ("100%", 7, 1, 7), ("0", 9, 0, 0)],
+    [
+        ("5", 200, 1, 5),
+        ("10%", 200, 1, 20),
+        ("10%", 5, 1, 1),
+        ("1%", 30, 1, 1),
+        ("5%", 200, 0, 10),
+        ("5%", 30, 0, 1),
+        ("5%", 10, 0, 0),
+        ("100%", 7, 1, 7),
+        ("0", 9, 0, 0),
+    ],
 )
 def test_counts_and_percentages_resolve_against_the_selected_hosts(amount, total, minimum, count):
     assert strategy.resolve(amount, total, minimum) == count
@@ -67,11 +76,25 @@ def test_a_bad_strategy_field_is_a_typed_400_naming_it(body, field):
 
 
 def test_fields_are_stored_canonically():
-    s = Strategy.from_body({"canary": 2, "canary_soak_s": 30, "max_in_flight": "10%",
-                            "max_failures": 3, "wave_soak_s": 5, "offline": "wait"})
-    assert s.to_dict() == {"canary": 2, "canary_soak_s": 30.0, "max_in_flight": "10%", "max_failures": "3",
-                           "wave_soak_s": 5.0, "offline": "wait",
-                           "offline_deadline_s": strategy.DEFAULT_OFFLINE_DEADLINE_S}
+    s = Strategy.from_body(
+        {
+            "canary": 2,
+            "canary_soak_s": 30,
+            "max_in_flight": "10%",
+            "max_failures": 3,
+            "wave_soak_s": 5,
+            "offline": "wait",
+        }
+    )
+    assert s.to_dict() == {
+        "canary": 2,
+        "canary_soak_s": 30.0,
+        "max_in_flight": "10%",
+        "max_failures": "3",
+        "wave_soak_s": 5.0,
+        "offline": "wait",
+        "offline_deadline_s": strategy.DEFAULT_OFFLINE_DEADLINE_S,
+    }
 
 
 def test_waves_are_the_canary_then_groups_of_the_in_flight_limit():
@@ -257,8 +280,12 @@ def test_pause_stops_new_dispatch_and_resume_goes_on(behind):
     succeed(hosts[1][1])
     drive()
     assert rollout(fid)["status"] == "succeeded"
-    assert actions() == ["fleet.update_started", "fleet.update_paused", "fleet.update_resumed",
-                         "fleet.update_succeeded"]
+    assert actions() == [
+        "fleet.update_started",
+        "fleet.update_paused",
+        "fleet.update_resumed",
+        "fleet.update_succeeded",
+    ]
 
 
 def test_skipping_a_pending_host_leaves_it_alone(behind):
@@ -328,8 +355,9 @@ def test_offline_skip_records_the_host_skipped_after_its_grace_and_goes_on(cast,
 
 def test_offline_wait_queues_the_host_and_updates_it_when_it_comes_back(cast, behind, agent_for, clock):
     hosts = behind(1)
-    fid = fleet.start("admin", [cast.host_behind.id, hosts[0][0].id],
-                      Strategy(offline="wait", offline_deadline_s=600)).id
+    fid = fleet.start(
+        "admin", [cast.host_behind.id, hosts[0][0].id], Strategy(offline="wait", offline_deadline_s=600)
+    ).id
     drive()
     r = rollout(fid)
     assert statuses(fid) == {"app-1": "pending", "b-1": "running"}  # app-1 queued, b-1 goes past it
@@ -349,8 +377,9 @@ def test_offline_wait_queues_the_host_and_updates_it_when_it_comes_back(cast, be
 
 def test_offline_wait_skips_a_host_that_misses_its_deadline(cast, behind, clock):
     hosts = behind(1)
-    fid = fleet.start("admin", [cast.host_behind.id, hosts[0][0].id],
-                      Strategy(offline="wait", offline_deadline_s=120)).id
+    fid = fleet.start(
+        "admin", [cast.host_behind.id, hosts[0][0].id], Strategy(offline="wait", offline_deadline_s=120)
+    ).id
     drive()
     succeed(hosts[0][1])
     drive()
@@ -365,7 +394,10 @@ def test_the_plan_groups_waves_and_names_the_offline_policy(cast, behind):
     behind(3)
     p = fleet.plan(None, Strategy(canary=1, max_in_flight="2", offline="wait", offline_deadline_s=60)).to_dict()
     assert [(w["wave"], w["canary"], [h["name"] for h in w["hosts"]]) for w in p["waves"]] == [
-        (0, True, ["app-1"]), (1, False, ["b-1", "b-2"]), (2, False, ["b-3"])]
+        (0, True, ["app-1"]),
+        (1, False, ["b-1", "b-2"]),
+        (2, False, ["b-3"]),
+    ]
     assert "offline=wait" in p["waves"][0]["hosts"][0]["note"]  # app-1 has no agent: queued when offline
     assert p["policy"] == "waves" and p["max_in_flight_hosts"] == 2 and p["failure_budget_hosts"] == 0
     # With the default policy the default selection leaves the offline host out, and says why.

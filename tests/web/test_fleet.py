@@ -231,3 +231,78 @@ def test_the_rollout_page_says_what_the_rollout_selected(client, as_admin, cast,
 
 def test_a_rollout_without_a_selector_says_every_host(as_admin, started):
     assert "Selected: every host" in as_admin.get("/settings/fleet-update").get_data(as_text=True)
+
+
+# --- strategy, plan, controls ------------------------------------------------------------------
+
+
+def _more_behind(n):
+    from app.models import Host
+
+    made = []
+    for i in range(1, n + 1):
+        host, _ = Host.enrol(f"b-{i}")
+        host.agent_version, host.capabilities, host.connected = "1.0.0", ["update"], True
+        made.append(host)
+    db.session.commit()
+    return made
+
+
+def test_the_idle_page_shows_the_default_plan_with_its_confirm_button(as_admin, cast):
+    html = as_admin.get("/settings/fleet-update").get_data(as_text=True)
+    plan = html[html.index('id="fleet-plan"') :]
+    assert "Plan: 1 host in 1 wave" in plan and 'data-host="app-1"' in plan
+    assert "one host at a time, halt at the first failure, offline hosts: halt" in plan
+    assert 'id="fleet-strategy-form"' in html and 'hx-confirm="Start updating 1 agent(s)' in plan
+
+
+def test_previewing_a_strategy_answers_the_plan_fragment_with_waves(as_admin, cast):
+    _more_behind(4)
+    form = {"canary": "1", "canary_soak_s": "30", "max_in_flight": "2", "max_failures": "20%", "offline": "skip"}
+    r = as_admin.post("/settings/fleet-update/plan", data=form, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "<html" not in html and 'data-waves="3"' in html
+    assert "canary 1 (soak 30 s), 2 at a time, tolerate 1 failure(s), halt at the next, offline hosts: skip" in html
+    assert 'name="max_in_flight" value="2"' in html and 'name="max_failures" value="20%"' in html  # carried to Start
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0  # a plan changes nothing
+
+
+def test_a_bad_strategy_in_the_form_says_which_field_and_cannot_be_started(as_admin, cast):
+    r = as_admin.post("/settings/fleet-update/plan", data={"max_in_flight": "lots"}, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 400 and "max_in_flight: &#39;lots&#39;" in html
+    assert 'id="fleet-start" disabled' in html
+    r = as_admin.post("/settings/fleet-update/start", data={"max_in_flight": "lots"}, headers=HX)
+    assert r.status_code == 400 and b"max_in_flight" in r.data
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_starting_from_the_form_stores_the_strategy(as_admin, cast):
+    _more_behind(2)
+    r = as_admin.post("/settings/fleet-update/start", data={"max_in_flight": "2", "max_failures": "1"}, headers=HX)
+    assert r.status_code == 204
+    fu = db.session.scalar(db.select(FleetUpdate))
+    assert (fu.max_in_flight, fu.max_failures, fu.offline) == ("2", "1", "halt")
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert "Strategy: 2 at a time, tolerate 1 failure(s)" in html
+
+
+def test_pause_resume_skip_and_retry_from_the_page(as_admin, cast):
+    as_admin.post("/settings/fleet-update/start")
+    fu = db.session.scalar(db.select(FleetUpdate))
+    assert as_admin.post(f"/settings/fleet-update/{fu.id}/pause", headers=HX).status_code == 204
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert 'id="fleet-resume"' in html and 'id="fleet-paused"' in html and "Paused by admin" in html
+    r = as_admin.post(f"/settings/fleet-update/{fu.id}/pause", headers=HX)
+    assert r.status_code == 409 and b"already paused" in r.data
+    assert as_admin.post(f"/settings/fleet-update/{fu.id}/resume", headers=HX).status_code == 204
+    assert 'data-skip="app-1"' in as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    r = as_admin.post(f"/settings/fleet-update/{fu.id}/hosts/{cast.host_behind.id}/skip", headers=HX)
+    assert r.status_code == 204 and _fleet(fu.id).hosts[0].status == "skipped"
+    as_admin.post(f"/settings/fleet-update/{fu.id}/cancel", headers=HX)
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert 'id="fleet-retry"' in html
+    assert as_admin.post(f"/settings/fleet-update/{fu.id}/retry", headers=HX).status_code == 204
+    retry = db.session.scalar(db.select(FleetUpdate).where(FleetUpdate.parent_id == fu.id))
+    assert retry.kind == "retry" and [h.host_name for h in retry.hosts] == ["app-1"]
+    assert as_admin.post("/settings/fleet-update/9999/pause").status_code == 404
