@@ -43,7 +43,8 @@ class Supervisor:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def start(self) -> Supervisor:
-        """Start the child and the watching thread; return self for chaining."""
+        """Start the child and the watching thread (again after :meth:`stop`); return self for chaining."""
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._thread.start()
         self.wait_for(lambda: self.starts >= 1, timeout=self.stop_timeout)

@@ -193,3 +193,83 @@ def test_an_admin_starts_a_fleet_update_and_watches_it_finish(live_demo_schedule
     db.session.expire_all()
     assert db.session.get(Host, host_id).agent_version == SERVER_VERSION
     assert problems == [], problems
+
+
+def test_an_admin_plans_a_canary_rollout_confirms_it_pauses_resumes_and_watches_it_finish(
+    app, cast, browser, tmp_path, tmp_path_factory
+):
+    """Plan → confirm → wave progress → pause → resume → finish, over three real agents."""
+    from app.models import FleetUpdate
+    from app.runtime import runtime
+    from app.timeutil import utcnow
+
+    cast.host_behind.agent_version = SERVER_VERSION  # the cast's agentless app-1 is not part of this
+    made = [Host.enrol(f"wave-{i}") for i in (1, 2, 3)]
+    db.session.commit()
+    app.config.update(HEARTBEAT_S=0.5, HEARTBEAT_TIMEOUT=5.0, BUILD_AGENT_ON_START=False, FLEET_TICK_S=0.2)
+    builds = str(tmp_path_factory.getbasetemp() / "agent-builds")
+    program = built_agent(OLD_VERSION, builds)
+    releases.register(built_agent(SERVER_VERSION, builds), SERVER_VERSION)
+    with LiveServer(app, scheduler=True) as server:
+        agents = [
+            AgentProcess(str(tmp_path / f"agent{i}"), program, server.agent_ws_url, token).start()
+            for i, (_, token) in enumerate(made)
+        ]
+        try:
+            wait_until(lambda: all(_host_online(h.id) for h, _ in made), timeout=30, what="the agents online")
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.set_default_timeout(30_000)
+            _login(page, server.admin_url)
+            page.goto(server.admin_url + "/settings/fleet-update")
+
+            # Plan: a canary, then waves of two, with a soak after the canary.
+            page.fill('#fleet-strategy-form input[name="canary"]', "1")
+            page.fill('#fleet-strategy-form input[name="canary_soak_s"]', "4")
+            page.fill('#fleet-strategy-form input[name="max_in_flight"]', "2")
+            page.click("#fleet-preview")
+            page.wait_for_selector('#fleet-plan[data-waves="2"]')
+            plan = page.locator("#fleet-plan")
+            assert "Plan: 3 hosts in 2 waves" in plan.inner_text()
+            assert "canary 1 (soak 4 s), 2 at a time" in plan.inner_text()
+            assert plan.locator('tr[data-wave="0"] [data-host="wave-1"]').count() == 1
+            assert plan.locator('tr[data-wave="1"] [data-host="wave-3"]').count() == 1
+            page.screenshot(path=str(tmp_path / "plan.png"), full_page=True)
+
+            # Confirm: the dialog names what starts.
+            dialogs: list[str] = []
+            page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+            page.click("#fleet-start")
+            page.wait_for_selector('#fleet-status[data-fleet-status="running"]')
+            assert "3 agent(s)" in dialogs[0] and "2 wave(s)" in dialogs[0]
+
+            # Wave progress: the canary succeeds; the rollout soaks before wave 1. Pause now.
+            page.wait_for_selector('#fleet-status tr[data-host="wave-1"] .chip-row-succeeded')
+            page.click("#fleet-pause")
+            page.wait_for_selector("#fleet-paused")
+            assert page.locator("#fleet-resume").is_visible()
+            db.session.expire_all()
+            fu = db.session.scalar(db.select(FleetUpdate).where(FleetUpdate.status == "running"))
+            assert fu.paused_by == "admin" and fu.canary == 1 and fu.max_in_flight == "2"
+            assert fu.hold_until is not None  # soaking after the canary
+            runtime(app).clock.advance(5)  # the test's clock: the soak is over
+            assert utcnow() > fu.hold_until
+            page.wait_for_timeout(600)  # a few ticks of the paused rollout
+            for name in ("wave-2", "wave-3"):
+                assert page.locator(f'#fleet-status tr[data-host="{name}"] .chip-row-pending').count() == 1
+            page.screenshot(path=str(tmp_path / "paused.png"), full_page=True)
+
+            page.click("#fleet-resume")
+            page.wait_for_selector('#fleet-status[data-fleet-status="succeeded"]', timeout=60_000)
+            for name in ("wave-1", "wave-2", "wave-3"):
+                assert page.locator(f'#fleet-status tr[data-host="{name}"] .chip-row-succeeded').count() == 1
+            assert "3 / 3 done" in page.locator("#fleet-status").inner_text()
+            page.screenshot(path=str(tmp_path / "finished.png"), full_page=True)
+            assert problems == [], problems
+        finally:
+            for agent in agents:
+                agent.stop()
+    db.session.expire_all()
+    assert [db.session.get(Host, h.id).agent_version for h, _ in made] == [SERVER_VERSION] * 3
