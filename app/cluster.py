@@ -67,28 +67,47 @@ class ClusterConnections(ConnectionRegistry):
         return super().is_connected(host_id) or self.cluster.holder(host_id) is not None
 
 
+#: More waited-for hosts than this are broadcast as "*" (NOTIFY payloads are limited to 8000 bytes).
+WAITING_LIST_MAX = 500
+
+
+def encode_waiting(host_ids: frozenset[int]) -> str:
+    """The ``waiting`` notification's text: ``0`` (none), ``3,7,9``, or ``*`` (too many: every hello)."""
+    if len(host_ids) > WAITING_LIST_MAX:
+        return "*"
+    return ",".join(map(str, sorted(host_ids))) or "0"
+
+
+def decode_waiting(text: str) -> frozenset[int] | None:
+    if text.strip() == "*":
+        return None
+    return frozenset(i for i in (int(x) for x in text.split(",") if x.strip()) if i)
+
+
 class ClusterWaker(Waker):
     """The fleet tick's wake-ups across instances: the leader ticks; a follower notifies the leader.
 
-    ``waiting_for`` (set by the leader's tick) is broadcast when it changes, so a follower forwards
-    only the hello of the one host the rollout waits for, not every hello of a reconnect storm.
+    ``waiting_for`` (set by the leader's tick: the offline hosts the rollout waits for) is
+    broadcast when it changes, so a follower forwards only the hellos of those hosts, not every
+    hello of a reconnect storm.
     """
 
     def __init__(self, job_id: str, scheduler, cluster: Cluster):
         self.cluster = cluster
-        self._waiting: int | None = None
+        self._waiting: frozenset[int] = frozenset()
         super().__init__(job_id, scheduler)
 
     @property
-    def waiting_for(self) -> int | None:
+    def waiting_for(self) -> frozenset[int]:
         return self._waiting
 
     @waiting_for.setter
-    def waiting_for(self, host_id: int | None) -> None:
-        changed = host_id != self._waiting
-        self._waiting = host_id
+    def waiting_for(self, host_ids) -> None:
+        host_ids = frozenset(host_ids or ())
+        changed = host_ids != self._waiting
+        self._waiting = host_ids
         if changed and getattr(self, "cluster", None) is not None and self.cluster.leader:
-            self.cluster.broadcast("waiting", host_id or 0)
+            self.cluster.broadcast("waiting", encode_waiting(host_ids))
 
     def wake(self) -> None:
         if self.cluster.leader:
@@ -99,7 +118,7 @@ class ClusterWaker(Waker):
     def wake_for(self, host_id: int) -> None:
         if self.cluster.leader:
             super().wake_for(host_id)
-        elif self.cluster.remote_waiting == host_id:
+        elif self.cluster.remote_waiting is None or host_id in self.cluster.remote_waiting:
             self.cluster.broadcast("hello", host_id)
 
     def local_wake(self) -> None:
@@ -116,7 +135,8 @@ class Cluster:
         self.expiry_s = float(app.config["INSTANCE_EXPIRY_S"])
         self.id: int | None = None
         self.leader = False
-        self.remote_waiting: int | None = None  # the host the leader's rollout waits for
+        # The hosts the leader's rollout waits for; None: too many to list, forward every hello.
+        self.remote_waiting: frozenset[int] | None = frozenset()
         self._dsn = _dsn(app)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -449,7 +469,7 @@ class Cluster:
             elif verb == "hello" and self.leader:
                 Waker.wake_for(rt.fleet_waker, int(rest))
             elif verb == "waiting":
-                self.remote_waiting = int(rest) or None
+                self.remote_waiting = decode_waiting(rest)
         except Exception:  # noqa: BLE001 - one bad notification must not stop the listener
             log.warning("could not handle notification %r", payload, exc_info=True)
 

@@ -136,3 +136,12 @@ def _cycles(package: str) -> list[list[str]]:
 def test_the_server_package_has_no_import_cycle():
     """Lazy imports inside functions count: they hide a cycle, they do not remove it."""
     assert _cycles("app") == []
+
+
+def test_the_waited_for_hosts_travel_between_instances_as_a_list_or_a_star():
+    from app.cluster import WAITING_LIST_MAX, decode_waiting, encode_waiting
+
+    assert encode_waiting(frozenset()) == "0" and decode_waiting("0") == frozenset()
+    assert encode_waiting(frozenset({9, 3, 7})) == "3,7,9" and decode_waiting("3,7,9") == {3, 7, 9}
+    many = frozenset(range(1, WAITING_LIST_MAX + 2))
+    assert encode_waiting(many) == "*" and decode_waiting("*") is None  # None: forward every hello
