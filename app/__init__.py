@@ -127,8 +127,8 @@ def _init_db(app: Flask) -> None:
         connect_args.setdefault("check_same_thread", False)
     else:
         opts.setdefault("pool_pre_ping", True)
-        opts.setdefault("pool_size", 10)
-        opts.setdefault("max_overflow", 20)
+        opts.setdefault("pool_size", app.config["DB_POOL_SIZE"])
+        opts.setdefault("max_overflow", app.config["DB_MAX_OVERFLOW"])
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = opts
     db.init_app(app)
     if uri.startswith("sqlite"):

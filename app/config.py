@@ -229,6 +229,8 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_NOTIFY_TIMEOUT_S": ("NOTIFY_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_NOTIFY_QUEUE": ("NOTIFY_QUEUE", lambda n, v: parse_int(n, v, 1, 100000)),
     "RM_METRICS_ADDR": ("METRICS_ADDR", parse_addr),
+    "RM_DB_POOL_SIZE": ("DB_POOL_SIZE", lambda n, v: parse_int(n, v, 1, 1000)),
+    "RM_DB_MAX_OVERFLOW": ("DB_MAX_OVERFLOW", lambda n, v: parse_int(n, v, 0, 1000)),
     "RM_INSTANCE_HEARTBEAT_S": ("INSTANCE_HEARTBEAT_S", lambda n, v: parse_float(n, v, 0.05)),
     "RM_INSTANCE_EXPIRY_S": ("INSTANCE_EXPIRY_S", lambda n, v: parse_float(n, v, 0.2)),
 }
@@ -286,6 +288,10 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "BUILD_AGENT_ON_START": False,
         # Several instances on PostgreSQL (app/cluster.py): heartbeat period, and the silence after
         # which an instance counts as dead (its hosts offline, another may lead).
+        # PostgreSQL connection pool of each process (each instance also holds two dedicated
+        # connections: its listener and its leadership lock).
+        "DB_POOL_SIZE": 10,
+        "DB_MAX_OVERFLOW": 20,
         "INSTANCE_HEARTBEAT_S": 1.0,
         "INSTANCE_EXPIRY_S": 5.0,
         "SOCK_SERVER_OPTIONS": {"ping_interval": None, "max_message_size": 64 * 1024},

@@ -542,6 +542,12 @@ def run(args) -> dict:
     nofile = raise_nofile()
     n = args.agents
     tmp = tempfile.mkdtemp(prefix="rm-bench-agents-")
+    private_pg = None
+    if args.private_pg:  # a PostgreSQL of the bench's own: no other user's connections, its own limits
+        from tests.support.cluster import PrivatePostgres
+
+        private_pg = PrivatePostgres().init().start(max_connections=args.pg_max_connections)
+        args.database_url = private_pg.url()
     db_path = os.path.join(tmp, "bench.sqlite3")
     db_url = "sqlite:///" + db_path
     if args.database_url:  # PostgreSQL: a schema of the bench's own; db_path is then that URL
@@ -561,7 +567,8 @@ def run(args) -> dict:
         tmp, db_url, RM_VERSION=VERSION, RM_HEARTBEAT_S=str(args.heartbeat),
         RM_HEARTBEAT_TIMEOUT=str(args.heartbeat * 3), RM_LOG_LEVEL=args.log_level, **tune,
     )
-    res: dict = {"agents": n, "workers": args.workers, "database": "postgresql" if args.database_url else "sqlite",
+    database = ("private postgresql" if private_pg else "postgresql") if args.database_url else "sqlite"
+    res: dict = {"agents": n, "workers": args.workers, "database": database,
                  "load_before": loadavg(), "heartbeat_s": args.heartbeat, "backoff_cap_s": args.backoff_cap,
                  "cpus": os.cpu_count(), "python": platform.python_version(), "tuning_env": tune,
                  "nofile_limit": nofile[0], "somaxconn": int(sysctl("net.core.somaxconn") or 0),
@@ -728,6 +735,8 @@ def run(args) -> dict:
         if load is not None:
             load.stop()
         server.stop()
+        if private_pg is not None:
+            private_pg.remove()
         if args.keep:
             print(f"[bench] kept {tmp}", file=sys.stderr)
         else:
@@ -815,6 +824,9 @@ def main(argv=None) -> int:
     ap.add_argument("--database-url", default=os.environ.get("RM_BENCH_DATABASE_URL"),
                     help="PostgreSQL URL (default: a fresh SQLite file); the bench owns --schema on it")
     ap.add_argument("--schema", default="rm_bench_agents", help="schema dropped and migrated on --database-url")
+    ap.add_argument("--private-pg", action="store_true",
+                    help="start a PostgreSQL of the bench's own (initdb/pg_ctl in a temp folder) instead")
+    ap.add_argument("--pg-max-connections", type=int, default=400, help="max_connections of --private-pg")
     ap.add_argument("--keep", action="store_true", help="keep the temporary instance folder (logs)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     # internal: the load process
@@ -827,7 +839,7 @@ def main(argv=None) -> int:
         return load_worker(args)
     if args.agents < 1:
         ap.error("--agents must be at least 1")
-    if args.workers > 1 and not args.database_url:
+    if args.workers > 1 and not (args.database_url or args.private_pg):
         ap.error("--workers > 1 needs --database-url (PostgreSQL): SQLite serves one process")
     res = run(args)
     if args.json:

@@ -129,6 +129,13 @@ def run(args) -> dict:
         b.start()
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {api_token}"
+        # the floor on this machine now: a plain authenticated read on A's admin plane
+        floor = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            http.get(f"{a.admin_url}/api/hosts/{host_id}", timeout=10).raise_for_status()
+            floor.append((time.perf_counter() - t0) * 1000.0)
+        res["read_p50_ms"], res["read_p99_ms"] = percentile(floor, 50), percentile(floor, 99)
         for where, server in (("remote", b), ("local", a)):
             agent = stamped_agent(f"ws://127.0.0.1:{server.agent_port}", token)
             agent.connect()
@@ -166,6 +173,8 @@ def report(res: dict) -> None:
 
     rows = [
         ("machine", f"{res['cpus']} CPUs; load before {res['load_before']}, after {res.get('load_after', 'n/a')}"),
+        ("floor: GET /api/hosts/<id> on A, p50 / p99",
+         f"{res.get('read_p50_ms') or 0:.1f} / {res.get('read_p99_ms') or 0:.1f} ms"),
         ("API on A -> command.update at agent on B", row("remote")),
         ("API on A -> command.update at agent on A", row("local")),
         (f"target p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms (remote)",

@@ -142,8 +142,11 @@ class PrivatePostgres:
         self._run(os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", "postgres", "--auth=trust", "-N")
         return self
 
-    def start(self) -> PrivatePostgres:
+    def start(self, **settings) -> PrivatePostgres:
+        """Start (``settings``: more ``-c name=value``, e.g. ``max_connections=400``; kept for restarts)."""
+        self.settings = {**getattr(self, "settings", {}), **settings}
         opts = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        opts += "".join(f" -c {k}={v}" for k, v in self.settings.items())
         self._run(
             os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l", self.log_path, "-o", opts, "-w", "start"
         )
