@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # imported late so --version and config errors stay fast and independent of simple-websocket
+    # imported now, never after a swap: zipimport reads a lazily imported module from the program
+    # *path*, which then holds another archive (EOFError, "bad local file header")
+    from agent import reexec
     from agent.client import Agent
 
     stop = StopFlag()
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # last resort: log it and let the service manager restart us
         logging.getLogger("agent").exception("agent crashed")
         return EX_SOFTWARE
+    if agent.restart_pending and agent.program and config.restart_mode == "exec" and reexec.supported():
+        reexec.restart_in_place(agent.program, config.state_dir)  # returns only if the exec failed
     sd_notify("STOPPING=1")
     if stop.signum is not None:
         logging.getLogger("agent").info("stopped by signal %d", stop.signum)

@@ -127,6 +127,15 @@ class Agent:
         """Ask the main loop to close the link and return (safe from a signal handler)."""
         self.stop.set()
 
+    @property
+    def restart_pending(self) -> bool:
+        """True when :meth:`run` returned so that the program file (swapped in, or restored) gets started.
+
+        The caller restarts into it: in place (:func:`agent.reexec.restart_in_place`) or by exiting
+        0 for the service manager. A stop request wins over it.
+        """
+        return self._restart.is_set() and not self.stop.is_set()
+
     def update_unavailable(self) -> str | None:
         """Why this agent cannot update itself (the hello's ``update_unavailable``), or None."""
         if not can_self_update(self.program):
@@ -486,7 +495,10 @@ class Agent:
             )
         if not self.program:
             return None  # run from source: there is no program file to repair or roll back
-        return EX_ROLLBACK_RESTART if self.probation.start_up() else None
+        if self.probation.start_up():
+            self._restart.set()  # the restored program must be started: see restart_pending
+            return EX_ROLLBACK_RESTART
+        return None
 
     def _rolled_back(self) -> None:
         # called from the probation thread once the previous program is back in place

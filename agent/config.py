@@ -26,7 +26,10 @@ _KNOWN_KEYS = (
     "allow_unsigned_updates",
     "probation_s",
     "server_ca",
+    "restart_mode",
 )
+#: How the agent starts the program file after a swap or a rollback (agent/reexec.py).
+RESTART_MODES = ("exec", "exit")
 
 
 class ConfigError(Exception):
@@ -46,6 +49,8 @@ class AgentConfig:
     allow_unsigned_updates: bool = False  # lab opt-out: accept unsigned releases when no key is pinned
     probation_s: float = DEFAULT_PROBATION_S  # a new program must reach the server within this
     server_ca: str | None = None  # PEM CA file the server's certificate must chain to (else the system store)
+    # "exec": re-execute the swapped-in program in place (POSIX); "exit": exit 0 for the service manager
+    restart_mode: str = "exec"
 
     @property
     def updates_allowed(self) -> bool:
@@ -144,6 +149,12 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
     if "server_ca" in raw:
         server_ca = _ca_file(raw, path, parts.scheme, fail)
 
+    restart_mode = "exec"
+    if "restart_mode" in raw:
+        restart_mode = _string(raw, "restart_mode", fail).lower()
+        if restart_mode not in RESTART_MODES:
+            raise fail(f"'restart_mode' must be one of {', '.join(RESTART_MODES)}, got {raw['restart_mode']!r}")
+
     return AgentConfig(
         path=path,
         server_url=server_url.rstrip("/"),
@@ -156,6 +167,7 @@ def parse_config(raw: dict, path: str) -> AgentConfig:
         allow_unsigned_updates=allow_unsigned,
         probation_s=probation_s,
         server_ca=server_ca,
+        restart_mode=restart_mode,
     )
 
 

@@ -10,9 +10,11 @@ import socket
 EX_OK = 0
 EX_SOFTWARE = 70
 EX_CONFIG = 78
-#: After swapping in a new program the agent exits 0 so that ``Restart=always`` starts the new file.
+#: After swapping in a new program the agent re-executes it in place (agent/reexec.py); only when
+#: that fails (or with ``restart_mode = "exit"``, or on Windows) it exits 0 so that
+#: ``Restart=always`` starts the new file.
 EX_UPDATE_RESTART = 0
-#: After rolling back to the previous program (probation failed) the agent exits 0 for the same reason.
+#: After rolling back to the previous program (probation failed): the same, for the restored file.
 EX_ROLLBACK_RESTART = 0
 
 

@@ -15,7 +15,7 @@ import time
 log = logging.getLogger("agent.failpoints")
 
 FAILPOINT_ENV = "RM_AGENT_FAILPOINT"
-FAILPOINTS = ("after_download", "after_old", "between_renames", "after_swap", "before_welcome_commit")
+FAILPOINTS = ("after_download", "after_old", "between_renames", "after_swap", "before_reexec", "before_welcome_commit")
 
 
 def failpoint(name: str, state_dir: str) -> None:

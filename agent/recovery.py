@@ -166,6 +166,19 @@ def roll_back(program: str, state_dir: str, marker: dict, reason: str) -> bool:
     return True
 
 
+def count_unguarded_start(state_dir: str) -> bool:
+    """Count a start the sh guard will not see (a re-exec in place) in the marker's ``attempts``.
+
+    Only while a program is on probation and no rollback is under way; return True if counted.
+    The started program's own :func:`repair` counts ``starts`` as usual (the larger count decides).
+    """
+    marker = read_marker(state_dir)
+    if not marker or marker.get("rollback"):
+        return False
+    write_marker(state_dir, {**marker, "attempts": _int(marker.get("attempts")) + 1})
+    return True
+
+
 def commit(state_dir: str, marker: dict) -> None:
     """The server welcomed the new program: record ``committed`` and end the probation."""
     write_state(

@@ -83,8 +83,9 @@ def _ensure_demo_host(app: Flask, agent_dir: str, agent_port: int, public_key: s
 class AgentLoop:
     """Keep the demo agent running: start it again whenever it exits, as ``Restart=always`` does.
 
-    The agent exits to finish an update (the new program starts on the restart), so the demo needs
-    this; it is all the demo needs (tests and benchmarks use ``tests/support/supervisor.py``).
+    The agent finishes an update by re-executing the new program in place, and exits for a restart
+    only when that fails or it crashes, so the demo needs this; it is all the demo needs (tests and
+    benchmarks use ``tests/support/supervisor.py``).
     """
 
     def __init__(self, cmd: list[str], cwd: str, log_path: str, restart_s: float = 0.1):

@@ -406,4 +406,4 @@ class Updater:
                 write_state(self.state_dir, state)
             except OSError as exc:
                 log.error("swapped, but cannot write %s: %s", state_path(self.state_dir), exc)
-        log.info("swapped in version %s (was %s); exiting for the restart", cmd.version, self.current_version)
+        log.info("swapped in version %s (was %s); restarting into it", cmd.version, self.current_version)

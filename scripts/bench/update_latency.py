@@ -2,6 +2,7 @@
 """How long one agent update takes, next to a plain restart of the same agent.
 
     .venv/bin/python scripts/bench/update_latency.py --reps 10 [--json] [--probe http|db]
+        [--restart-mode exec|exit] [--restart-sec S|unit]
 
 In one run, against a real ``restic-manager serve`` (RM_VERSION=B, 127.0.0.1, ephemeral ports,
 fresh migrated SQLite instance) and a real agent zipapp (built from this tree as version A) kept
@@ -15,7 +16,11 @@ running by ``tests.support.supervisor.Supervisor`` (what systemd's ``Restart=alw
     supervisor stopped, the A build copied back, ``.old``/state removed, supervisor started, online.
 
 Both use the same supervisor and the same ``--restart-sec``, so b/a is what the update adds on top
-of a restart: command, download, verify, swap, exit.
+of a restart: command, download, verify, swap, exit. ``--restart-sec unit`` takes the shipped
+systemd unit's ``RestartSec=`` (scripts/systemd/restic-manager-agent.service). ``--restart-mode``
+is the agent's ``restart_mode``: ``exec`` (shipped: the agent re-executes the swapped-in file in
+place, so no supervisor restart and no RestartSec lie on the update path) or ``exit`` (exit 0 and
+let the supervisor start it after RestartSec). scripts/bench/self_restart.py compares the two.
 
 How "the server saw it" is detected (``--probe``; both poll every ``--poll-ms``, default 5 ms):
 
@@ -62,6 +67,21 @@ A, B = "1.0.0", "2.0.0"
 TARGET_RATIO = 1.5
 TARGET_B_S = 1.0
 STEP_TIMEOUT_S = 30.0
+UNIT = os.path.join(ROOT, "scripts", "systemd", "restic-manager-agent.service")
+
+
+def unit_restart_sec(path: str = UNIT) -> float:
+    """The ``RestartSec=`` of the shipped unit, in seconds (plain seconds or ``ms``/``s`` suffixes)."""
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"\s*RestartSec\s*=\s*([0-9.]+)\s*(ms|s)?\s*$", line)
+            if m:
+                return float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+    return 0.1  # systemd's default
+
+
+def restart_sec_arg(value: str) -> float:
+    return unit_restart_sec() if value == "unit" else float(value)
 
 
 def log(msg: str) -> None:
@@ -219,6 +239,7 @@ class Bench:
 
         t0 = time.monotonic()
         instance, url, self.db_path, self.host_id, tokens = make_instance(self.tmp)
+        self.instance, self.db_url = instance, url
         self.api_token, self.agent_token = tokens.split("\n")
         builds = os.path.join(self.tmp, "builds")
         self.a_build = built_agent(A, builds)
@@ -247,7 +268,10 @@ class Bench:
         if os.path.exists(state):
             os.remove(state)
         since = time.time()
-        self.agent = AgentProcess(self.agent_dir, self.a_build, self.server.agent_ws_url, self.agent_token)
+        extra = f'restart_mode = "{self.args.restart_mode}"\n'
+        self.agent = AgentProcess(
+            self.agent_dir, self.a_build, self.server.agent_ws_url, self.agent_token, extra_config=extra
+        )
         self.agent.supervisor.restart_sec = self.args.restart_sec
         self.agent.start()
 
@@ -319,7 +343,9 @@ class Bench:
         starts = sup.starts
         agent_off = os.path.getsize(sup.log_path)
         server_off = os.path.getsize(self.server.log_path)
-        watcher = ExitWatcher(sup)
+        pid = sup.pid
+        exec_mode = self.args.restart_mode == "exec"
+        watcher = None if exec_mode else ExitWatcher(sup)
         http = self.probe.http if isinstance(self.probe, HttpProbe) else None
         if http is None:
             import requests
@@ -340,17 +366,35 @@ class Bench:
         (status, finished_at, error), observed_at = poll(ended, self.interval, STEP_TIMEOUT_S, "the job to end")
         if status != "succeeded":
             raise RuntimeError(f"update job {job_id} {status}: {error}\n{self.agent.log()}")
-        exited = watcher.result()
-        restarted = sup.start_times[starts] + self.mono_to_wall if sup.starts > starts else None
         _, hello_at, _ = self.probe.host(self.host_id)
         atext = read_from(sup.log_path, agent_off)
         stext = read_from(self.server.log_path, server_off)
+        if exec_mode:
+            # the same process went on: no exit, no supervisor restart, no RestartSec
+            if sup.starts != starts or sup.pid != pid:
+                raise RuntimeError(f"restart_mode exec, but the supervisor restarted the agent:\n{atext}")
+            exited = restarted = first(atext, r"INFO agent.reexec: restarting in place")
+        else:
+            exited = watcher.result()
+            restarted = sup.start_times[starts] + self.mono_to_wall if sup.starts > starts else None
         received = first(atext, r"INFO agent: update job .*: updating ")
         downloading = first(stext, rf"update job {job_id}: phase downloading \(0/")
         verifying = first(stext, rf"update job {job_id}: phase verifying")
         staging = first(stext, rf"update job {job_id}: phase staging")
         restarting = first(stext, rf"update job {job_id}: phase restarting")
         started = first(atext, rf"INFO agent: restic-manager agent {re.escape(B)} starting")
+        handover = (
+            {
+                "restarting reported -> execv": _d(restarting, exited),
+                "execv -> agent main() running": _d(exited, started),
+            }
+            if exec_mode
+            else {
+                "restarting reported -> process exit": _d(restarting, exited),
+                "exit -> supervisor restart": _d(exited, restarted),
+                "restart -> agent main() running": _d(restarted, started),
+            }
+        )
         rep = {
             "server_s": finished_at - t0,
             "observed_s": observed_at - t0,
@@ -361,9 +405,7 @@ class Bench:
                 "download (incl. fsync)": _d(downloading, verifying),
                 "verify (sha256)": _d(verifying, staging),
                 "swap (.old copy, rename, fsyncs, state)": _d(staging, restarting),
-                "restarting reported -> process exit": _d(restarting, exited),
-                "exit -> supervisor restart": _d(exited, restarted),
-                "restart -> agent main() running": _d(restarted, started),
+                **handover,
                 "agent running -> hello recorded": _d(started, hello_at),
                 "hello recorded -> job succeeded": _d(hello_at, finished_at),
                 "job succeeded -> observed": _d(finished_at, observed_at),
@@ -419,11 +461,15 @@ def report(result: dict) -> None:
     def ms(v):
         return "     -" if v is None else f"{v * 1000:6.0f}"
 
-    print(f"\nUpdate latency ({result['reps']} reps each; probe={result['probe']}, poll {result['poll_ms']} ms, "
-          f"supervisor restart_sec={result['restart_sec']} s, kill=SIGKILL)")
+    print(
+        f"\nUpdate latency ({result['reps']} reps each; probe={result['probe']}, poll {result['poll_ms']} ms, "
+        f"supervisor restart_sec={result['restart_sec']} s, restart_mode={result['restart_mode']}, kill=SIGKILL)"
+    )
     m = result["machine"]
-    print(f"machine: {m['cpus']} CPUs, {m['cpu']}, Python {m['python']}, "
-          f"load avg (1 min) {m['loadavg_1m_start']} at start, {m['loadavg_1m_end']} at end")
+    print(
+        f"machine: {m['cpus']} CPUs, {m['cpu']}, Python {m['python']}, "
+        f"load avg (1 min) {m['loadavg_1m_start']} at start, {m['loadavg_1m_end']} at end"
+    )
     print(f"\n{'ms':44s} {'median':>6s} {'p90':>6s} {'min':>6s} {'max':>6s}")
     for key, label in (
         ("a_server", "(a) kill -> hello recorded      [server ts]"),
@@ -437,8 +483,7 @@ def report(result: dict) -> None:
         ratio = result[f"ratio_{kind}"]
         print(f"ratio b/a [{kind}]: {ratio:.2f}")
     ok = result["target_met"]
-    print(f"target (ratio <= {TARGET_RATIO}, median(b) <= {TARGET_B_S} s, both measures): "
-          f"{'MET' if ok else 'NOT MET'}")
+    print(f"target (ratio <= {TARGET_RATIO}, median(b) <= {TARGET_B_S} s, both measures): {'MET' if ok else 'NOT MET'}")
     for title, key in (("(a) restart breakdown, medians", "a_phases"), ("(b) update breakdown, medians", "b_phases")):
         print(f"\n{title} (ms):")
         for name, v in result[key].items():
@@ -450,7 +495,18 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10, help="repetitions of (a) and of (b) (default 10)")
     p.add_argument("--probe", choices=("http", "db"), default="http", help="how the bench sees server state")
     p.add_argument("--poll-ms", type=float, default=5.0, help="poll interval in ms (default 5)")
-    p.add_argument("--restart-sec", type=float, default=0.05, help="supervisor RestartSec for (a) and (b)")
+    p.add_argument(
+        "--restart-sec",
+        type=restart_sec_arg,
+        default=0.05,
+        help="supervisor RestartSec for (a) and (b); 'unit' = the shipped unit's (default 0.05)",
+    )
+    p.add_argument(
+        "--restart-mode",
+        choices=("exec", "exit"),
+        default="exec",
+        help="the agent's restart_mode: re-exec in place (shipped) or exit for the supervisor",
+    )
     p.add_argument("--settle", type=float, default=0.3, help="idle seconds after the agent is online")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
@@ -469,8 +525,10 @@ def main(argv=None) -> int:
             for series, fn, tag in ((a_reps, bench.restart_rep, "a"), (b_reps, bench.update_rep, "b")):
                 rep = fn()
                 series.append(rep)
-                log(f"[bench] ({tag}) rep {i + 1}: server {rep['server_s'] * 1000:.0f} ms, "
-                    f"observed {rep['observed_s'] * 1000:.0f} ms")
+                log(
+                    f"[bench] ({tag}) rep {i + 1}: server {rep['server_s'] * 1000:.0f} ms, "
+                    f"observed {rep['observed_s'] * 1000:.0f} ms"
+                )
     except Exception:
         logs = (("agent", bench.agent and bench.agent.log()), ("server", bench.server and bench.server.log()))
         for name, text in logs:
@@ -485,6 +543,7 @@ def main(argv=None) -> int:
         "probe": args.probe,
         "poll_ms": args.poll_ms,
         "restart_sec": args.restart_sec,
+        "restart_mode": args.restart_mode,
         "kill_signal": "SIGKILL",
         "machine": {**machine(), "loadavg_1m_start": load_start},
         "a_server": stats([r["server_s"] for r in a_reps]),

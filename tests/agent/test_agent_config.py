@@ -26,6 +26,7 @@ def test_it_loads_a_minimal_config(tmp_path):
     assert cfg.heartbeat_s is None
     assert cfg.backoff_max_s == 10
     assert cfg.log_level == "INFO"
+    assert cfg.restart_mode == "exec"  # re-execute the swapped-in program in place (agent/reexec.py)
     # run from source, the state lives beside the config file
     assert cfg.state_dir == str(tmp_path)
 
@@ -33,9 +34,10 @@ def test_it_loads_a_minimal_config(tmp_path):
 def test_it_reads_every_optional_key(tmp_path):
     text = (
         'server_url = "wss://rm.example.org"\ntoken = "abc"\nheartbeat_s = 5\n'
-        'backoff_max_s = 12.5\nstate_dir = "state"\nlog_level = "debug"\n'
+        'backoff_max_s = 12.5\nstate_dir = "state"\nlog_level = "debug"\nrestart_mode = "Exit"\n'
     )
     cfg = load_config(write(tmp_path, text))
+    assert cfg.restart_mode == "exit"
     assert (cfg.heartbeat_s, cfg.backoff_max_s, cfg.log_level) == (5.0, 12.5, "DEBUG")
     assert cfg.state_dir == str(tmp_path / "state")
 
@@ -57,6 +59,8 @@ def test_it_reads_every_optional_key(tmp_path):
         ({"server_url": "ws://h", "token": "t", "backoff_max_s": "30"}, "'backoff_max_s' must be a number"),
         ({"server_url": "ws://h", "token": "t", "log_level": "LOUD"}, "'log_level' must be one of"),
         ({"server_url": "ws://h", "token": "t", "server-url": "x"}, "unknown key 'server-url'"),
+        ({"server_url": "ws://h", "token": "t", "restart_mode": "fork"}, "'restart_mode' must be one of exec, exit"),
+        ({"server_url": "ws://h", "token": "t", "restart_mode": 1}, "'restart_mode' must be a string"),
     ],
 )
 def test_it_rejects_bad_values_with_a_clear_message(raw, message):

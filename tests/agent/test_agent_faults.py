@@ -68,7 +68,7 @@ def test_killed_before_the_swap_keeps_the_old_program_and_reports_failed(
     assert_runnable_and_verified(host, a, b, "1.0.0")
 
 
-@pytest.mark.parametrize("failpoint", ["after_swap", "before_welcome_commit"])
+@pytest.mark.parametrize("failpoint", ["after_swap", "before_reexec", "before_welcome_commit"])
 def test_killed_after_the_swap_the_new_program_commits_once_welcomed(
     failpoint, peer, artifact_server, agent_builds, release_key, zipapp_host
 ):
@@ -97,7 +97,11 @@ def test_a_new_program_that_cannot_start_is_rolled_back_by_the_guard(
     assert again["agent_version"] == "1.0.0"
     assert again["last_update"]["outcome"] == "rolled_back"
     assert again["last_update"]["error"] == "new version 2.0.0 crash-looped: 3 starts without reaching the server"
-    assert host.supervisor.exit_codes[:4] == [0, 3, 3, 3]
+    # The old agent re-executed itself into the broken program (same process, counted as the first
+    # attempt); the supervisor's two restarts ran the guard, whose next start restored the old one.
+    assert "agent.reexec: restarting in place" in host.log()
+    assert host.supervisor.exit_codes[:3] == [3, 3, 3], host.log()
+    assert host.supervisor.restarts == 3
     host.stop()
     assert_runnable_and_verified(host, a, b, "1.0.0")
     assert not (host.home / "probation.json").exists()
@@ -115,6 +119,8 @@ def test_a_new_program_that_never_reaches_the_server_is_rolled_back_after_probat
     assert back["agent_version"] == "1.0.0"
     assert back["last_update"]["outcome"] == "rolled_back"
     assert back["last_update"]["error"] == "new version 2.0.0 never reached the server within 1 s"
+    # swap and rollback both restarted in place: one process throughout, no supervisor restart
+    assert host.supervisor.restarts == 0 and host.log().count("agent.reexec: restarting in place") == 2, host.log()
     host.stop()
     assert_runnable_and_verified(host, a, b, "1.0.0")
     assert not (host.home / "probation.json").exists()

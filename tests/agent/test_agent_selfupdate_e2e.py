@@ -28,19 +28,21 @@ def test_the_supervisor_stops_a_running_program_with_sigterm(tmp_path):
     assert sup.restarts == 0
 
 
+@pytest.mark.parametrize("restart_mode", ["exec", "exit"])
 def test_a_zipapp_agent_updates_itself_commits_and_keeps_the_old_program(
-    peer, artifact_server, agent_builds, release_key, zipapp_host
+    restart_mode, peer, artifact_server, agent_builds, release_key, zipapp_host
 ):
     a, b = agent_builds["1.0.0"], agent_builds["2.0.0"]
     with open(b.path, "rb") as fh:
         b_bytes = fh.read()
     files = artifact_server(b_bytes)
     server = UpdatePeer(peer, update_command(b, job_id="job-e2e", url=files.url("/agent/download/2.0.0")))
-    host = zipapp_host(a.path, server.url, release_key[1]).start()
+    host = zipapp_host(a.path, server.url, release_key[1], restart_mode=f'"{restart_mode}"').start()
 
     first = server.next_hello(host=host)
     assert first["agent_version"] == "1.0.0"
     assert first["capabilities"] == ["update"]
+    pid = host.supervisor.pid
     second = server.next_hello(host=host)
     assert second["agent_version"] == "2.0.0"
     assert second["last_update"] == {
@@ -53,10 +55,18 @@ def test_a_zipapp_agent_updates_itself_commits_and_keeps_the_old_program(
     # welcomed at the new version: committed, the marker gone, .old kept as the previous version
     host.wait_committed()
     assert server.phases() == ["downloading", "verifying", "staging", "restarting"]
-    assert host.supervisor.restarts == 1 and host.supervisor.exit_codes == [0]
+    if restart_mode == "exec":
+        # the shipped way: the same process re-executed the new file; the supervisor never restarted it
+        assert host.supervisor.restarts == 0 and host.supervisor.exit_codes == [], host.log()
+        assert host.supervisor.pid == pid
+        assert "agent.reexec: restarting in place: " in host.log()
+    else:
+        # restart_mode = "exit" (and the fallback when the exec fails): exit 0, the supervisor starts it
+        assert host.supervisor.restarts == 1 and host.supervisor.exit_codes == [0], host.log()
+        assert "restarting in place" not in host.log()
     assert host.program.read_bytes() == b_bytes
     with open(a.path, "rb") as fh:
         assert (host.home / "restic-manager-agent.pyz.old").read_bytes() == fh.read()
     host.stop()
-    assert host.supervisor.exit_codes == [0, 0], host.log()  # SIGTERM is a clean stop too
+    assert host.supervisor.exit_codes[-1] == 0, host.log()  # SIGTERM is a clean stop too
     assert host.installed_version() == "2.0.0"

@@ -2,7 +2,8 @@
 
 The agent is built from this tree as version A (1.0.0); the server claims and ships B (2.0.0).
 An admin logs in over HTTP and presses "Update agent" (the HTMX form post); the agent downloads,
-verifies, swaps, exits, is restarted by the supervisor, and says hello at B.
+verifies, swaps, re-executes the new file in place (as on a real host: the supervisor only
+restarts what exits), and says hello at B.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_versio
     ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
+    pid = ag.supervisor.pid
 
     press_update(admin, host_id)
     job = terminal_job(admin, host_id)
@@ -98,7 +100,10 @@ def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_versio
     with open(ag.program + ".old", "rb") as f:
         assert f.read() == old_bytes  # the previous program is kept
     assert not os.path.exists(ag.program + ".new")
-    assert ag.supervisor.restarts >= 1
+    # the shipped restart: the agent re-executed the new file in place (same process, no supervisor
+    # restart, so no RestartSec); the supervisor would only step in had the exec failed
+    assert ag.supervisor.restarts == 0 and ag.supervisor.pid == pid, ag.log()
+    assert "agent.reexec: restarting in place" in ag.log()
     log = srv.log()
     for phase in ("downloading", "verifying", "staging", "restarting"):
         assert re.search(rf"phase {phase}\b", log), f"phase {phase} not reported"
@@ -153,7 +158,9 @@ def test_an_agent_that_never_comes_back_times_out_with_a_clear_message(fleet):
     srv = fleet.start_server(RM_UPDATE_TIMEOUT="3")
     ag = fleet.start_agent(token)
     admin = admin_when_online(srv, host_id)
-    ag.supervisor.restart_sec = 3600  # the service manager gives up on it
+    # a signed new program that starts (the old agent re-executes it) but never says hello
+    _serve_signed_artifact(srv, b"#!/usr/bin/env python3\nimport time\ntime.sleep(3600)\n")
+    ag.supervisor.restart_sec = 3600  # and, should it exit, the service manager gives up on it
     press_update(admin, host_id)
     job = terminal_job(admin, host_id, timeout=20)
     assert job["status"] == "failed"
