@@ -99,6 +99,10 @@ def restart_in_place(program: str, state_dir: str, *, execv: Callable[[str, list
 
     Call it from the main thread after the link is closed. On success it never returns.
     """
+    if not sys.executable:  # an embedding interpreter that cannot name itself
+        reason = "the interpreter's path is unknown (sys.executable is empty)"
+        log.error("cannot re-execute %s: %s; exiting so the service manager starts it", program, reason)
+        return reason
     argv = reexec_argv(program)
     try:
         recovery.count_unguarded_start(state_dir)

@@ -47,6 +47,24 @@ from update_latency import B, Bench, log, phase_medians, stats, unit_restart_sec
 TARGET_S = 0.5
 
 
+def host_python() -> str:
+    """The unit's interpreter, /usr/bin/python3, when it can run the agent (3.11+); else this one.
+
+    A dev venv's interpreter starts slower (its site imports the editable-install finder), which a
+    real host does not pay.
+    """
+    system = "/usr/bin/python3"
+    try:
+        out = subprocess.run(
+            [system, "-c", "import sys; print(sys.version_info >= (3, 11))"], capture_output=True, text=True, timeout=10
+        )
+        if out.stdout.strip() == "True":
+            return system
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return sys.executable
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -109,6 +127,12 @@ def main(argv=None) -> int:
     p.add_argument("--short-restart-sec", type=float, default=0.1, help="RestartSec of way (b) (default 0.1)")
     p.add_argument("--skip-unit-exit", action="store_true", help="do not run the 2 s exit baseline")
     p.add_argument("--crash-loop-reps", type=int, default=0, help="crash-loop rollbacks per configuration")
+    p.add_argument(
+        "--agent-python",
+        default=host_python(),
+        help="interpreter that runs the agent zipapp (default: /usr/bin/python3 when it is 3.11+, as the "
+        "unit's ExecStart; else this interpreter)",
+    )
     p.add_argument("--poll-ms", type=float, default=5.0)
     p.add_argument("--settle", type=float, default=0.3)
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
@@ -126,7 +150,13 @@ def main(argv=None) -> int:
     up_start = uptime()
     log(f"[bench] {up_start}")
     bench_args = argparse.Namespace(
-        probe="db", poll_ms=args.poll_ms, settle=args.settle, keep=args.keep, restart_mode="exec", restart_sec=unit_sec
+        probe="db",
+        poll_ms=args.poll_ms,
+        settle=args.settle,
+        keep=args.keep,
+        restart_mode="exec",
+        restart_sec=unit_sec,
+        agent_python=args.agent_python,
     )
     bench = Bench(bench_args)
     reps: dict[str, list[dict]] = {name: [] for name, *_ in configs}
@@ -176,7 +206,13 @@ def main(argv=None) -> int:
         bench.teardown()
     up_end = uptime()
 
-    result = {"reps": args.reps, "unit_restart_sec": unit_sec, "uptime_start": up_start, "uptime_end": up_end}
+    result = {
+        "reps": args.reps,
+        "agent_python": args.agent_python,
+        "unit_restart_sec": unit_sec,
+        "uptime_start": up_start,
+        "uptime_end": up_end,
+    }
     for name, mode, sec, label in configs:
         loads = [r["load_1m"] for r in reps[name]]
         result[name] = {
@@ -207,6 +243,7 @@ def main(argv=None) -> int:
         f"\nReal-host update latency: dispatch -> hello at the new version (job succeeded), server timestamps, "
         f"{args.reps} reps each, interleaved"
     )
+    print(f"agent interpreter: {args.agent_python}")
     print(f"uptime at start: {up_start}\nuptime at end:   {up_end}")
     print(
         f"\n{'configuration':52s} {'median':>6s} {'p90':>6s} {'min':>6s} {'max':>6s}"

@@ -270,7 +270,12 @@ class Bench:
         since = time.time()
         extra = f'restart_mode = "{self.args.restart_mode}"\n'
         self.agent = AgentProcess(
-            self.agent_dir, self.a_build, self.server.agent_ws_url, self.agent_token, extra_config=extra
+            self.agent_dir,
+            self.a_build,
+            self.server.agent_ws_url,
+            self.agent_token,
+            extra_config=extra,
+            python=getattr(self.args, "agent_python", None) or sys.executable,
         )
         self.agent.supervisor.restart_sec = self.args.restart_sec
         self.agent.start()

@@ -209,7 +209,9 @@ class AgentProcess:
         token: str,
         extra_config: str = "",
         restart_sec: float = 0.05,
+        python: str = sys.executable,
     ):
+        """``python`` runs the zipapp (a bench may pass the host's ``/usr/bin/python3``, as the unit does)."""
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.program = os.path.join(workdir, "restic-manager-agent.pyz")
@@ -227,7 +229,7 @@ class AgentProcess:
         guard = install_guard(workdir)
         script = 'sh "$1" "$2" && exec "$3" "$4" --config "$5"'
         self.supervisor = Supervisor(
-            ["sh", "-c", script, "agent", guard, workdir, sys.executable, self.program, self.config],
+            ["sh", "-c", script, "agent", guard, workdir, python, self.program, self.config],
             cwd=workdir,
             env=env,
             log_path=os.path.join(workdir, "agent.log"),
