@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # imported late so --version and config errors stay fast and independent of simple-websocket
-    # imported now, never after a swap: zipimport reads a lazily imported module from the program
-    # *path*, which then holds another archive (EOFError, "bad local file header")
+    # Imported late, so --version and config errors stay fast and independent of simple-websocket;
+    # but imported here, never after a swap: zipimport reads a lazily imported module from the
+    # program *path*, which by then holds another archive (EOFError, "bad local file header").
     from agent import reexec
     from agent.client import Agent
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("agent").exception("agent crashed")
         return EX_SOFTWARE
     if agent.restart_pending and agent.program and config.restart_mode == "exec" and reexec.supported():
-        reexec.restart_in_place(agent.program, config.state_dir)  # returns only if the exec failed
+        # returns only if the exec failed (or a stop came in meanwhile): then exit as before
+        reexec.restart_in_place(agent.program, config.state_dir, stopped=stop.is_set)
     sd_notify("STOPPING=1")
     if stop.signum is not None:
         logging.getLogger("agent").info("stopped by signal %d", stop.signum)

@@ -94,10 +94,18 @@ def _flush_logs() -> None:
             pass
 
 
-def restart_in_place(program: str, state_dir: str, *, execv: Callable[[str, list[str]], None] = os.execv) -> str:
-    """Replace this process with a fresh start of ``program``; return the reason only if that failed.
+def restart_in_place(
+    program: str,
+    state_dir: str,
+    *,
+    stopped: Callable[[], bool] = lambda: False,
+    execv: Callable[[str, list[str]], None] = os.execv,
+) -> str:
+    """Replace this process with a fresh start of ``program``; return the reason only if it did not.
 
     Call it from the main thread after the link is closed. On success it never returns.
+    ``stopped`` is checked last thing before the exec: a SIGTERM whose handler ran meanwhile must
+    end the process, not be forgotten by the new image (systemd would then wait its stop timeout).
     """
     if not sys.executable:  # an embedding interpreter that cannot name itself
         reason = "the interpreter's path is unknown (sys.executable is empty)"
@@ -114,6 +122,9 @@ def restart_in_place(program: str, state_dir: str, *, execv: Callable[[str, list
         log.debug("marked %d inheritable descriptors close-on-exec", leaked)
     log.info("restarting in place: %s", " ".join(argv))
     _flush_logs()
+    if stopped():
+        log.info("a stop was requested: not restarting")
+        return "stop requested"
     try:
         execv(argv[0], argv)
     except OSError as exc:

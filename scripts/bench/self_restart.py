@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """How fast a real host's agent update is with each way of starting the swapped-in program.
 
-    .venv/bin/python scripts/bench/self_restart.py [--reps 5] [--short-restart-sec 0.1] [--json]
+    .venv/bin/python scripts/bench/self_restart.py [--reps 5] [--crash-loop-reps 2] [--short-restart-sec 0.1] [--json]
+
+On a machine shared with other work, ``chrt -f 10`` in front (root) runs the bench and everything
+it starts at real-time priority: the stand-in for a quiet host (docs/benchmarks.md, run 2).
 
 One real ``restic-manager serve`` (RM_VERSION=B) and one real agent zipapp (built from this tree as
 A), run the way ``scripts/bench/update_latency.py`` runs them (its ``Bench``): the agent under

@@ -117,3 +117,14 @@ def test_only_a_pending_probation_counts_the_unguarded_start(tmp_path):
     statefile.write_marker(state, {**marker, "attempts": 2})
     assert recovery.count_unguarded_start(state) is True
     assert statefile.read_marker(state)["attempts"] == 3
+
+
+def test_a_stop_that_came_in_meanwhile_wins_over_the_exec(tmp_path):
+    calls = []
+    reason = reexec.restart_in_place(
+        str(tmp_path / "restic-manager-agent.pyz"),
+        str(tmp_path),
+        stopped=lambda: True,
+        execv=lambda *a: calls.append(a),
+    )
+    assert reason == "stop requested" and calls == []
