@@ -33,6 +33,36 @@ def test_the_unit_passes_systemd_analyze_verify():
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
 
 
+def _syscalls(group: str, seen: set[str]) -> set[str]:
+    """The system calls a ``SystemCallFilter=`` group allows, nested groups expanded (systemd's own table)."""
+    if group in seen:
+        return set()
+    seen.add(group)
+    out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    calls: set[str] = set()
+    for line in out.stdout.splitlines()[1:]:
+        name = line.strip()
+        if name.startswith("@"):
+            calls |= _syscalls(name, seen)
+        elif name and not name.startswith("#"):
+            calls.add(name)
+    return calls
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (scripts/test installs it)"
+)
+def test_the_units_syscall_filter_lets_the_agent_restart_in_place():
+    # The agent re-executes itself after a swap (agent/reexec.py). A filter without execve would not
+    # make the exec fail gracefully: systemd's default action kills the process with SIGSYS.
+    allowed: set[str] = set()
+    for group in unit_service_section()["SystemCallFilter"].split():
+        allowed |= _syscalls(group, set())
+    assert "execve" in allowed
+    assert unit_service_section()["RestartSec"] == "2"  # crashes keep the 2 s delay (docs/agent.md)
+
+
 def test_the_unit_keeps_protect_system_strict_with_only_the_state_directory_writable():
     svc = unit_service_section()
     assert svc["ProtectSystem"] == "strict"
