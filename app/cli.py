@@ -56,9 +56,8 @@ releases_group = AppGroup("releases", help="Manage agent release artifacts.")
     show_default=True,
     help="Server processes sharing the agent port through SO_REUSEPORT (PostgreSQL only).",
 )
-@click.option("--worker-index", type=click.IntRange(0, 63), hidden=True)
 @with_appcontext
-def serve_cmd(ready_file, no_build, workers, worker_index):
+def serve_cmd(ready_file, no_build, workers):
     """Run the admin plane, the agent plane and the scheduler."""
     from .serve import serve
 
@@ -68,7 +67,7 @@ def serve_cmd(ready_file, no_build, workers, worker_index):
         from .workers import serve_workers
 
         raise SystemExit(serve_workers(app, workers, ready_file=ready_file))
-    raise SystemExit(serve(app, ready_file=ready_file, worker=worker_index))
+    raise SystemExit(serve(app, ready_file=ready_file))
 
 
 @users_group.command("create")

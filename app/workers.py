@@ -2,14 +2,17 @@
 
 This parent process serves nothing itself. It reserves the agent and admin ports with
 ``SO_REUSEPORT`` sockets it never listens on (so port 0 resolves once, and a restarted worker
-gets the same ports), builds the agent release once, then runs N ``serve --worker-index i``
-children. Each child is a full instance (``app.cluster``): its own agent plane on the shared port
-(the kernel spreads new connections among the listening workers), its own scheduler (whose
-jobs only the leader runs) and heartbeat. Worker 0 also serves the admin plane and the metrics
-listener: admin traffic is small, one admin plane keeps one ``/metrics`` and one login
-throttle view, and a command given there reaches a host on any worker through the database
-(docs/deploy.md#one-machine-several-workers). A worker that dies is started again; SIGTERM or
-SIGINT stops them all.
+gets the same ports), builds the agent release once, then **forks** N workers from itself: the
+app is imported and configured once, and a worker (re)starts in a fraction of a second instead of
+paying the imports again (what matters in a restart storm). The parent starts no thread and
+closes its database connections before forking, so a child inherits no lock and no socket.
+
+Each worker is a full instance (``app.cluster``): its own agent plane on the shared port (the
+kernel spreads new connections among the listening workers), its own scheduler (whose jobs only
+the leader runs) and heartbeat. Worker 0 also serves the admin plane and the metrics listener:
+admin traffic is small, one admin plane keeps one ``/metrics``, and a command given there reaches
+a host on any worker through the database (docs/deploy.md#one-machine-several-workers). A worker
+that dies is forked again; SIGTERM or SIGINT stops them all.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 from flask import Flask
 
 from agent.daemon import StopFlag, install_signal_handlers
 
-from .serve import reuseport_socket, wait_for_stop_signal
+from .extensions import db
+from .serve import reuseport_socket, serve, wait_for_stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,12 @@ def refuse_sqlite(app: Flask, workers: int) -> None:
 
 
 class Worker:
-    def __init__(self, index: int, env: dict, ready_dir: str):
+    def __init__(self, app: Flask, index: int, ready_dir: str):
+        self.app = app
         self.index = index
-        self.env = env
         self.ready_file = os.path.join(ready_dir, f"worker-{index}.ready")
-        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.returncode: int | None = None
         self.restarts = 0
 
     def start(self) -> None:
@@ -57,9 +62,43 @@ class Worker:
             os.unlink(self.ready_file)
         except FileNotFoundError:
             pass
-        cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--no-build"]
-        cmd += ["--worker-index", str(self.index), "--ready-file", self.ready_file]
-        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_die_with_parent)
+        self.returncode = None
+        with self.app.app_context():
+            db.engine.dispose()  # no pooled connection may be shared with a child
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                _die_with_parent()
+                code = serve(self.app, ready_file=self.ready_file, worker=self.index)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        """The worker's exit status once it has exited (a signal as its negative), else None."""
+        if self.pid is None or self.returncode is not None:
+            return self.returncode
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.pid is not None and self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def ready(self) -> tuple[int, int] | None:
         try:
@@ -71,7 +110,7 @@ class Worker:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it if the parent dies (Linux), so no worker is orphaned."""
+    """In the worker: SIGTERM it if the parent dies (Linux), so no worker is orphaned."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -94,10 +133,10 @@ def serve_workers(app: Flask, workers: int, ready_file: str | None = None) -> in
         with app.app_context():
             rel = releases.ensure_current_release()
             log.info("agent release %s (%s, sha256 %s)", rel.version, rel.platform, rel.sha256)
-    env = {**os.environ, "RM_AGENT_ADDR": f"{ahost}:{aport}", "RM_HTTP_ADDR": f"{hhost}:{hport}"}
-    env.setdefault("RM_INSTANCE_PATH", app.instance_path)
+    # What every worker inherits: the resolved ports, and the release already built.
+    app.config.update(AGENT_ADDR=(ahost, aport), HTTP_ADDR=(hhost, hport), BUILD_AGENT_ON_START=False)
     ready_dir = tempfile.mkdtemp(prefix="rm-workers-")
-    pool = [Worker(i, env, ready_dir) for i in range(workers)]
+    pool = [Worker(app, i, ready_dir) for i in range(workers)]
     for w in pool:
         w.start()
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -105,10 +144,10 @@ def serve_workers(app: Flask, workers: int, ready_file: str | None = None) -> in
         if stop.is_set():
             _stop(pool)
             return 0
-        dead = [w for w in pool if w.proc.poll() is not None]
+        dead = [w for w in pool if w.poll() is not None]
         if dead or time.monotonic() > deadline:
             _stop(pool)
-            why = f"worker {dead[0].index} exited with {dead[0].proc.returncode}" if dead else "timed out"
+            why = f"worker {dead[0].index} exited with {dead[0].returncode}" if dead else "timed out"
             raise SystemExit(f"error: the workers did not start: {why}")
         time.sleep(0.05)
     print(
@@ -122,9 +161,9 @@ def serve_workers(app: Flask, workers: int, ready_file: str | None = None) -> in
 
     def keep_alive() -> None:
         for w in pool:
-            if w.proc.poll() is not None:
+            if w.poll() is not None:
                 w.restarts += 1
-                log.warning("worker %d exited with %s; starting it again", w.index, w.proc.returncode)
+                log.warning("worker %d exited with %s; starting it again", w.index, w.returncode)
                 w.start()
 
     signum = wait_for_stop_signal(every=keep_alive, stop=stop)
@@ -137,15 +176,12 @@ def serve_workers(app: Flask, workers: int, ready_file: str | None = None) -> in
 
 def _stop(pool: list[Worker]) -> None:
     for w in pool:
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
+        w.signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(w.poll() is None for w in pool) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for w in pool:
-        if w.proc is None:
-            continue
-        try:
-            w.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if w.poll() is None:
             log.warning("worker %d did not stop in time; killing it", w.index)
-            w.proc.kill()
-            w.proc.wait()
+            w.signal(signal.SIGKILL)
+            os.waitpid(w.pid, 0)
