@@ -106,6 +106,7 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 def _init_runtime(app: Flask) -> None:
     """The in-memory state (``app.runtime.runtime()``): registries, clock, scheduler, wake-ups."""
     from .agents.downloads import ActiveDownloads
+    from .agents.presence import Presence
     from .agents.registry import ConnectionRegistry
     from .runtime import Runtime, install
     from .updates.inflight import InFlightRegistry
@@ -113,7 +114,11 @@ def _init_runtime(app: Flask) -> None:
     install(
         app,
         Runtime(
-            connections=ConnectionRegistry(), inflight=InFlightRegistry(), clock=Clock(), downloads=ActiveDownloads()
+            connections=ConnectionRegistry(),
+            inflight=InFlightRegistry(),
+            clock=Clock(),
+            downloads=ActiveDownloads(),
+            presence=Presence(),
         ),
     )
 
@@ -125,6 +130,10 @@ def _init_db(app: Flask) -> None:
         connect_args = opts.setdefault("connect_args", {})
         connect_args.setdefault("timeout", 15)
         connect_args.setdefault("check_same_thread", False)
+        if uri not in ("sqlite://", "sqlite:///:memory:"):
+            # Keep connections instead of opening (and PRAGMA-ing) a new one for every checkout
+            # past QueuePool's default 5, as thousands of agent threads did in a reconnect storm.
+            opts.setdefault("pool_size", 20)
     else:
         opts.setdefault("pool_pre_ping", True)
         opts.setdefault("pool_size", app.config["DB_POOL_SIZE"])

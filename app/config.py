@@ -197,6 +197,7 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_HEARTBEAT_S": ("HEARTBEAT_S", lambda n, v: parse_float(n, v, 0.05)),
     "RM_HEARTBEAT_TIMEOUT": ("HEARTBEAT_TIMEOUT", lambda n, v: parse_float(n, v, 0.1)),
     "RM_OFFLINE_SWEEP_S": ("OFFLINE_SWEEP_S", lambda n, v: parse_float(n, v, 0.1)),
+    "RM_PRESENCE_FLUSH_S": ("PRESENCE_FLUSH_S", lambda n, v: parse_float(n, v, 0.05)),
     "RM_VERSION": ("VERSION", parse_str),
     "RM_PUBLIC_AGENT_URL": ("PUBLIC_AGENT_URL", parse_str),
     "RM_SESSION_COOKIE_SECURE": ("SESSION_COOKIE_SECURE", parse_bool),
@@ -247,6 +248,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "HEARTBEAT_S": 15.0,
         "HEARTBEAT_TIMEOUT": 45.0,
         "OFFLINE_SWEEP_S": 30.0,
+        "PRESENCE_FLUSH_S": None,  # heartbeats' last_seen written every this many s; None: HEARTBEAT_S / 2
         "VERSION": None,
         "PUBLIC_AGENT_URL": None,
         "SESSION_COOKIE_HTTPONLY": True,

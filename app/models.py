@@ -338,6 +338,18 @@ class Host(db.Model):
             return None
         return db.session.scalar(sa.select(cls).where(cls.token_hash == hash_token(plain)))
 
+    @classmethod
+    def id_and_name_by_token(cls, plain: str) -> tuple[int, str] | None:
+        """The (id, name) of the host holding this token: what every agent connection asks.
+
+        A plain row, not an ORM object: loading the whole host cost a third of the server's CPU
+        per handshake in a reconnect storm (docs/capacity.md).
+        """
+        if not plain:
+            return None
+        row = db.session.execute(sa.select(cls.id, cls.name).where(cls.token_hash == hash_token(plain))).first()
+        return (row.id, row.name) if row is not None else None
+
     def revoke(self) -> None:
         self.token_hash = None
         self.revoked_at = utcnow()
@@ -572,12 +584,15 @@ class Alert(db.Model):
 
     @classmethod
     def resolve(cls, kind: str, dedup_key: str) -> int:
-        """Resolve the open alert of this kind and key, if any; return how many were resolved."""
-        res = db.session.execute(
-            sa.update(cls)
-            .where(cls.kind == kind, cls.dedup_key == dedup_key, cls.resolved_at.is_(None))
-            .values(resolved_at=utcnow())
-        )
+        """Resolve the open alert of this kind and key, if any; return how many were resolved.
+
+        Every agent hello asks (``watcher.on_hello``) and almost never finds one: look first, so
+        that the usual answer is a read, not a write that queues for SQLite's write lock.
+        """
+        is_open = (cls.kind == kind, cls.dedup_key == dedup_key, cls.resolved_at.is_(None))
+        if db.session.scalar(sa.select(cls.id).where(*is_open).limit(1)) is None:
+            return 0
+        res = db.session.execute(sa.update(cls).where(*is_open).values(resolved_at=utcnow()))
         return res.rowcount or 0
 
     @classmethod

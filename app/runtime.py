@@ -84,8 +84,9 @@ class Waker:
 class Runtime:
     """In-memory state of one app; the registries are caches of the database, never the record."""
 
-    def __init__(self, connections, inflight, clock, downloads):
+    def __init__(self, connections, inflight, clock, downloads, presence=None):
         self.connections = connections  # app.agents.registry.ConnectionRegistry
+        self.presence = presence  # app.agents.presence.Presence: hosts' online state, written in batches
         self.inflight = inflight  # app.updates.inflight.InFlightRegistry
         self.downloads = downloads  # app.agents.downloads.ActiveDownloads: artifact streams per host
         self.clock = clock  # app.timeutil.Clock (a FakeClock in tests)

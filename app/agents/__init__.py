@@ -49,12 +49,11 @@ def _authenticate_agent():
     token = bearer_token()
     if not token:
         _refuse(401, "missing_token", "Authorization: Bearer <agent token> is required")
-    host = Host.by_token(token)
-    if host is None:
+    found = Host.id_and_name_by_token(token)
+    if found is None:
         _refuse(401, "invalid_token", "the agent token is unknown or revoked")
     mark_authenticated(request.environ)  # no longer a pending connection (app/agents/server.py)
-    g.agent_host_id = host.id
-    g.agent_host_name = host.name
+    g.agent_host_id, g.agent_host_name = found
     db.session.close()  # don't hold a pooled connection for the lifetime of a socket
     return None
 

@@ -15,13 +15,18 @@ from ..extensions import db
 from ..metrics import count_rate_limited
 from ..models import Host
 from ..runtime import runtime
-from ..timeutil import utcnow
+from .presence import hello_values
 from .registry import Connection
 
 log = logging.getLogger(__name__)
 
 #: How long a fresh socket may take to send its hello.
 HELLO_TIMEOUT_S = 10.0
+#: How long a hello waits for its group commit (app/agents/presence.py); the agent gives up on
+#: its welcome after 10 s anyway.
+HELLO_COMMIT_TIMEOUT_S = 10.0
+#: Close code when the server could not record a hello: the agent reconnects with backoff.
+CLOSE_TRY_AGAIN = 1013
 
 
 def serve_connection(ws, host_id: int, remote: str) -> None:
@@ -39,7 +44,10 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         log.info("host %s reconnected from %s; closing its previous connection", host_id, remote)
         old.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
     try:
-        record_hello(host_id, data)
+        if not runtime().presence.hello(host_id, hello_values(data), timeout=HELLO_COMMIT_TIMEOUT_S):
+            log.warning("host %s: its hello could not be recorded; closing so that it retries", host_id)
+            conn.close(CLOSE_TRY_AGAIN, "server busy, try again")
+            return
         conn.send(
             protocol.encode(
                 "welcome",
@@ -51,7 +59,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
 
         watcher.on_hello(host_id, data)
         fleet.host_connected(host_id)
-        _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"], touch_every=max(1.0, cfg["HEARTBEAT_S"] / 2))
+        _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"])
     except ConnectionClosed:
         pass
     finally:
@@ -59,7 +67,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         # registry itself, so "was it still mine" is not the test: "is anyone live now" is.
         runtime().connections.unregister(conn)
         if runtime().connections.get(host_id) is None:
-            mark_offline(host_id)
+            runtime().presence.offline(host_id)
         db.session.close()
 
 
@@ -107,12 +115,12 @@ class RateLimiter:
 MAX_RATE_STRIKES = 50
 
 
-def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> None:
+def _read_loop(conn: Connection, idle_timeout: float) -> None:
     from ..updates import watcher
 
     cfg = current_app.config
     limiter = RateLimiter(cfg["AGENT_MSG_RATE"], cfg["AGENT_MSG_BURST"])
-    last_touch = time.monotonic()
+    presence = runtime().presence
     while True:
         db.session.close()  # never wait on the socket inside a transaction: SQLite would stay locked
         raw = conn.ws.receive(timeout=idle_timeout)
@@ -155,65 +163,14 @@ def _read_loop(conn: Connection, idle_timeout: float, touch_every: float) -> Non
             log.warning("host %s reported error %s: %s", conn.host_id, env.data["code"], env.data["message"])
         else:
             conn.send(protocol.error_frame("unexpected_type", f"{t!r} is not sent by agents", env.id))
-        # After the frame is handled: a pong must not wait behind a database write.
-        now = time.monotonic()
-        if now - last_touch >= touch_every:
-            touch(conn)
-            last_touch = now
-
-
-def _held_here() -> dict:
-    """Several instances: the host row also names this instance as the one holding its socket."""
-    instance_id = runtime().instance_id
-    return {} if instance_id is None else {"instance_id": instance_id}
+        # last_seen is written for all hosts at once, every PRESENCE_FLUSH_S (app/agents/presence.py)
+        presence.note(conn.host_id)
 
 
 def _if_held_here(q):
     """Several instances: only while this instance holds the host (a newer socket may be on a peer)."""
     instance_id = runtime().instance_id
     return q if instance_id is None else q.where(Host.instance_id == instance_id)
-
-
-def record_hello(host_id: int, data: dict) -> None:
-    """Store what the agent said about itself and mark it online (the protocol bounds every field)."""
-    db.session.execute(
-        sa.update(Host)
-        .where(Host.id == host_id)
-        .values(
-            agent_version=data["agent_version"],
-            os=data["os"],
-            arch=data["arch"],
-            hostname=data["hostname"],
-            python=data["python"],
-            platform=data.get("platform") or None,
-            capabilities=data["capabilities"],
-            boot_id=data["boot_id"],
-            connected=True,
-            last_seen=utcnow(),
-            **_held_here(),
-        )
-    )
-    db.session.commit()
-
-
-def touch(conn: Connection) -> None:
-    """Record that the host was seen; re-assert "online" only while this is its live connection.
-
-    A revoke (or a newer connection) may have taken this one out of the registry a moment ago;
-    a late heartbeat on it must not mark the host online again.
-    """
-    values = {"last_seen": utcnow()}
-    if runtime().connections.get(conn.host_id) is conn:
-        values["connected"] = True
-        values.update(_held_here())
-    db.session.execute(sa.update(Host).where(Host.id == conn.host_id).values(**values))
-    db.session.commit()
-
-
-def mark_offline(host_id: int) -> None:
-    q = _if_held_here(sa.update(Host).where(Host.id == host_id))
-    db.session.execute(q.values(connected=False, last_seen=utcnow()))
-    db.session.commit()
 
 
 def sweep_offline() -> int:

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
 )
 
 sys.path.insert(0, ROOT)
+from agent.config import DEFAULT_BACKOFF_MAX_S  # noqa: E402  (the real agent's default cap)
 
 VERSION = "1.0.0"
 TARGET_RSS_MB = 300
@@ -602,6 +603,8 @@ def run(args) -> dict:
 
         # ---- connect N
         overflow0 = tcp_ext("ListenOverflows", "ListenDrops")
+        res["load_connect"] = loadavg()
+        cpu_c0 = group_cpu_seconds(server.pid)
         load = LoadProcess(server.agent_port, tokens_path, args.backoff_cap,
                            max_runtime=args.duration + args.connect_timeout + 3 * args.storm_timeout + 300,
                            log_path=os.path.join(tmp, "load.log"))
@@ -617,6 +620,9 @@ def run(args) -> dict:
                     f"only {s['online']}/{n} agents welcomed after {args.connect_timeout} s: {s['counters']}")
             time.sleep(0.1)
         res["connect_all_s"] = s["t_all_online"] - s["t_first_attempt"]
+        res["connect_server_cpu_s"] = group_cpu_seconds(server.pid) - cpu_c0
+        welcomes = max(1, s["counters"]["welcomes"])
+        res["connect_server_cpu_ms_per_welcome"] = 1000.0 * res["connect_server_cpu_s"] / welcomes
         res["connect_counters"] = dict(s["counters"])
         ov = tcp_ext("ListenOverflows", "ListenDrops")
         res["connect_listen_overflows"] = ov["ListenOverflows"] - overflow0["ListenOverflows"]
@@ -674,6 +680,7 @@ def run(args) -> dict:
 
         # ---- reconnect storm
         overflow0 = tcp_ext("ListenOverflows", "ListenDrops")
+        res["load_storm"] = loadavg()
         c_before = load.ask("mark")["counters"]
         t_term = time.monotonic()
         server.stop()
@@ -704,6 +711,7 @@ def run(args) -> dict:
         res["storm_listen_drops"] = ov["ListenDrops"] - overflow0["ListenDrops"]
         res["storm_counters"] = {k: v - c_before.get(k, 0) for k, v in s["counters"].items()}
         res["storm_min_online"] = s["mark_min_online"]
+        res["storm_server_cpu_s"] = group_cpu_seconds(server.pid)  # the new process's whole life: start-up + storm
         if s["t_all_after_mark"] is not None:
             res["storm_all_welcomed_after_sigterm_s"] = s["t_all_after_mark"] - t_term
             res["storm_all_welcomed_after_listen_s"] = s["t_all_after_mark"] - t_ready
@@ -758,14 +766,16 @@ def report(res: dict) -> None:
     rows = [
         ("agents (N)", res["agents"]),
         ("server processes / database", f"{res['workers']} worker(s) / {res['database']}"),
-        ("machine load (1/5/15 min): before / idle at N / after",
-         f"{res.get('load_before')} / {res.get('load_idle')} / {res.get('load_after')}"),
+        ("machine load (1/5/15 min): before / connect / idle at N / storm / after",
+         " / ".join(str(res.get(k)) for k in ("load_before", "load_connect", "load_idle", "load_storm", "load_after"))),
         ("tuning env", " ".join(f"{k}={v}" for k, v in res["tuning_env"].items()) or "(server defaults)"),
         ("machine", f"{res['cpus']} CPUs, Python {res['python']}, somaxconn {res['somaxconn']}, "
                     f"nofile {res['nofile_limit']}"),
         ("agent accept queue (effective)", res.get("agent_backlog_effective")),
         ("server RSS / threads, 0 agents", f"{f('rss0_mb', '{:.1f}')} MB / {res.get('threads0')}"),
         ("all N connected (first connect -> all welcomed)", f"{f('connect_all_s')} s"),
+        ("server CPU while connecting (per welcome)",
+         f"{f('connect_server_cpu_s')} s ({f('connect_server_cpu_ms_per_welcome')} ms)"),
         ("server RSS at N idle (max while idle)", f"{f('rss_n_mb', '{:.1f}')} MB ({f('rss_n_max_mb', '{:.1f}')} MB)"),
         ("RSS per process at N (parent first)", " + ".join(f"{x:.0f}" for x in res.get("rss_n_each_mb", [])) + " MB"),
         ("RSS per idle connection", f"{f('rss_per_conn_kib', '{:.1f}')} KiB"),
@@ -781,6 +791,7 @@ def report(res: dict) -> None:
         ("storm: all N welcomed (after SIGTERM / after listen)",
          f"{f('storm_all_welcomed_after_sigterm_s')} s / {f('storm_all_welcomed_after_listen_s')} s"),
         ("storm: all N connected in DB (after SIGTERM)", f"{f('storm_all_db_connected_after_sigterm_s')} s"),
+        ("storm: new server's CPU, start-up + storm", f"{f('storm_server_cpu_s')} s"),
         ("storm: welcome times p50/p90/p99 after SIGTERM",
          " / ".join("n/a" if sw.get(k) is None else f"{sw[k]:.2f}" for k in ("p50", "p90", "p99")) + " s"),
         ("storm: attempts / refused / timeouts / resets",
@@ -810,7 +821,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     ap.add_argument("--pings", type=int, default=200, help="round trips to one agent (default 200)")
     ap.add_argument("--heartbeat", type=float, default=15.0, help="RM_HEARTBEAT_S for the server (default 15)")
-    ap.add_argument("--backoff-cap", type=float, default=5.0, help="agents' reconnect backoff cap, s (default 5)")
+    ap.add_argument("--backoff-cap", type=float, default=DEFAULT_BACKOFF_MAX_S,
+                    help=f"agents' reconnect backoff cap, s (default {DEFAULT_BACKOFF_MAX_S:g}: the real agent's)")
     ap.add_argument("--stack-kib", type=int, default=None, help="RM_THREAD_STACK_KIB for the server (0 = libc default)")
     ap.add_argument("--switch-interval", type=float, default=None, help="RM_SWITCH_INTERVAL for the server")
     ap.add_argument("--backlog", type=int, default=None, help="RM_AGENT_BACKLOG for the server (listen backlog)")

@@ -1,0 +1,186 @@
+"""Hosts' online state written in batches (app/agents/presence.py): real server, sockets and database.
+
+The flush interval is an hour here, so nothing is written by the clock; the test flushes by hand
+(``Presence.wake``) and moves the injected wall clock to tell one write from another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from agent import protocol
+from app.extensions import db
+from app.runtime import runtime
+from tests.link.test_agent_link import connect, hello, host_row, recv
+from tests.support.live import LiveServer
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def live(app, cast):
+    app.config.update(HEARTBEAT_S=0.2, HEARTBEAT_TIMEOUT=5.0, BUILD_AGENT_ON_START=False, PRESENCE_FLUSH_S=3600)
+    with LiveServer(app) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def host_updates():
+    """Record every ``UPDATE hosts`` the server sends: (statement, parameter sets)."""
+    seen: list[tuple[str, list]] = []
+
+    def on_execute(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE HOSTS"):
+            seen.append((statement, list(parameters) if executemany else [parameters]))
+
+    sa.event.listen(db.engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", on_execute)
+
+
+def welcomed(live, token, **over):
+    ws = connect(live, token)
+    ws.send(hello(**over))
+    assert recv(ws).type == "welcome"
+    return ws
+
+
+def read_so_far(ws):
+    """Return once the server has handled every frame sent on ``ws`` so far (it answers in order)."""
+    ws.send(protocol.encode("ping", {}, "sync"))
+    assert recv(ws).type == "pong"
+
+
+def flush_now(app):
+    presence = runtime(app).presence
+    before = presence.flushes
+    presence.wake()
+    wait_until(lambda: presence.flushes > before, what="an interval flush")
+
+
+def test_the_host_is_online_in_the_database_before_its_agent_is_welcomed(live, cast):
+    ws = welcomed(live, cast.host_offline_token, hostname="db-1.example")
+    row = host_row(cast.host_offline.id)  # no waiting: the welcome came after the commit
+    assert row.connected and row.hostname == "db-1.example"
+    ws.close()
+
+
+def test_heartbeats_touch_the_database_once_per_interval_in_one_statement(live, cast, app, clock):
+    hosts = [(cast.host_online, cast.host_online_token), (cast.host_offline, cast.host_offline_token)]
+    sockets = [welcomed(live, token) for _, token in hosts]
+    hello_seen = {h.id: host_row(h.id).last_seen for h, _ in hosts}
+    clock.advance(60)
+    with host_updates() as updates:
+        for _ in range(3):
+            for ws in sockets:
+                ws.send(protocol.encode("heartbeat"))
+        for ws in sockets:
+            read_so_far(ws)
+        assert updates == []  # the frames were read, yet nothing was written
+        assert {h.id: host_row(h.id).last_seen for h, _ in hosts} == hello_seen
+
+        flush_now(app)
+
+    assert len(updates) == 1, updates  # six heartbeats from two hosts: one statement
+    statement, params = updates[0]
+    assert "IN" in statement.upper() and len(params) == 1
+    for host, _ in hosts:
+        row = host_row(host.id)
+        assert row.last_seen == clock.now() and row.connected
+    for ws in sockets:
+        ws.close()
+
+
+def test_hellos_that_arrive_together_are_committed_together(live, cast, app):
+    presence = runtime(app).presence
+    hosts = [(cast.host_online, cast.host_online_token), (cast.host_offline, cast.host_offline_token)]
+    hosts.append((cast.host_behind, cast.host_behind_token))
+    db.session.execute(sa.update(db.metadata.tables["hosts"]).values(connected=False))
+    db.session.commit()
+    sockets = []
+    with host_updates() as updates:
+        with presence.writing():  # the writer waits here, as behind a slow commit
+            for i, (_, token) in enumerate(hosts):
+                ws = connect(live, token)
+                ws.send(hello(hostname=f"group-{i}"))
+                sockets.append(ws)
+            wait_until(lambda: presence.queued_hellos == len(hosts), what="three hellos queued")
+            # no welcome while the hellos wait for their commit
+            assert all(ws.receive(timeout=0.2) is None for ws in sockets)
+            assert not any(host_row(h.id).connected for h, _ in hosts)
+        for ws in sockets:
+            assert recv(ws).type == "welcome"
+
+    hello_writes = [(s, p) for s, p in updates if "hostname" in s]
+    assert len(hello_writes) == 1, updates  # one statement, executed for the three hosts
+    assert len(hello_writes[0][1]) == len(hosts)
+    for i, (host, _) in enumerate(hosts):
+        row = host_row(host.id)
+        assert row.connected and row.hostname == f"group-{i}"
+    for ws in sockets:
+        ws.close()
+
+
+def test_a_heartbeat_flush_never_brings_a_revoked_host_back_online(live, cast, app):
+    host_id = cast.host_online.id
+    ws = welcomed(live, cast.host_online_token)
+    ws.send(protocol.encode("heartbeat"))
+    read_so_far(ws)
+    # The revoke commits while its socket is still registered here: the flush sees a live host.
+    host = host_row(host_id)
+    assert host.connected
+    host.revoke()
+    db.session.commit()
+    assert runtime(app).connections.is_connected(host_id)
+    flush_now(app)
+    assert not host_row(host_id).connected
+    runtime(app).connections.close(host_id, protocol.CLOSE_REVOKED, "revoked")
+    wait_until(lambda: not ws.connected, what="the revoked agent's socket closed")
+
+
+def test_disconnects_are_written_offline_and_a_stop_writes_all_in_one_statement(app, cast):
+    app.config.update(HEARTBEAT_S=0.2, HEARTBEAT_TIMEOUT=5.0, BUILD_AGENT_ON_START=False, PRESENCE_FLUSH_S=3600)
+    server = LiveServer(app)
+    with server:
+        a = welcomed(server, cast.host_online_token)
+        b = welcomed(server, cast.host_offline_token)
+        c = welcomed(server, cast.host_behind_token)
+        a.close()
+        wait_until(lambda: not host_row(cast.host_online.id).connected, what="a closed socket written offline")
+        assert host_row(cast.host_offline.id).connected
+        with host_updates() as updates:
+            server.servers.stop()
+    assert [h.connected for h in map(host_row, (cast.host_offline.id, cast.host_behind.id))] == [False, False]
+    # (several instances on PostgreSQL: the instance's own deregistration is a statement of its own)
+    offline = [s for s, _ in updates if "connected" in s and "last_seen" in s]
+    assert len(offline) == 1, updates
+    for ws in (b, c):
+        wait_until(lambda ws=ws: not ws.connected, what="closed by the stop")
+
+
+def test_a_hello_that_cannot_be_written_closes_the_socket_so_the_agent_retries(live, cast, app):
+    presence = runtime(app).presence
+    failed = threading.Event()
+
+    def broken_hook(session, now):  # the next interval flush fails, as a database error would
+        failed.set()
+        raise RuntimeError("database is gone")
+
+    presence.flush_hooks.append(broken_hook)
+    with presence.writing():
+        presence.wake()
+        ws = connect(live, cast.host_offline_token)
+        ws.send(hello())
+        wait_until(lambda: presence.queued_hellos == 1, what="the hello queued")
+    assert failed.wait(5)
+    presence.flush_hooks.remove(broken_hook)
+    wait_until(lambda: not ws.connected, what="the socket closed")
+    assert ws.close_reason == 1013
+    assert not host_row(cast.host_offline.id).connected
