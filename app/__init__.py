@@ -12,7 +12,7 @@ from flask import Flask
 from agent.resources import resource_path
 
 from . import config as cfg
-from .extensions import csrf, db, login, migrate, sock
+from .extensions import LazyMigrate, csrf, db, login, sock
 from .timeutil import Clock
 
 
@@ -55,7 +55,8 @@ def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask
 
     inputs.init_app(app)  # first: the id converter must be in place before any route is added
     _init_db(app)
-    migrate.init_app(app, db, directory=resource_path("app", "migrations"), compare_type=True, render_as_batch=True)
+    migrations = LazyMigrate(directory=resource_path("app", "migrations"), compare_type=True, render_as_batch=True)
+    migrations.init_app(app, db)
     login.init_app(app)
     csrf.init_app(app)
     sock.init_app(app)

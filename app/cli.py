@@ -37,7 +37,7 @@ def _existing_user(name: str) -> User:
 
 
 # Groups are flask's ``AppGroup``: their commands run inside an app context, as ``app.cli``'s do.
-# ``db`` is Flask-Migrate's group, added in :func:`main`.
+# ``db`` is Flask-Migrate's group, loaded by :meth:`ProductGroup.get_command` when asked for.
 users_group = AppGroup("users", help="Manage user accounts.")
 tokens_group = AppGroup("tokens", help="Manage API tokens for scripts.")
 hosts_group = AppGroup("hosts", help="Manage enrolled hosts.")
@@ -311,6 +311,18 @@ class ProductGroup(FlaskGroup):
             product_version(), "--version", "-V", prog_name="restic-manager", message="%(prog)s %(version)s"
         )(self)
 
+    # Flask-Migrate's ``db`` group is loaded when asked for: importing it imports Alembic, which
+    # the other commands (``serve`` above all) do not need.
+    def get_command(self, ctx, name):
+        if name == "db" and "db" not in self.commands:
+            from flask_migrate.cli import db as db_group
+
+            self.add_command(db_group)
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), "db"})
+
 
 def product_version() -> str:
     from agent.version import get_version
@@ -330,9 +342,6 @@ def main(argv=None) -> None:
 
     os.environ.setdefault("FLASK_RUN_FROM_CLI", "false")
     group = ProductGroup(help="restic-manager fleet server.")
-    from flask_migrate.cli import db as db_group
-
-    group.add_command(db_group)
     try:
         group.main(args=argv, prog_name="restic-manager")
     except ConfigError as e:

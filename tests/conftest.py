@@ -155,9 +155,17 @@ def live_fleet(app, tmp_path, tmp_path_factory, database_url):
         fleet.stop()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("RM_TEST_DATABASE_URL"):
         skip = pytest.mark.skip(reason="RM_TEST_DATABASE_URL not set")
         for item in items:
             if "postgres" in item.keywords:
                 item.add_marker(skip)
+    # Under pytest-xdist's ``--dist loadgroup`` (scripts/test) each test goes to whichever worker is
+    # free, except that a module's tests sharing a module-scoped fixture (a live server, Chromium, a
+    # built wheel) form one group on one worker, so that fixture is made once per run.
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

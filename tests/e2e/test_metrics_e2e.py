@@ -59,8 +59,14 @@ def test_the_numbers_move_with_a_real_update(world):
     base = server.admin_url
     assert requests.get(base + "/metrics", timeout=10).status_code == 401  # a token or a session
 
-    before = scrape_until(base, token, lambda s: value(s, "rm_agents_connected") == 1, "the agent online")
-    assert value(before, "rm_hosts", agent_version=A, version_state="behind", state="online") == 1
+    # The link registers the connection before the hello's row is committed: wait for the row.
+    before = scrape_until(
+        base,
+        token,
+        lambda s: value(s, "rm_hosts", agent_version=A, version_state="behind", state="online") == 1,
+        "the agent online",
+    )
+    assert value(before, "rm_agents_connected") == 1
     assert value(before, "rm_update_jobs_total", outcome="succeeded") == 0
     assert value(before, "rm_rollout_running") == 0
 

@@ -76,7 +76,8 @@ def wheel(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("venv") / "rm"
-    subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, timeout=120)
+    # No pip inside (ensurepip is most of a venv's cost): the run's own pip installs into it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True, timeout=120)
     py = str(home / "bin" / "python")
     purelib = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -88,7 +89,7 @@ def venv(wheel, tmp_path_factory) -> str:
     with open(os.path.join(purelib, "zz-test-dependencies.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     r = subprocess.run(
-        [py, "-m", "pip", "install", "--no-deps", "--no-index", wheel],
+        [sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", wheel],
         env=clean_env(),
         capture_output=True,
         text=True,

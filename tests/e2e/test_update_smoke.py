@@ -234,8 +234,11 @@ def test_a_new_program_that_never_reaches_the_server_is_rolled_back(fleet):
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
     press_update(admin, host_id)
-    wait_until(lambda: (latest_job(admin, host_id) or {}).get("phase") == "restarting", 20, 0.01, "restarting")
-    proxy.set_mode("refuse")  # the new program starts but cannot reach the server
+    # Once the old program's download is under way, refuse every new connection: the old program
+    # finishes over the connections it has (link and download), the new one cannot reach the
+    # server. (Waiting for the "restarting" phase instead raced the new program's first connect.)
+    wait_until(lambda: proxy.downloads >= 1, 20, 0.01, "the old program's download to start")
+    proxy.set_mode("refuse")
     wait_until(lambda: "never reached the server" in ag.log(), 20, 0.1, "the probation rollback")
     proxy.set_mode("pass")
     job = terminal_job(admin, host_id, timeout=30)

@@ -21,7 +21,9 @@ from app.timeutil import utcnow
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import ROOT, release_key
 
-pytestmark = pytest.mark.timeout(60)
+# A hang guard, not a speed check: a test here starts up to eight processes, each paying the
+# product's imports, and on a loaded machine that alone can take a minute.
+pytestmark = pytest.mark.timeout(180)
 
 
 #: The console script, as an operator runs it (the test environment has the project installed).

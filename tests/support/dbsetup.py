@@ -9,8 +9,12 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 PG_URL = os.environ.get("RM_TEST_DATABASE_URL", "").strip()
-# A schema of its own per checkout lets two runs share one server (RM_TEST_PG_SCHEMA).
-PG_SCHEMA = os.environ.get("RM_TEST_PG_SCHEMA", "").strip() or "rm_test"
+# A schema of its own per checkout lets two runs share one server (RM_TEST_PG_SCHEMA); under
+# pytest-xdist each worker process owns ``<schema>_<worker>`` (``rm_test_gw0``, ...), so the
+# workers of one run never truncate each other's tables.
+PG_SCHEMA = (os.environ.get("RM_TEST_PG_SCHEMA", "").strip() or "rm_test") + (
+    f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else ""
+)
 
 
 def using_postgres() -> bool:

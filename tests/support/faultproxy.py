@@ -3,7 +3,8 @@
 An agent configured with the proxy's address as its server talks to the real server through it.
 WebSocket traffic is forwarded untouched; on a connection whose request is an artifact download
 (``GET /agent/download/...``) the proxy can flip a byte of the body, cut the connection part way,
-or stall — the faults a real network or a broken mirror produces. ``refuse`` cuts the host off.
+or stall — the faults a real network or a broken mirror produces. ``refuse`` cuts the host off:
+every new connection is closed at once, while connections already open carry on untouched.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import socket
 import threading
 import time
 
-MODES = ("pass", "corrupt", "cut", "stall", "refuse")
+DAMAGE = ("corrupt", "cut", "stall")  # what a download connection suffers
+MODES = ("pass", *DAMAGE, "refuse")
 
 
 class FaultProxy:
@@ -67,7 +69,7 @@ class FaultProxy:
                 continue
             except OSError:
                 return
-            if self.mode == "refuse":  # the host is cut off: every connection dies at once
+            if self.mode == "refuse":  # the host is cut off: every new connection dies at once
                 _shut(client)
                 continue
             try:
@@ -104,7 +106,7 @@ class FaultProxy:
         damaged = False
         try:
             while data := src.recv(65536):
-                mode = self.mode if conn["download"] else "pass"
+                mode = self.mode if conn["download"] and self.mode in DAMAGE else "pass"
                 if mode == "pass" or damaged:
                     dst.sendall(data)
                     continue
