@@ -107,18 +107,9 @@ class Servers:
         self.worker = worker
         self.stopped = threading.Event()
         cfg = app.config
-        ahost, aport = cfg["AGENT_ADDR"]
-        self.agent = AgentServer(
-            ahost,
-            aport,
-            PlaneMiddleware(app, "agent"),
-            cfg["AGENT_BACKLOG"],
-            handshake_timeout=cfg["AGENT_HANDSHAKE_TIMEOUT_S"],
-            max_pending=cfg["AGENT_MAX_PENDING"],
-            close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
-            tls=agent_tls_context(cfg),
-            reuse_port=worker is not None,
-        )
+        # A worker listens only once it is ready (end of start()): while its siblings start, the
+        # kernel must not queue a restart storm on the first one that happens to listen.
+        self.agent = self._agent_server() if worker is None else None
         self.admin = None
         if worker is None or worker == 0:
             self.admin = self._admin_server(cfg)
@@ -129,6 +120,21 @@ class Servers:
         self._want_scheduler = scheduler
         self._want_notifier = scheduler if notifier is None else notifier
         self._threads: list[threading.Thread] = []
+
+    def _agent_server(self) -> AgentServer:
+        cfg = self.app.config
+        ahost, aport = cfg["AGENT_ADDR"]
+        return AgentServer(
+            ahost,
+            aport,
+            PlaneMiddleware(self.app, "agent"),
+            cfg["AGENT_BACKLOG"],
+            handshake_timeout=cfg["AGENT_HANDSHAKE_TIMEOUT_S"],
+            max_pending=cfg["AGENT_MAX_PENDING"],
+            close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
+            tls=agent_tls_context(cfg),
+            reuse_port=self.worker is not None,
+        )
 
     def _admin_server(self, cfg):
         hhost, hport = cfg["HTTP_ADDR"]
@@ -186,6 +192,8 @@ class Servers:
             from .metrics import start_listener
 
             self.metrics_server = start_listener(self.app, *self.app.config["METRICS_ADDR"])
+        if self.agent is None:
+            self.agent = self._agent_server()
         agent_loop = functools.partial(self.agent.serve_forever, poll_interval=AGENT_PLANE_POLL_S)
         planes = [("agent-plane", agent_loop)] + ([("admin-plane", self.admin.run)] if self.admin else [])
         for name, target in planes:
@@ -206,8 +214,9 @@ class Servers:
 
         # Stop accepting first: agents reconnect within a second of the close below, and must be
         # refused at once, not accepted by a dying server and reset later (docs/capacity.md).
-        self.agent.shutdown()
-        self.agent.server_close()
+        if self.agent is not None:
+            self.agent.shutdown()
+            self.agent.server_close()
         mark("listener")
         rt = runtime(self.app)
         held = rt.connections.host_ids()
