@@ -502,6 +502,28 @@ class Job(db.Model):
         }
 
 
+class JobPhase(db.Model):
+    """When a job entered a phase (the watcher appends one row per phase; see the run report)."""
+
+    __tablename__ = "job_phases"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    job_id = sa.Column(sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True)
+    phase = sa.Column(sa.String(32), nullable=False)
+    at = sa.Column(sa.DateTime, nullable=False)
+
+    @classmethod
+    def enter(cls, job_id: str, phase: str, at) -> None:
+        """Record that ``job_id`` entered ``phase`` at ``at``, unless it has been in it already.
+
+        One INSERT ... SELECT ... WHERE NOT EXISTS: a repeated progress report of the same phase
+        (bytes counting up) adds nothing, on SQLite and PostgreSQL alike.
+        """
+        seen = sa.select(cls.id).where(cls.job_id == job_id, cls.phase == phase).exists()
+        values = sa.select(sa.literal(job_id), sa.literal(phase), sa.literal(at, sa.DateTime)).where(~seen)
+        db.session.execute(sa.insert(cls).from_select(["job_id", "phase", "at"], values))
+
+
 class Alert(db.Model):
     __tablename__ = "alerts"
     __table_args__ = (

@@ -81,7 +81,7 @@ def fleet_event(summary: dict, public_url: str | None, now: dt.datetime) -> dict
     """The notification for a rollout that reached a terminal state, with its counts."""
     fid, status = summary["id"], summary["status"]
     counts = summary.get("counts", {})
-    url = _link(public_url, "/settings/fleet-update")
+    url = _link(public_url, f"/settings/fleet-update/{fid}/report")  # the run report's page
     api_url = _link(public_url, f"/api/fleet-updates/{fid}")
     parts = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     title = f"Fleet update {fid} to {summary['target_version']} {status}"
@@ -92,7 +92,18 @@ def fleet_event(summary: dict, public_url: str | None, now: dt.datetime) -> dict
         lines.append(f"Halted at {summary['halt_reason']}")
     lines.append(url)
     level = {"succeeded": "success", "halted": "failure"}.get(status, "warning")
-    return _event(EVENT_FLEET, title, "\n".join(lines), level, now, fleet_update=summary, url=url, api_url=api_url)
+    report_url = _link(public_url, f"/api/fleet-updates/{fid}/report")
+    return _event(
+        EVENT_FLEET,
+        title,
+        "\n".join(lines),
+        level,
+        now,
+        fleet_update=summary,
+        url=url,
+        api_url=api_url,
+        report_url=report_url,
+    )
 
 
 def probe_event(actor: str, public_url: str | None, now: dt.datetime) -> dict:

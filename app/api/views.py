@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import abort, current_app, jsonify, request
+from flask import Response, abort, current_app, jsonify, request
 from flask_login import current_user
 
 from .. import hosts
@@ -13,7 +13,7 @@ from ..extensions import db
 from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
-from ..updates import dispatch, fleet
+from ..updates import dispatch, fleet, report
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -286,6 +286,19 @@ def fleet_get(fleet_id: int):
     if fu is None:
         return error_response(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
     return jsonify({"fleet_update": fu.to_dict()})
+
+
+@bp.get("/fleet-updates/<int:fleet_id>/report")
+def fleet_report(fleet_id: int):
+    """The run report (docs/updates.md#run-report); partial while the rollout runs."""
+    return jsonify({"report": report.build(fleet_id).to_dict()})
+
+
+@bp.get("/fleet-updates/<int:fleet_id>/report.csv")
+def fleet_report_csv(fleet_id: int):
+    body = report.build(fleet_id).csv()
+    disposition = f'attachment; filename="{report.csv_filename(fleet_id)}"'
+    return Response(body, mimetype="text/csv", headers={"Content-Disposition": disposition})
 
 
 @bp.post("/fleet-updates/<int:fleet_id>/cancel")

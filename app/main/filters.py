@@ -72,3 +72,16 @@ def selector_text(stored: dict | None) -> str:
     from ..updates.selection import Selector
 
     return Selector.from_body(stored or {}).describe()
+
+
+@bp.app_template_filter("secs")
+def seconds(value: float | None) -> str:
+    """A duration in seconds as ``4.2 s``, ``3 min 12 s`` or ``1 h 5 min``; ``—`` for none."""
+    if value is None:
+        return "—"
+    if value < 60:
+        return f"{value:.1f} s"
+    s = int(round(value))
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {(s % 3600) // 60} min"

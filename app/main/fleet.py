@@ -13,7 +13,7 @@ from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..htmx import is_htmx, redirect_or_hx
-from ..updates import fleet
+from ..updates import fleet, report
 from ..updates.strategy import FIELDS, OFFLINE_POLICIES, Strategy
 from . import bp
 
@@ -169,3 +169,13 @@ def fleet_retry(fleet_id: int):
 def fleet_skip_host(fleet_id: int, host_id: int):
     fleet.skip_host(fleet_id, host_id, actor_name())
     return redirect_or_hx(url_for("main.fleet_update"))
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/report")
+@login_required
+def fleet_report(fleet_id: int):
+    """The run report: summary, the SVG timeline, failures by reason, waits, each host's line."""
+    rep = report.build(fleet_id)
+    return render_template(
+        "fleet/report.html", rep=rep, data=rep.to_dict(), timeline=rep.timeline_svg(), colours=report.COLOURS
+    )

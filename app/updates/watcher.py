@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from ..extensions import db
-from ..models import Alert, AuditEvent, Host, Job
+from ..models import Alert, AuditEvent, Host, Job, JobPhase
 from ..runtime import runtime
 from ..timeutil import utcnow
 
@@ -199,11 +199,14 @@ def on_progress(host_id: int, data: dict) -> None:
     job_id = data["job_id"]
     phase = data["phase"]
     done, total = data["bytes_done"], data["bytes_total"]  # the protocol bounds them to BIGINT
+    now = utcnow()
     res = db.session.execute(
         sa.update(Job)
         .where(Job.id == job_id, Job.host_id == host_id, Job.status == "running")
-        .values(phase=phase, bytes_done=done, bytes_total=total, updated_at=utcnow())
+        .values(phase=phase, bytes_done=done, bytes_total=total, updated_at=now)
     )
+    if res.rowcount:
+        JobPhase.enter(job_id, phase, now)  # the first report of a phase is when it began (the run report)
     db.session.commit()
     if res.rowcount:
         log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, done, total)

@@ -146,7 +146,7 @@ def test_the_email_arrives_through_apprises_mailto_at_a_local_smtp_server():
     text = msg.get_body(("plain", "html")).get_content()
     assert "2 succeeded, 1 failed, 1 pending (4 hosts) in 1m 35s" in text
     assert "host web-3: sha256 mismatch" in text
-    assert "https://rm.example.com/settings/fleet-update" in text
+    assert "https://rm.example.com/settings/fleet-update/7/report" in text
     (state,) = n.status()
     assert state.sent == 1 and state.destination.startswith("E-Mail (mailto://127.0.0.1")
 

@@ -90,8 +90,10 @@ def test_a_halted_rollout_sends_the_halt_alert_and_the_finished_summary(app, cas
     assert summary["id"] == fid and summary["status"] == "halted"
     assert summary["counts"]["skipped"] == 1 and summary["counts"]["failed"] == 1 and summary["total"] == 2
     assert "app-1" in summary["halt_reason"] and summary["wall_time_s"] == 31.0
-    assert done["url"] == f"{PUBLIC_URL}/settings/fleet-update"
+    assert done["url"] == f"{PUBLIC_URL}/settings/fleet-update/{fid}/report"  # the run report's page
     assert done["api_url"] == f"{PUBLIC_URL}/api/fleet-updates/{fid}"
+    assert done["report_url"] == f"{PUBLIC_URL}/api/fleet-updates/{fid}/report"
+    assert done["url"] in done["text"]
     assert done["title"] == f"Fleet update {fid} to 2.0.0 halted"
     assert "1 failed, 1 skipped (2 hosts) in 31s" in done["text"]
 

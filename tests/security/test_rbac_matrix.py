@@ -576,6 +576,7 @@ MATRIX: list[Case] = [
     ),
     Case("main.fleet_update", "GET", "admin", PAGE, path("/settings/fleet-update"), note="viewers read it"),
     Case("main.fleet_status", "GET", "admin", PAGE, path("/settings/fleet-update/status")),
+    Case("main.fleet_report", "GET", "admin", PAGE, path("/settings/fleet-update/{w.fleet_id}/report")),
     Case(
         "main.fleet_start",
         "POST",
@@ -791,6 +792,8 @@ MATRIX: list[Case] = [
     Case("api.fleet_plan", "POST", "admin", api_admin(200), lambda w: Target("/api/fleet/plan", json={})),
     Case("api.fleet_list", "GET", "admin", API_READ, path("/api/fleet-updates")),
     Case("api.fleet_get", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}")),
+    Case("api.fleet_report", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}/report")),
+    Case("api.fleet_report_csv", "GET", "admin", API_READ, path("/api/fleet-updates/{w.fleet_id}/report.csv")),
     Case(
         "api.fleet_cancel",
         "POST",
