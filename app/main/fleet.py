@@ -177,5 +177,10 @@ def fleet_report(fleet_id: int):
     """The run report: summary, the SVG timeline, failures by reason, waits, each host's line."""
     rep = report.build(fleet_id)
     return render_template(
-        "fleet/report.html", rep=rep, data=rep.to_dict(), timeline=rep.timeline_svg(), colours=report.COLOURS
+        "fleet/report.html",
+        rep=rep,
+        data=rep.to_dict(),
+        timeline=rep.timeline_svg(),
+        colours={k: v for k, v in report.COLOURS.items() if k not in ("pending", "waiting")},  # no bar
+        wait_colour=report.WAIT_COLOUR,
     )

@@ -405,8 +405,8 @@ def _tick_label(s: int) -> str:
     if s < 60:
         return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min" if s % 60 == 0 else f"{s // 60}:{s % 60:02d}"
-    return f"{s // 3600} h" if s % 3600 == 0 else f"{s // 3600}:{(s % 3600) // 60:02d} h"
+        return f"{s // 60} min" if s % 60 == 0 else f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h" if s % 3600 == 0 else f"{s // 3600} h {(s % 3600) // 60} min"
 
 
 def timeline_svg(report: Report) -> Markup:
@@ -423,7 +423,7 @@ def timeline_svg(report: Report) -> Markup:
     named = len(lines) <= NAMED_ROWS_MAX
     row_h = 16 if named else 5
     label_w = 170 if named else 60
-    plot_w = WIDTH - label_w - 10
+    plot_w = WIDTH - label_w - 36  # room for the last tick's label
     height = AXIS_H * 2 + max(1, len(lines)) * row_h
     span = max(1.0, (report.end - report.start).total_seconds())
 
@@ -471,7 +471,7 @@ def timeline_svg(report: Report) -> Markup:
         y = top + n * row_h
         bar_y, bar_h = y + (3 if named else 1), row_h - (6 if named else 1)
         if named:
-            label = escape(h.name[:26])
+            label = escape(h.name if len(h.name) <= 22 else h.name[:21] + "…")  # clear of the wave label
             out.append(f'<text class="host-label" x="{label_w - 6}" y="{y + 12}" text-anchor="end">{label}</text>')
         if h.waiting_since is not None:
             w_end = h.dispatched_at or h.finished_at or report.end

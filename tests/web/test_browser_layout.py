@@ -133,7 +133,7 @@ def _seed(cast) -> dict:
     db.session.commit()
     # A rollout waiting for db-1, offline (the clock is frozen: it waits for the whole test).
     fleet.start("admin", host_ids=[cast.host_offline.id])
-    return {"host": behind.id, "long_host": long_host.id}
+    return {"host": behind.id, "long_host": long_host.id, "halted": halted.id}
 
 
 @pytest.fixture
@@ -170,6 +170,7 @@ def test_no_page_is_wider_than_the_window_and_the_nav_stays_in_its_bar(lived_in,
         "alerts": "/alerts",
         "audit": "/audit",
         "fleet": "/settings/fleet-update",
+        "report": f"/settings/fleet-update/{ids['halted']}/report",
         "tokens": "/settings/tokens",
         "users": "/settings/users",
     }
