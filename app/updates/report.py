@@ -132,7 +132,7 @@ class HostLine:
             "waiting_since": isoformat(self.waiting_since),
             "phases": self.phases,
             "error": self.error,
-            "reason": failure_reason(self.error, self.name) if self.outcome in ("failed", "cancelled") else None,
+            "reason": failure_reason(self.error, self.name) if self.error else None,
         }
 
 
@@ -180,15 +180,23 @@ class Report:
             },
             "wall_time_s": _seconds(self.start, self.end),
             "failures": self.failures(),
+            "skipped": self.skips(),
             "waits": self.waits(),
             "waves": self.waves(),
         }
 
     def failures(self) -> list[dict]:
         """Failed (and cut-short) hosts grouped by :func:`failure_reason`, the largest group first."""
+        return self._grouped(lambda h: h.outcome == "failed" or (h.outcome == "cancelled" and h.dispatched_at))
+
+    def skips(self) -> list[dict]:
+        """Hosts skipped with a reason (by an admin, offline past a deadline), grouped the same way."""
+        return self._grouped(lambda h: h.outcome == "skipped" and h.error)
+
+    def _grouped(self, which) -> list[dict]:
         groups: dict[str, dict] = {}
         for h in self.lines:
-            if h.outcome == "failed" or (h.outcome == "cancelled" and h.dispatched_at is not None):
+            if which(h):
                 reason = failure_reason(h.error, h.name)
                 g = groups.setdefault(reason, {"reason": reason, "count": 0, "hosts": [], "example": h.error})
                 g["count"] += 1
@@ -207,6 +215,7 @@ class Report:
                     "host_id": h.host_id,
                     "name": h.name,
                     "reason": "offline",
+                    "outcome": h.outcome,
                     "since": isoformat(h.waiting_since),
                     "until": isoformat(until),
                     "waited_s": _seconds(h.waiting_since, until or self.now),

@@ -71,7 +71,15 @@ def three_waves():
             error="agent reported failed: host w2-a: no space left on device",
             wait_s=50,
         ),
-        Line("w2-b", wave=2, outcome="skipped", dispatch_s=None, took_s=60),
+        Line(
+            "w2-b",
+            wave=2,
+            outcome="skipped",
+            dispatch_s=None,
+            took_s=60,
+            wait_s=30,
+            error="stayed offline past the 30 s deadline of offline=wait",
+        ),
     ]
 
 
@@ -119,10 +127,29 @@ def test_a_finished_rollout_reports_each_host_and_the_summary(app):
             "host_id": hosts["w2-a"]["host_id"],
             "name": "w2-a",
             "reason": "offline",
+            "outcome": "failed",
             "since": "2026-01-01T12:00:50Z",
             "until": "2026-01-01T12:01:00Z",
             "waited_s": 10.0,
             "still_waiting": False,
+        },
+        {
+            "host_id": hosts["w2-b"]["host_id"],
+            "name": "w2-b",
+            "reason": "offline",
+            "outcome": "skipped",
+            "since": "2026-01-01T12:00:30Z",
+            "until": "2026-01-01T12:01:00Z",
+            "waited_s": 30.0,
+            "still_waiting": False,
+        },
+    ]
+    assert s["skipped"] == [
+        {
+            "reason": "stayed offline past the <n> s deadline of offline=wait",
+            "count": 1,
+            "hosts": ["w2-b"],
+            "example": "stayed offline past the 30 s deadline of offline=wait",
         }
     ]
     assert [(w["wave"], w["hosts"], w["duration_s"]) for w in s["waves"]] == [(0, 1, 10.0), (1, 3, 41.0), (2, 2, 5.0)]
@@ -178,7 +205,7 @@ def test_the_timeline_draws_one_bar_per_dispatched_host_in_wave_bands(app):
     assert svg.count('class="wave-band"') == 3 and svg.count('class="wave-rule"') == 2
     assert 'data-outcome="failed" data-wave="1" x="' in svg
     assert svg.count(f'fill="{report.COLOURS["failed"]}"') == 3
-    assert svg.count('class="wait"') == 1
+    assert svg.count('class="wait"') == 2  # w2-a before its dispatch, w2-b until it was skipped
     assert " style=" not in svg and "<style" not in svg and "<script" not in svg
 
 
