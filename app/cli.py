@@ -14,7 +14,7 @@ from . import opcli
 from .config import ConfigError
 from .errors import Refusal
 from .extensions import db
-from .models import ROLES, ApiToken, AuditEvent, User
+from .models import ROLES, ApiToken, AuditEvent, Host, User
 
 
 def _create_app():
@@ -174,13 +174,14 @@ def tokens_create(username, name):
 
 @hosts_group.command("add")
 @click.argument("name")
-def hosts_add(name):
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Give the host this label (repeat it).")
+def hosts_add(name, labels):
     """Enrol a host; print its agent token and install one-liner (once)."""
-    from .errors import Refusal
     from .hosts import enrol
+    from .labels import parse_pairs
 
     try:
-        enrolment = enrol(name, "cli")
+        enrolment = enrol(name, "cli", labels=parse_pairs(labels))
     except Refusal as e:
         raise click.ClickException(e.message) from None
     click.echo(f"host {enrolment.host.name} (id {enrolment.host.id})")
@@ -188,6 +189,29 @@ def hosts_add(name):
     click.echo(f"install: {enrolment.install_command}")
     if enrolment.no_release_key_warning:
         click.secho(f"WARNING: {enrolment.no_release_key_warning}", fg="yellow", bold=True, err=True)
+
+
+@hosts_group.command("label")
+@click.argument("name")
+@click.argument("edits", nargs=-1, metavar="[KEY=VALUE | KEY-]...")
+@click.option("--clear", is_flag=True, help="Remove every label first (then apply the KEY=VALUE ones).")
+def hosts_label(name, edits, clear):
+    """Set (KEY=VALUE) or remove (KEY-) a host's labels, then print them; without edits, just print them."""
+    from . import hosts
+    from .labels import format_pairs, merged, parse_edits
+
+    host = db.session.scalar(sa.select(Host).where(Host.name == name))
+    if host is None:
+        raise click.UsageError(f"no host named {name!r}")
+    try:
+        to_set, to_remove = parse_edits(edits)
+        if edits or clear:
+            current = {} if clear else host.labels
+            changed = hosts.set_labels(host, merged(current, {**to_set, **dict.fromkeys(to_remove)}), "cli")
+            click.echo(f"labels of {name} {'changed' if changed else 'unchanged'}", err=True)
+    except Refusal as e:
+        raise click.UsageError(e.message) from None
+    click.echo(format_pairs(host.labels) or "(no labels)")
 
 
 @click.command("build-agent")

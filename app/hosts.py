@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from agent import protocol
 
+from . import labels as host_labels
 from .errors import Refusal
 from .extensions import db
 from .models import Alert, AuditEvent, Host, Job
@@ -95,20 +96,41 @@ def install_command(token: str, request_host: str | None = None) -> str:
     return f"{cmd} --release-key {shlex.quote(key)}" if key else cmd
 
 
-def enrol(name, actor: str, request_host: str | None = None) -> Enrolment:
-    """Create a host and audit ``host.enrolled`` in one transaction; the token is returned once."""
+def enrol(name, actor: str, request_host: str | None = None, labels=None) -> Enrolment:
+    """Create a host and audit ``host.enrolled`` in one transaction; the token is returned once.
+
+    ``labels`` (a JSON object, checked: 400 ``invalid_labels``) are the host's from the start,
+    recorded in the enrolment's audit event.
+    """
     name = validate_name(name)
+    labels = {} if labels is None else host_labels.validate(labels)
     if db.session.scalar(sa.select(Host.id).where(Host.name == name)) is not None:
         raise Refusal(409, "host_exists", f"a host named {name} already exists")
     host, token = Host.enrol(name)
+    host.labels = labels
     try:
         db.session.flush()
-        AuditEvent.record(actor, "host.enrolled", host.name, host_id=host.id)
+        AuditEvent.record(actor, "host.enrolled", host.name, host_id=host.id, **({"labels": labels} if labels else {}))
         db.session.commit()
     except IntegrityError:
         db.session.rollback()  # a concurrent enrolment took the name between the check and the insert
         raise Refusal(409, "host_exists", f"a host named {name} already exists") from None
     return _enrolment(host, token, request_host)
+
+
+def set_labels(host: Host, labels, actor: str) -> bool:
+    """Replace the host's labels with ``labels`` (checked: 400 ``invalid_labels``) and commit.
+
+    Audited ``host.labels_changed`` (old and new) when they change; return whether they did.
+    """
+    changed = host.set_labels(host_labels.validate(labels), actor)
+    db.session.commit()
+    return changed
+
+
+def patch_labels(host: Host, patch, actor: str) -> bool:
+    """Merge ``patch`` into the host's labels (RFC 7396: a null value removes the key) and commit."""
+    return set_labels(host, host_labels.merged(host.labels, patch), actor)
 
 
 #: The reason a running update ends with when its host's token is revoked or replaced / the host deleted.
@@ -207,11 +229,15 @@ def behind_hosts() -> list[Host]:
     return [h for h in hosts if h.version_state(version) == "behind"]
 
 
-def list_hosts(updates: str | None = None) -> list[Host]:
-    """All hosts by name; ``updates="behind"`` keeps only :func:`behind_hosts`."""
+def list_hosts(updates: str | None = None, labels: dict | None = None) -> list[Host]:
+    """All hosts by name; ``updates="behind"`` keeps only :func:`behind_hosts`, ``labels`` only
+    the hosts carrying every one of them."""
     if updates == "behind":
-        return behind_hosts()
-    return list(db.session.scalars(sa.select(Host).order_by(Host.name)))
+        found = behind_hosts()
+    else:
+        q = sa.select(Host).where(*host_labels.narrowing(Host.labels, labels)).order_by(Host.name)
+        found = list(db.session.scalars(q))
+    return [h for h in found if h.matches_labels(labels or {})]
 
 
 def jobs_for(host_id: int, limit: int = JOB_HISTORY_LIMIT) -> list[Job]:

@@ -124,6 +124,16 @@ def matches(have: dict | None, wanted: dict | None) -> bool:
     return all(have.get(k) == v for k, v in (wanted or {}).items())
 
 
+def narrowing(column, wanted: dict | None) -> list:
+    """SQL conditions that keep rows of a JSON ``column`` carrying every label of ``wanted``.
+
+    JSON path extraction is portable (``json_extract`` on SQLite, ``->>`` on PostgreSQL). The
+    keys' syntax (no quote, no ``$``) keeps the path well formed. Callers still check
+    :func:`matches` in Python: this narrows a query, it does not decide.
+    """
+    return [column[key].as_string() == value for key, value in (wanted or {}).items()]
+
+
 def format_pairs(labels: dict | None) -> str:
     """``k=v k2=v2``, sorted by key: how pages, the CLI and messages show labels."""
     return " ".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))

@@ -68,13 +68,19 @@ def _table(title: str | None, columns: list[str], rows: list[list[str]]):
 
 @click.command("list")
 @click.option("--behind", is_flag=True, help="Only hosts whose agent is older than the server.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only hosts with this label (repeat it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's host objects).")
-def hosts_list(behind, as_json):
-    """List enrolled hosts: version, state, online, last seen."""
+def hosts_list(behind, labels, as_json):
+    """List enrolled hosts: version, state, online, labels, last seen."""
     from .hosts import list_hosts
+    from .labels import format_pairs, parse_pairs
 
     version = current_app.config["SERVER_VERSION"]
-    found = list_hosts("behind" if behind else None)
+    try:
+        wanted = parse_pairs(labels, "the label filter")
+    except Refusal as r:
+        raise _refused(r) from None
+    found = list_hosts("behind" if behind else None, wanted)
     if as_json:
         _echo_json({"server_version": version, "hosts": [h.to_dict(version) for h in found]})
         return
@@ -86,11 +92,12 @@ def hosts_list(behind, as_json):
             "revoked" if h.revoked_at is not None else h.version_state(version),
             "yes" if h.connected else "no",
             "update" if h.can_update() else "-",
+            format_pairs(h.labels),
             h.last_seen.strftime("%Y-%m-%d %H:%M:%S") if h.last_seen else "never",
         ]
         for h in found
     ]
-    cols = ["id", "name", "agent", "state", "online", "can", "last seen"]
+    cols = ["id", "name", "agent", "state", "online", "can", "labels", "last seen"]
     console = _console()
     console.print(f"{len(found)} host(s); server version {version}")
     console.print(_table(None, cols, rows))

@@ -7,6 +7,7 @@ from flask import Response, abort, current_app, jsonify, request
 from flask_login import current_user
 
 from .. import hosts
+from .. import labels as host_labels
 from ..auth import actor_name, admin_required
 from ..errors import error_response
 from ..extensions import db
@@ -68,14 +69,15 @@ def host_list():
     updates = request.args.get("updates")
     if updates not in (None, "behind"):
         return error_response(400, "invalid_parameter", "updates only accepts 'behind'")
-    return jsonify({"hosts": [h.to_dict(_version()) for h in hosts.list_hosts(updates)]})
+    wanted = host_labels.parse_pairs(request.args.getlist("label"), "the label filter")
+    return jsonify({"hosts": [h.to_dict(_version()) for h in hosts.list_hosts(updates, wanted)]})
 
 
 @bp.post("/hosts")
 @admin_required
 def host_create():
     body = _json_body()
-    return _enrolment_json(hosts.enrol(body.get("name"), actor_name(), request.host)), 201
+    return _enrolment_json(hosts.enrol(body.get("name"), actor_name(), request.host, body.get("labels"))), 201
 
 
 @bp.get("/hosts/<int:host_id>")
@@ -83,6 +85,31 @@ def host_get(host_id: int):
     host = hosts.get(host_id)
     job = hosts.latest_update_job(host.id)
     return jsonify({"host": host.to_dict(_version()), "latest_update_job": job.to_dict() if job else None})
+
+
+def _labels_body():
+    body = _json_body()
+    if "labels" not in body:
+        abort(error_response(400, "invalid_labels", 'the body must be {"labels": {"key": "value", ...}}'))
+    return body["labels"]
+
+
+@bp.put("/hosts/<int:host_id>/labels")
+@admin_required
+def host_labels_put(host_id: int):
+    """Replace the host's labels with the body's ``labels``."""
+    host = hosts.get(host_id)
+    hosts.set_labels(host, _labels_body(), actor_name())
+    return jsonify({"host": host.to_dict(_version())})
+
+
+@bp.patch("/hosts/<int:host_id>/labels")
+@admin_required
+def host_labels_patch(host_id: int):
+    """Merge the body's ``labels`` into the host's (JSON merge patch: a null value removes a key)."""
+    host = hosts.get(host_id)
+    hosts.patch_labels(host, _labels_body(), actor_name())
+    return jsonify({"host": host.to_dict(_version())})
 
 
 @bp.delete("/hosts/<int:host_id>")

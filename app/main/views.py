@@ -11,6 +11,7 @@ from flask import abort, current_app, flash, redirect, render_template, request,
 from flask_login import current_user, login_required
 
 from .. import hosts
+from .. import labels as host_labels
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
@@ -20,7 +21,7 @@ from ..inputs import bounded_int
 from ..models import Alert, AuditEvent, Host
 from ..updates import dispatch
 from . import bp
-from .forms import AddHostForm
+from .forms import AddHostForm, LabelsForm
 
 AUDIT_PAGE_SIZE = 50
 
@@ -49,14 +50,22 @@ def host_list():
     updates = request.args.get("updates")
     if updates not in (None, "", "behind"):
         abort(400, "The updates filter only knows 'behind'.")
-    return render_template("hosts/list.html", hosts=hosts.list_hosts(updates or None), updates=updates)
+    filters = [f.strip() for f in request.args.getlist("label") if f.strip()]
+    ctx = {"updates": updates, "label_filters": filters}
+    try:
+        wanted = host_labels.parse_pairs(filters, "the label filter")
+    except Refusal as refusal:  # a typed-in filter: say what is wrong with it on the page itself
+        return render_template("hosts/list.html", hosts=[], filter_error=refusal.message, **ctx), 400
+    ctx["label_filters"] = [f"{k}={v}" for k, v in wanted.items()]
+    return render_template("hosts/list.html", hosts=hosts.list_hosts(updates or None, wanted), **ctx)
 
 
 def _enrol_refused(refusal: Refusal):
-    """Show the form again with the refusal under the name field."""
+    """Show the form again with the refusal under its field (the labels, or the name)."""
     form = AddHostForm()
     form.validate()
-    form.name.errors = [*form.name.errors, refusal.message]
+    field = form.labels if refusal.code == "invalid_labels" else form.name
+    field.errors = [*field.errors, refusal.message]
     return render_template("hosts/new.html", form=form), refusal.status
 
 
@@ -66,18 +75,47 @@ def _enrol_refused(refusal: Refusal):
 def host_new():
     form = AddHostForm()
     if form.validate_on_submit():
-        enrolment = hosts.enrol(form.name.data.strip(), actor_name(), request.host)
+        labels = host_labels.parse_text(form.labels.data or "")
+        enrolment = hosts.enrol(form.name.data.strip(), actor_name(), request.host, labels)
         # Rendered, not redirected: the agent token exists only in this response.
         return render_template("hosts/enrolled.html", host=enrolment.host, enrolment=enrolment), 201
     status = 400 if request.method == "POST" else 200
     return render_template("hosts/new.html", form=form), status
 
 
+def _labels_form(host: Host) -> LabelsForm:
+    return LabelsForm(formdata=None, labels=host_labels.format_pairs(host.labels))
+
+
 @bp.route("/hosts/<int:host_id>")
 @login_required
 def host_detail(host_id: int):
     host = hosts.get(host_id)
-    return render_template("hosts/detail.html", **_update_status_context(host))
+    return render_template("hosts/detail.html", labels_form=_labels_form(host), **_update_status_context(host))
+
+
+def _labels_refused(refusal: Refusal):
+    """The host page again, the labels as typed and the refusal under them."""
+    if refusal.code == "host_not_found":
+        return None
+    host = hosts.get(request.view_args["host_id"])
+    form = LabelsForm()
+    form.labels.errors = [refusal.message]
+    return render_template("hosts/detail.html", labels_form=form, **_update_status_context(host)), refusal.status
+
+
+@bp.route("/hosts/<int:host_id>/labels", methods=["POST"])
+@renders_refusal(_labels_refused)
+@admin_required
+def host_labels_edit(host_id: int):
+    host = hosts.get(host_id)
+    form = LabelsForm()
+    if not form.validate_on_submit():
+        message = "; ".join(form.labels.errors or [e for errs in form.errors.values() for e in errs])
+        raise Refusal(400, "invalid_labels", message or "the form could not be read; reload the page")
+    changed = hosts.set_labels(host, host_labels.parse_text(form.labels.data or ""), actor_name())
+    flash(f"Labels of {host.name} saved." if changed else f"Labels of {host.name} unchanged.", "info")
+    return redirect_or_hx(url_for("main.host_detail", host_id=host_id))
 
 
 @bp.route("/hosts/<int:host_id>/update-status")
@@ -87,7 +125,7 @@ def update_status(host_id: int):
     ctx = _update_status_context(host)
     if is_htmx():
         return render_template("hosts/_update_status.html", oob_history=True, **ctx)
-    return render_template("hosts/detail.html", **ctx)
+    return render_template("hosts/detail.html", labels_form=_labels_form(host), **ctx)
 
 
 def _update_refused(refusal: Refusal):

@@ -181,10 +181,8 @@ class Selector:
             q = q.where(Host.os == self.os)
         if self.arch is not None:
             q = q.where(Host.arch == self.arch)
-        for key, value in self.labels.items():
-            # JSON path extraction exists on SQLite (json_extract) and PostgreSQL (->>) alike;
-            # mismatch() checks again in Python, so the SQL only has to narrow, never decide.
-            q = q.where(Host.labels[key].as_string() == value)
+        # Labels by JSON path (SQLite and PostgreSQL alike); mismatch() checks again in Python.
+        q = q.where(*host_labels.narrowing(Host.labels, self.labels))
         if self.older_than is not None:
             q = q.where(Host.agent_version.is_not(None))
         if self.exclude_host_ids:

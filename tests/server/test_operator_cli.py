@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from agent.version import get_version
 from app.extensions import db
-from app.models import Host, Job
+from app.models import AuditEvent, Host, Job
 from app.timeutil import utcnow
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import ROOT, release_key
