@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import pytest
-import sqlalchemy as sa
 
 from agent.version import get_version
 from app.extensions import db
-from app.models import AuditEvent, Host, Job
+from app.models import Job
 from app.timeutil import utcnow
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import ROOT, release_key
@@ -180,43 +179,6 @@ def test_usage_errors_exit_2(env, cast):
         assert message in r.stderr, (args, r.stderr)
     r = run(["fleet", "start", "--host", "web-1"], env)  # named, but already current: nothing to do
     assert r.returncode == 1 and "no_hosts_to_update" in r.stderr
-
-
-def test_fleet_plan_and_start_select_by_label_os_arch_version_and_exclusion(env, cast):
-    for name, labels in (("app-2", {"env": "prod"}), ("app-3", {"env": "prod"}), ("app-4", {"env": "dev"})):
-        host = cast._host(name, OLD_VERSION, True)[0]
-        host.labels = labels
-    db.session.commit()
-    args = ["--label", "env=prod", "--os", "linux", "--arch", "x86_64", "--older-than", "1.5", "--exclude", "app-3"]
-    r = run(["fleet", "plan", "--json", *args], env)
-    assert r.returncode == 0, r.stderr
-    plan = json.loads(r.stdout)["plan"]
-    assert [h["name"] for h in plan["hosts"]] == ["app-2"]
-    assert [(lo["name"], lo["reason"]) for lo in plan["left_out"]] == [("app-3", "excluded")]
-    assert plan["selector"]["labels"] == {"env": "prod"} and plan["selector"]["older_than"] == "1.5"
-    r = run(["fleet", "plan", *args], env)
-    said = " ".join(r.stdout.split())  # rich wraps at the console's width
-    assert "Selected: labels env=prod, os linux, arch x86_64, older than 1.5, excluding 1 host(s)" in said
-    r = run(["fleet", "start", *args], env)
-    assert r.returncode == 0 and "started over 1 host(s)" in r.stdout, r.stderr
-    r = run(["fleet", "status", "--json"], env)
-    assert json.loads(r.stdout)["fleet_update"]["selector"]["exclude_host_ids"] == [
-        db.session.scalar(sa.select(Host.id).where(Host.name == "app-3"))
-    ]
-
-
-def test_bad_selector_options_are_usage_errors(env, cast):
-    for args, message in (
-        (["fleet", "plan", "--label", "env"], "write it key=value (invalid_labels)"),
-        (["fleet", "start", "--label", "-x=1"], "bad label key '-x'"),
-        (["fleet", "plan", "--older-than", "soon"], "older_than must be a version"),
-        (["fleet", "plan", "--exclude", "nope"], "no host named 'nope'"),
-    ):
-        r = run(args, env)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
-    r = run(["fleet", "start", "--label", "env=nowhere"], env)
-    assert r.returncode == 1 and "no host matches the selector (labels env=nowhere)" in r.stderr
 
 
 @pytest.mark.timeout(120)
