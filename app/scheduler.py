@@ -45,7 +45,7 @@ def _in_context(app: Flask, fn: Callable[[], object], name: str, leader_only: bo
 
 def start(app: Flask) -> BackgroundScheduler:
     from .agents.link import sweep_offline
-    from .updates import fleet, watcher
+    from .updates import fleet, schedule, watcher
 
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
     timeout = float(app.config["UPDATE_TIMEOUT"])
@@ -57,7 +57,7 @@ def start(app: Flask) -> BackgroundScheduler:
         id="update_timeouts",
     )
     sched.add_job(
-        _in_context(app, fleet.run_ticks, "fleet_tick", leader_only=True),
+        _in_context(app, schedule.run_ticks, "fleet_tick", leader_only=True),  # scheduled starts, then the rollout
         "interval",
         seconds=app.config["FLEET_TICK_S"],
         id=fleet.TICK_JOB_ID,

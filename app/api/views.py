@@ -14,7 +14,7 @@ from ..extensions import db
 from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
-from ..updates import dispatch, fleet, report
+from ..updates import dispatch, fleet, report, schedule
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -289,8 +289,8 @@ def token_revoke(token_id: int):
 @admin_required
 def fleet_start():
     body = _json_body()
-    fu = fleet.start_from_body(actor_name(), body)
-    return jsonify({"fleet_update": fu.to_dict()}), 201
+    fu = schedule.start_from_body(actor_name(), body)
+    return jsonify({"fleet_update": schedule.describe(fu)}), 201
 
 
 @bp.post("/fleet/plan")
@@ -304,7 +304,7 @@ def fleet_plan():
 @bp.get("/fleet-updates")
 def fleet_list():
     limit = _int_arg("limit", 20, 1, 200)
-    return jsonify({"fleet_updates": [fu.to_dict() for fu in fleet.history(limit)]})
+    return jsonify({"fleet_updates": [schedule.describe(fu) for fu in fleet.history(limit)]})
 
 
 @bp.get("/fleet-updates/<int:fleet_id>")
@@ -312,7 +312,7 @@ def fleet_get(fleet_id: int):
     fu = db.session.get(FleetUpdate, fleet_id)
     if fu is None:
         return error_response(404, "fleet_update_not_found", f"no fleet update with id {fleet_id}")
-    return jsonify({"fleet_update": fu.to_dict()})
+    return jsonify({"fleet_update": schedule.describe(fu)})
 
 
 @bp.get("/fleet-updates/<int:fleet_id>/report")

@@ -13,7 +13,7 @@ from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..htmx import is_htmx, redirect_or_hx
-from ..updates import fleet, report
+from ..updates import fleet, maintenance, report, schedule
 from ..updates.strategy import FIELDS, OFFLINE_POLICIES, Strategy
 from . import bp
 
@@ -48,7 +48,7 @@ def _form_values(body: dict) -> dict:
 
 def _context(message: str | None = None, body: dict | None = None, plan_message: str | None = None) -> dict:
     history = fleet.history()
-    current = fleet.running() or (history[0] if history else None)
+    current = fleet.running() or next((f for f in history if f.status != "scheduled"), None)
     body = body or {}
     plan = None
     try:
@@ -63,6 +63,8 @@ def _context(message: str | None = None, body: dict | None = None, plan_message:
         "strategy_line": Strategy.of(current).describe(current.total) if current is not None else None,
         "waiting": next(iter(waits.values()), None),
         "waits": waits,
+        "window_waits": maintenance.waits(current) if current is not None else [],
+        "scheduled": [(fu, schedule.waiting_for(fu)) for fu in schedule.scheduled()],
         "plan": plan,
         "plan_dict": plan.to_dict(),
         "plan_message": plan_message,

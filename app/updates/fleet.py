@@ -28,7 +28,7 @@ from ..models import FLEET_HOST_STATUSES, Alert, AuditEvent, FleetUpdate, FleetU
 from ..oncommit import on_commit
 from ..runtime import FLEET_TICK_JOB_ID, runtime
 from ..timeutil import isoformat, utcnow
-from . import dispatch, selection
+from . import dispatch, maintenance, selection
 from .selection import Selector
 from .strategy import Strategy, assign_waves
 
@@ -281,6 +281,7 @@ def start(
     selector: Selector | None = None,
     kind: str = "update",
     parent_id: int | None = None,
+    respect_windows: bool = False,
 ) -> FleetUpdate:
     """Create a rollout over the hosts :func:`plan` takes; the selector and strategy are stored on its row."""
     the_plan = plan(host_ids, strategy, selector=selector)
@@ -299,12 +300,10 @@ def start(
         kind=kind,
         parent_id=parent_id,
         selector=the_plan.selector.to_dict(),
+        respect_windows=respect_windows,
         **strategy.columns(),
     )
-    fu.hosts = [
-        FleetUpdateHost(host_id=p.host.id, host_name=p.host.name, position=p.position, wave=p.wave, status="pending")
-        for p in the_plan.hosts
-    ]
+    fu.hosts = host_rows(the_plan)
     db.session.add(fu)
     try:
         db.session.flush()
@@ -329,6 +328,14 @@ def start(
     return fu
 
 
+def host_rows(the_plan: Plan) -> list[FleetUpdateHost]:
+    """The ``pending`` rows of a new rollout over ``the_plan``'s hosts, in its waves."""
+    return [
+        FleetUpdateHost(host_id=p.host.id, host_name=p.host.name, position=p.position, wave=p.wave, status="pending")
+        for p in the_plan.hosts
+    ]
+
+
 # --- control: cancel, pause, resume, skip one host, retry --------------------------------------
 
 
@@ -344,22 +351,23 @@ def _not_running(fu: FleetUpdate) -> Refusal:
 
 
 def cancel(fleet_id: int, actor: str) -> FleetUpdate:
+    """Cancel a running rollout before its next dispatch, or a scheduled one before it starts."""
     fu = _get(fleet_id)
-    now = utcnow()
+    now, was = utcnow(), fu.status
     res = db.session.execute(
         sa.update(FleetUpdate)
-        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running")
+        .where(FleetUpdate.id == fleet_id, FleetUpdate.status.in_(("running", "scheduled")))
         .values(status="cancelled", finished_at=now, cancel_requested=True, hold_until=None)
     )
     if not res.rowcount:
         db.session.rollback()
-        raise _not_running(fu)
+        raise Refusal(409, "fleet_update_not_running", f"fleet update {fu.id} is {fu.status}, not running or scheduled")
     db.session.execute(
         sa.update(FleetUpdateHost)
         .where(FleetUpdateHost.fleet_update_id == fleet_id, FleetUpdateHost.status == "pending")
         .values(status="cancelled", finished_at=now)
     )
-    AuditEvent.record(actor, "fleet.update_cancelled", f"fleet_update:{fleet_id}")
+    AuditEvent.record(actor, "fleet.update_cancelled", f"fleet_update:{fleet_id}", was=was)
     _announce_finished(fleet_id)
     db.session.commit()
     db.session.refresh(fu)
@@ -639,9 +647,11 @@ def may_dispatch_now(fu: FleetUpdate, row: FleetUpdateHost, host: Host, now) -> 
     """The one place that decides whether this host may be dispatched now: None, or why not yet.
 
     Offline hosts and hosts already at the target are handled by the caller; this is for gates
-    that keep a host ``pending`` without touching it (maintenance windows go here).
+    that keep a host ``pending`` without touching it: the maintenance windows of a rollout with
+    ``respect_windows`` (docs/updates.md, "Windows in a rollout").
     """
-    return None
+    wait = maintenance.window_gate(fu, host)
+    return None if wait is None else f"outside its maintenance windows until {isoformat(wait.opens_at)} ({wait.window})"
 
 
 def _online(host: Host) -> bool:
@@ -658,10 +668,10 @@ def _consider(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host
     if host.agent_version == target:
         _finish_row(row, "skipped", None)
         return "finished"
+    if may_dispatch_now(fu, row, host, now) is not None:
+        return "waiting"  # gated (outside its windows): neither dispatched nor judged offline yet
     if not _online(host):
         return _offline(fu, strat, row, host, now)
-    if may_dispatch_now(fu, row, host, now) is not None:
-        return "waiting"
     try:
         dispatch.dispatch_update(
             host.id,
@@ -919,6 +929,7 @@ def summary(fleet_id: int) -> dict:
             FleetUpdate.target_version,
             FleetUpdate.created_by,
             FleetUpdate.created_at,
+            FleetUpdate.started_at,
             FleetUpdate.finished_at,
             FleetUpdate.halt_reason,
         ).where(FleetUpdate.id == fleet_id)
@@ -931,7 +942,8 @@ def summary(fleet_id: int) -> dict:
         ).all()
     )
     counts = {state: int(found.get(state, 0)) for state in FLEET_HOST_STATUSES}
-    wall = (fu.finished_at - fu.created_at).total_seconds() if fu.finished_at and fu.created_at else None
+    began = fu.started_at or fu.created_at  # a scheduled rollout's wall time starts at its start
+    wall = (fu.finished_at - began).total_seconds() if fu.finished_at and began else None
     return {
         "id": fu.id,
         "status": fu.status,
