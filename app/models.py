@@ -777,7 +777,6 @@ class FleetUpdate(db.Model):
             "halt_reason": self.halt_reason,
             "start_at": isoformat(self.start_at),
             "start_tz": self.start_tz,
-            "started_at": isoformat(self.started_at),
             "respect_windows": bool(self.respect_windows),
             "total": self.total,
             "done": self.done,
