@@ -290,16 +290,40 @@ def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json, **st
     "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
 )
 @_strategy_options
-def fleet_start(labels, os_name, arch, older_than, hosts, excludes, follow, interval, **strategy):
-    """Start a rollout to the server's version (the same as POST /api/fleet/update)."""
-    from .updates import fleet
+@click.option(
+    "--at",
+    "start_at",
+    metavar="WHEN",
+    help="Schedule the start: ISO 8601 with an offset (2026-12-05T02:00:00Z), or a local time with --timezone.",
+)
+@click.option("--timezone", metavar="ZONE", help="The IANA time zone of an --at without offset (e.g. Europe/Berlin).")
+@click.option("--respect-windows", is_flag=True, help="Dispatch each host only inside its maintenance windows.")
+def fleet_start(
+    labels,
+    os_name,
+    arch,
+    older_than,
+    hosts,
+    excludes,
+    follow,
+    interval,
+    start_at,
+    timezone,
+    respect_windows,
+    **strategy,
+):
+    """Start a rollout to the server's version, or schedule it with --at (the same as POST /api/fleet/update)."""
+    from .updates import schedule
 
     selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
     try:
-        fu = fleet.start("cli", strategy=_strategy(**strategy), selector=selector)
+        fu = schedule.start_or_schedule("cli", selector, _strategy(**strategy), respect_windows, start_at, timezone)
     except Refusal as r:
         raise _refused(r) from None
-    click.echo(f"fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s)")
+    if fu.status == "scheduled":
+        click.echo(f"fleet update {fu.id} to {fu.target_version} scheduled for {fu.start_at:%Y-%m-%d %H:%M:%S} UTC")
+    else:
+        click.echo(f"fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s)")
     if follow:
         raise click.exceptions.Exit(follow_rollout(fu.id, interval))
 
@@ -322,8 +346,8 @@ def _rollout(fleet_id: int | None) -> FleetUpdate:
 
 
 def outcome_code(status: str) -> int:
-    """A rollout's status as an exit code: 0 running or succeeded, 1 halted or cancelled."""
-    return EXIT_OK if status in ("running", "succeeded") else EXIT_FAILED
+    """A rollout's status as an exit code: 0 scheduled, running or succeeded, 1 halted or cancelled."""
+    return EXIT_OK if status in ("scheduled", "running", "succeeded") else EXIT_FAILED
 
 
 @fleet_group.command("status")
@@ -509,7 +533,7 @@ def follow_rollout(fleet_id: int, interval: float = 1.0, out=None, tty: bool | N
         from rich.live import Live
 
         with Live(_render(d), console=Console(file=out, force_terminal=True), refresh_per_second=4) as live:
-            while d["status"] == "running":
+            while d["status"] in ("scheduled", "running"):
                 time.sleep(interval)
                 d = _read(fleet_id)
                 live.update(_render(d))
@@ -521,7 +545,7 @@ def follow_rollout(fleet_id: int, interval: float = 1.0, out=None, tty: bool | N
             if seen.get(h["position"]) != key:
                 seen[h["position"]] = key
                 print(_host_line(h).strip(), file=out, flush=True)
-        if d["status"] != "running":
+        if d["status"] not in ("scheduled", "running"):
             for line in _summary_lines(d):
                 print(line, file=out, flush=True)
             return outcome_code(d["status"])

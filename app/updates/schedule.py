@@ -101,12 +101,19 @@ def start_from_body(actor: str, body: dict) -> FleetUpdate:
     """``POST /api/fleet/update``: start now, or with ``start_at`` schedule the start."""
     respect = respect_windows_of(body)
     selector, strategy = Selector.from_body(body), Strategy.from_body(body)
-    if body.get("start_at") is None:
-        if body.get("timezone") is not None:
+    return start_or_schedule(actor, selector, strategy, respect, body.get("start_at"), body.get("timezone"))
+
+
+def start_or_schedule(
+    actor: str, selector: Selector, strategy: Strategy, respect_windows: bool, start_at=None, timezone=None
+) -> FleetUpdate:
+    """Start a rollout now (no ``start_at``) or schedule it (the API's and the CLI's one path)."""
+    if start_at is None:
+        if timezone is not None:
             raise Refusal(422, "invalid_start_at", "timezone only goes with start_at")
-        return fleet.start(actor, strategy=strategy, selector=selector, respect_windows=respect)
-    start_at, start_tz = parse_start_at(body["start_at"], body.get("timezone"))
-    return create(actor, selector, start_at, start_tz, respect, strategy)
+        return fleet.start(actor, strategy=strategy, selector=selector, respect_windows=respect_windows)
+    when, shown = parse_start_at(start_at, timezone)
+    return create(actor, selector, when, shown, respect_windows, strategy)
 
 
 def create(

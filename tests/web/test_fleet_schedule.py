@@ -269,3 +269,23 @@ def test_a_scheduled_start_inside_windows(client, cast, admin_token, clock, onli
     assert fleet.tick() is True
     assert db.session.get(Host, cast.host_behind.id) is not None
     assert db.session.scalar(db.select(Job.id).where(Job.host_id == cast.host_behind.id)) is not None
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+def test_the_cli_schedules_a_rollout_and_refuses_a_bad_time(runner, cast, clock):
+    r = runner.invoke(args=["fleet", "start", "--at", "2026-01-02T03:00:00", "--timezone", "Europe/Berlin"])
+    assert r.exit_code == 0, r.output
+    assert "scheduled for 2026-01-02 02:00:00 UTC" in r.output
+    (fu,) = schedule.scheduled()
+    assert fu.start_tz == "Europe/Berlin" and fu.created_by == "cli" and fu.respect_windows is False
+    r = runner.invoke(args=["fleet", "status", str(fu.id), "--json"])
+    assert r.exit_code == 0 and '"status": "scheduled"' in r.output
+    r = runner.invoke(args=["fleet", "start", "--at", "yesterday"])
+    assert r.exit_code == 2 and "invalid_start_at" in r.output
+    r = runner.invoke(args=["fleet", "start", "--respect-windows"])
+    assert r.exit_code == 0 and "started over 1 host(s)" in r.output
+    assert fleet.running().respect_windows is True
+    r = runner.invoke(args=["fleet", "cancel", str(fu.id)])
+    assert r.exit_code == 0 and _fleet(fu.id).status == "cancelled"
