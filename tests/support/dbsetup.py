@@ -75,6 +75,7 @@ DATA_TABLES = (
     "users",
     "login_throttle",
     "instances",
+    "maintenance_windows",
 )
 
 
