@@ -18,7 +18,8 @@ import pytest
 from app.extensions import db
 from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job
 from app.timeutil import utcnow
-from app.updates import fleet
+from app.updates import fleet, maintenance, schedule
+from app.updates.selection import Selector
 from tests.conftest import OLD_VERSION, SERVER_VERSION
 from tests.support.live import LiveServer
 from tests.web.test_browser import CHROMIUM, _login, browser  # noqa: F401  (the module's Chromium fixture)
@@ -133,6 +134,11 @@ def _seed(cast) -> dict:
     db.session.commit()
     # A rollout waiting for db-1, offline (the clock is frozen: it waits for the whole test).
     fleet.start("admin", host_ids=[cast.host_offline.id])
+    # A maintenance window with a long name and labels, and a rollout scheduled for later.
+    window = {"name": "weekend nights for the storage team", "days": [5, 6], "start": "22:00", "end": "04:00"}
+    maintenance.create("admin", {**window, "timezone": "America/Argentina/Buenos_Aires", "labels": {"site": "fra-1"}})
+    when = utcnow() + dt.timedelta(days=2)
+    schedule.create("admin", Selector(labels={"site": "fra-1"}), when, "America/Argentina/Buenos_Aires", True)
     return {"host": behind.id, "long_host": long_host.id, "halted": halted.id}
 
 
@@ -173,6 +179,7 @@ def test_no_page_is_wider_than_the_window_and_the_nav_stays_in_its_bar(lived_in,
         "report": f"/settings/fleet-update/{ids['halted']}/report",
         "tokens": "/settings/tokens",
         "users": "/settings/users",
+        "windows": "/settings/maintenance-windows",
     }
     too_wide, outside, scrolling = {}, {}, {}
     for name, path in pages.items():
