@@ -794,6 +794,7 @@ class FleetUpdate(db.Model):
             "paused_at": isoformat(self.paused_at),
             "paused_by": self.paused_by,
             "hold_until": isoformat(self.hold_until),
+            "revert_on_halt": self.revert_on_halt,
             "hosts": [r.to_dict() for r in rows],
         }
 

@@ -445,21 +445,41 @@ def fleet_skip(host, fleet_id):
     click.echo(f"fleet update {fu.id}: {host} skipped")
 
 
+def _follow_options(fn):
+    fn = click.option(
+        "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
+    )(fn)
+    fn = click.option(
+        "--follow", is_flag=True, help="Watch the new rollout until it ends; exit 0 if it succeeded, 1 if not."
+    )(fn)
+    return click.argument("fleet_id", type=int, required=False)(fn)
+
+
+def _start_from(operation, fleet_id, follow, interval, what: str) -> None:
+    """Start a rollout made from a finished one (default: the latest) and maybe follow it."""
+    fid = fleet_id if fleet_id is not None else _rollout(None).id
+    fu = _control(operation, fid, "cli")
+    click.echo(f"fleet update {fu.id} {what} {len(fu.hosts)} host(s) of fleet update {fid}")
+    if follow:
+        raise click.exceptions.Exit(follow_rollout(fu.id, interval))
+
+
 @fleet_group.command("retry")
-@click.argument("fleet_id", type=int, required=False)
-@click.option("--follow", is_flag=True, help="Watch the new rollout until it ends; exit 0 if it succeeded, 1 if not.")
-@click.option(
-    "--interval", type=click.FloatRange(0.05, 60.0), default=1.0, show_default=True, help="Seconds between reads."
-)
+@_follow_options
 def fleet_retry(fleet_id, follow, interval):
     """Start a rollout of the failed and skipped hosts of a finished one (default: the latest), same strategy."""
     from .updates import fleet
 
-    fid = fleet_id if fleet_id is not None else _rollout(None).id
-    fu = _control(fleet.retry, fid, "cli")
-    click.echo(f"fleet update {fu.id} retries {len(fu.hosts)} host(s) of fleet update {fid}")
-    if follow:
-        raise click.exceptions.Exit(follow_rollout(fu.id, interval))
+    _start_from(fleet.retry, fleet_id, follow, interval, "retries")
+
+
+@fleet_group.command("revert")
+@_follow_options
+def fleet_revert(fleet_id, follow, interval):
+    """Take the hosts a finished rollout (default: the latest) updated back to the version each ran before."""
+    from .updates import revert
+
+    _start_from(revert.start, fleet_id, follow, interval, "reverts")
 
 
 # --- following a rollout ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ..extensions import db
 from ..inputs import MAX_ID, bounded_int, has_control_characters
 from ..models import Alert, ApiToken, AuditEvent, FleetUpdate, Job, User
 from ..runtime import runtime
-from ..updates import dispatch, fleet, report, schedule
+from ..updates import dispatch, fleet, report, revert, schedule
 from . import bp
 
 PING_TIMEOUT_S = 5.0
@@ -352,6 +352,13 @@ def fleet_resume(fleet_id: int):
 def fleet_retry(fleet_id: int):
     """A new rollout of the failed and skipped hosts of this one, with the same strategy."""
     return jsonify({"fleet_update": fleet.retry(fleet_id, actor_name()).to_dict()}), 201
+
+
+@bp.post("/fleet-updates/<int:fleet_id>/revert")
+@admin_required
+def fleet_revert(fleet_id: int):
+    """A new rollout taking the hosts this one updated back to the version each ran before."""
+    return jsonify({"fleet_update": revert.start(fleet_id, actor_name()).to_dict()}), 201
 
 
 @bp.post("/fleet-updates/<int:fleet_id>/hosts/<int:host_id>/skip")

@@ -13,7 +13,7 @@ from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
 from ..htmx import is_htmx, redirect_or_hx
-from ..updates import fleet, maintenance, report, schedule
+from ..updates import fleet, maintenance, report, revert, schedule
 from ..updates.strategy import FIELDS, OFFLINE_POLICIES, Strategy
 from . import bp
 
@@ -162,6 +162,15 @@ def fleet_resume(fleet_id: int):
 def fleet_retry(fleet_id: int):
     fu = fleet.retry(fleet_id, actor_name())
     flash(f"Fleet update {fu.id} retries the failed and skipped hosts of {fleet_id} ({len(fu.hosts)}).", "info")
+    return redirect_or_hx(url_for("main.fleet_update"))
+
+
+@bp.route("/settings/fleet-update/<int:fleet_id>/revert", methods=["POST"])
+@renders_refusal(_refused)
+@admin_required
+def fleet_revert(fleet_id: int):
+    fu = revert.start(fleet_id, actor_name())
+    flash(f"Fleet update {fu.id} takes the {len(fu.hosts)} host(s) rollout {fleet_id} updated back.", "info")
     return redirect_or_hx(url_for("main.fleet_update"))
 
 

@@ -269,8 +269,21 @@ def plan_from_body(body: dict) -> Plan:
 
 
 def start_from_body(actor: str, body: dict) -> FleetUpdate:
-    """Start the rollout a ``POST /api/fleet/update`` body asks for."""
-    return start(actor, strategy=Strategy.from_body(body), selector=Selector.from_body(body))
+    """Start the rollout a request body asks for now (the fleet page's form; the API also schedules)."""
+    return start(
+        actor,
+        strategy=Strategy.from_body(body),
+        selector=Selector.from_body(body),
+        revert_on_halt=flag(body, "revert_on_halt"),
+    )
+
+
+def flag(body: dict, name: str) -> bool:
+    """A request's true/false field (absent: false); 400 ``invalid_field`` for anything else."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise Refusal(400, "invalid_field", f"{name} must be true or false")
+    return value
 
 
 def start(
@@ -282,17 +295,41 @@ def start(
     kind: str = "update",
     parent_id: int | None = None,
     respect_windows: bool = False,
+    revert_on_halt: bool = False,
 ) -> FleetUpdate:
-    """Create a rollout over the hosts :func:`plan` takes; the selector and strategy are stored on its row."""
+    """Create a rollout over the hosts :func:`plan` takes; the selector and strategy are stored on its row.
+
+    ``revert_on_halt``: if it halts, take the hosts it updated back to their old versions
+    (app/updates/revert.py).
+    """
     the_plan = plan(host_ids, strategy, selector=selector)
-    strategy = the_plan.strategy
     if the_plan.updates_nothing():
         raise the_plan.refusal()
+    return create(
+        actor, the_plan, kind=kind, parent_id=parent_id, respect_windows=respect_windows, revert_on_halt=revert_on_halt
+    )
+
+
+def create(
+    actor: str,
+    the_plan: Plan,
+    *,
+    kind: str = "update",
+    parent_id: int | None = None,
+    targets: dict[int, str] | None = None,
+    respect_windows: bool = False,
+    revert_on_halt: bool = False,
+) -> FleetUpdate:
+    """Write the rollout ``the_plan`` describes, running from now, audited; 409 while another runs.
+
+    ``targets``: a host's own target version where it is not the rollout's (a revert's rows).
+    """
+    strategy = the_plan.strategy
     if running() is not None:
         raise Refusal(409, "fleet_update_running", "a fleet update is already running")
     now = utcnow()
     fu = FleetUpdate(
-        target_version=current_app.config["SERVER_VERSION"],
+        target_version=the_plan.target_version,
         status="running",
         created_by=actor,
         created_at=now,
@@ -301,12 +338,14 @@ def start(
         parent_id=parent_id,
         selector=the_plan.selector.to_dict(),
         respect_windows=respect_windows,
+        revert_on_halt=revert_on_halt,
         **strategy.columns(),
     )
-    fu.hosts = host_rows(the_plan)
+    fu.hosts = host_rows(the_plan, targets)
     db.session.add(fu)
     try:
         db.session.flush()
+        details = {"versions": {p.host.name: targets[p.host.id] for p in the_plan.hosts}} if targets else {}
         AuditEvent.record(
             actor,
             "fleet.update_started",
@@ -317,6 +356,8 @@ def start(
             strategy=strategy.to_dict(),
             kind=kind,
             parent_id=parent_id,
+            revert_on_halt=revert_on_halt,
+            **details,
         )
         db.session.commit()
     except IntegrityError:
@@ -328,10 +369,21 @@ def start(
     return fu
 
 
-def host_rows(the_plan: Plan) -> list[FleetUpdateHost]:
-    """The ``pending`` rows of a new rollout over ``the_plan``'s hosts, in its waves."""
+def host_rows(the_plan: Plan, targets: dict[int, str] | None = None) -> list[FleetUpdateHost]:
+    """The ``pending`` rows of a new rollout over ``the_plan``'s hosts, in its waves.
+
+    ``targets``: a host's own target version where it is not the rollout's (a revert's rows).
+    """
+    targets = targets or {}
     return [
-        FleetUpdateHost(host_id=p.host.id, host_name=p.host.name, position=p.position, wave=p.wave, status="pending")
+        FleetUpdateHost(
+            host_id=p.host.id,
+            host_name=p.host.name,
+            position=p.position,
+            wave=p.wave,
+            status="pending",
+            target_version=targets.get(p.host.id),
+        )
         for p in the_plan.hosts
     ]
 

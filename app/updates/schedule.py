@@ -26,7 +26,7 @@ from ..extensions import db
 from ..models import Alert, AuditEvent, FleetUpdate
 from ..runtime import runtime
 from ..timeutil import isoformat, utcnow
-from . import fleet, maintenance, selection
+from . import fleet, maintenance, revert, selection
 from .selection import Selector
 from .strategy import Strategy
 from .windows import WindowError, parse_zone, resolve_wall
@@ -90,30 +90,33 @@ def parse_start_at(value, timezone=None, now: dt.datetime | None = None) -> tupl
     return instant, shown
 
 
-def respect_windows_of(body: dict) -> bool:
-    value = body.get("respect_windows", False)
-    if not isinstance(value, bool):
-        raise Refusal(400, "invalid_field", "respect_windows must be true or false")
-    return value
-
-
 def start_from_body(actor: str, body: dict) -> FleetUpdate:
     """``POST /api/fleet/update``: start now, or with ``start_at`` schedule the start."""
-    respect = respect_windows_of(body)
+    respect, revert_on_halt = fleet.flag(body, "respect_windows"), fleet.flag(body, "revert_on_halt")
     selector, strategy = Selector.from_body(body), Strategy.from_body(body)
-    return start_or_schedule(actor, selector, strategy, respect, body.get("start_at"), body.get("timezone"))
+    return start_or_schedule(
+        actor, selector, strategy, respect, body.get("start_at"), body.get("timezone"), revert_on_halt
+    )
 
 
 def start_or_schedule(
-    actor: str, selector: Selector, strategy: Strategy, respect_windows: bool, start_at=None, timezone=None
+    actor: str,
+    selector: Selector,
+    strategy: Strategy,
+    respect_windows: bool,
+    start_at=None,
+    timezone=None,
+    revert_on_halt: bool = False,
 ) -> FleetUpdate:
     """Start a rollout now (no ``start_at``) or schedule it (the API's and the CLI's one path)."""
     if start_at is None:
         if timezone is not None:
             raise Refusal(422, "invalid_start_at", "timezone only goes with start_at")
-        return fleet.start(actor, strategy=strategy, selector=selector, respect_windows=respect_windows)
+        return fleet.start(
+            actor, strategy=strategy, selector=selector, respect_windows=respect_windows, revert_on_halt=revert_on_halt
+        )
     when, shown = parse_start_at(start_at, timezone)
-    return create(actor, selector, when, shown, respect_windows, strategy)
+    return create(actor, selector, when, shown, respect_windows, strategy, revert_on_halt)
 
 
 def create(
@@ -123,6 +126,7 @@ def create(
     start_tz: str,
     respect_windows: bool,
     strategy: Strategy | None = None,
+    revert_on_halt: bool = False,
 ) -> FleetUpdate:
     """A ``scheduled`` rollout; its hosts are taken when it starts (see the module docstring)."""
     strategy = strategy or Strategy()
@@ -137,6 +141,7 @@ def create(
         start_at=start_at,
         start_tz=start_tz,
         respect_windows=respect_windows,
+        revert_on_halt=revert_on_halt,
         **strategy.columns(),
     )
     db.session.add(fu)
@@ -150,6 +155,7 @@ def create(
         start_tz=start_tz,
         selector=fu.selector,
         respect_windows=respect_windows,
+        revert_on_halt=revert_on_halt,
         strategy=strategy.to_dict(),
         hosts_now=[p.host.name for p in preview.hosts],
     )
@@ -257,13 +263,14 @@ def _end(fu: FleetUpdate, status: str, reason: str | None) -> bool:
 
 
 def run_ticks() -> None:
-    """The scheduler's fleet job: start a due scheduled rollout, advance the running one, repeat."""
+    """The scheduler's fleet job: start a due revert or scheduled rollout, advance the running one, repeat."""
     runtime().fleet_waker.run(_start_and_tick_until_idle)
 
 
 def _start_and_tick_until_idle() -> None:
     try:
-        while start_due() or fleet.tick():
+        # A halted rollout's revert first: taking hosts back outranks starting new work.
+        while revert.start_due() or start_due() or fleet.tick():
             pass
     finally:
         db.session.remove()
