@@ -49,7 +49,7 @@ import requests
 import sqlalchemy as sa
 
 from app.extensions import db
-from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, Host, Job, MaintenanceWindow, User
+from app.models import Alert, ApiToken, AuditEvent, FleetUpdate, FleetUpdateHost, Host, Job, MaintenanceWindow, User
 from app.notify import Notifier, Webhook
 from app.runtime import runtime
 from app.serve import AGENT_PLANE_PREFIXES
@@ -257,6 +257,25 @@ class World:
         fleet.skip_host(fid, self.behind_id, "rbac-setup")
         fleet.cancel(fid, "rbac-setup")
         return fid
+
+    def new_revertable_rollout(self) -> int:
+        """A finished rollout that took one host from a version the server kept (signed) to another."""
+        from app.updates import releases
+
+        self.no_rollout()
+        if releases.kept_release(OLD_VERSION) is None:
+            path = os.path.join(self.app.config["RELEASES_DIR"], "rbac-old.pyz")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(os.urandom(1024))
+            key = releases.signing_key()
+            sig = releases.sign_file(path, OLD_VERSION, "py3-any", key) if key else None
+            releases.register(path, OLD_VERSION, "py3-any", sig)
+        fu = FleetUpdate(target_version=SERVER_VERSION, status="succeeded", created_by="rbac-setup")
+        fu.hosts = [FleetUpdateHost(host_id=self.behind_id, position=0, status="succeeded", from_version=OLD_VERSION)]
+        db.session.add(fu)
+        db.session.commit()
+        return fu.id
 
     def retried(self, fid: int) -> bool:
         db.session.remove()
@@ -553,6 +572,15 @@ MATRIX: list[Case] = [
         _host_target("/hosts/{id}/labels", "new_host", form={"labels": "rbac=page"}),
         ok=303,
         effect=lambda w, t: w.row(Host, t.ctx).labels == {"rbac": "page"},
+    ),
+    Case(
+        "main.fleet_revert",
+        "POST",
+        "admin",
+        admin_form(303),
+        _made_rollout_target("/settings/fleet-update/{id}/revert", "new_revertable_rollout"),
+        ok=303,
+        effect=lambda w, t: w.retried(t.ctx),
     ),
     Case("main.notifications", "GET", "admin", PAGE, path("/settings/notifications")),
     Case("main.windows", "GET", "admin", PAGE, path("/settings/maintenance-windows")),
@@ -863,6 +891,15 @@ MATRIX: list[Case] = [
         "admin",
         api_admin(201),
         _made_rollout_target("/api/fleet-updates/{id}/retry", "new_retryable_rollout", json={}),
+        ok=201,
+        effect=lambda w, t: w.retried(t.ctx),
+    ),
+    Case(
+        "api.fleet_revert",
+        "POST",
+        "admin",
+        api_admin(201),
+        _made_rollout_target("/api/fleet-updates/{id}/revert", "new_revertable_rollout", json={}),
         ok=201,
         effect=lambda w, t: w.retried(t.ctx),
     ),
