@@ -54,7 +54,7 @@ def two_updated_hosts(cast, agent_for, **start):
     for agent in agents:
         drive()
         job = finish_update(agent)
-        wait_until(lambda: job_status(job) == "succeeded", what="updated")
+        wait_until(lambda job=job: job_status(job) == "succeeded", what="updated")
     drive()
     return fu.id, agents
 
@@ -68,7 +68,7 @@ def revert_back(agents):
         agent.send("update.progress", job_id=cmd.data["job_id"], phase="restarting", bytes_done=1, bytes_total=1)
         agent.disconnect()
         agent.connect(version=OLD_VERSION, last_update={"job_id": cmd.data["job_id"], "outcome": "swapped"})
-        wait_until(lambda: job_status(cmd.data["job_id"]) == "succeeded", what="reverted")
+        wait_until(lambda j=cmd.data["job_id"]: job_status(j) == "succeeded", what="reverted")
     drive()
 
 
