@@ -51,7 +51,10 @@ def test_behind_means_one_thing_to_the_dashboard_the_filters_and_a_rollout(as_ad
     api = as_admin.get("/api/hosts?updates=behind").get_json()["hosts"]
     assert [h["name"] for h in api] == ["app-1"]
     fleet_page = as_admin.get("/settings/fleet-update").get_data(as_text=True)
-    assert "app-1" in fleet_page and "old-revoked" not in fleet_page
+    # The plan takes app-1 and names the revoked host only among those it leaves out, and why.
+    assert 'class="plan-host" data-host="app-1"' in fleet_page
+    assert 'class="plan-host" data-host="old-revoked"' not in fleet_page
+    assert re.search(r'<li data-host="old-revoked">.*?chip-left-out">revoked<', fleet_page)
     rollout = fleet.start("admin")
     assert [row.host.name for row in rollout.hosts] == ["app-1"]
     # ... while the full list still shows the revoked host and its version state.
