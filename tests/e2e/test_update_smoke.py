@@ -233,12 +233,12 @@ def test_a_new_program_that_never_reaches_the_server_is_rolled_back(fleet):
     ag = fleet.start_agent(token, url=proxy.ws_url, extra_config="probation_s = 2\n")
     admin = admin_when_online(srv, host_id)
     old_bytes = ag.program_bytes()
+    # The proxy refuses every new connection from the moment the old program's download passes:
+    # the old program finishes over the connections it has (link and download), the new one
+    # cannot reach the server. (Polling for the "restarting" phase, or for the download, and then
+    # switching raced the new program's first connect on a loaded machine.)
+    proxy.refuse_after_download = True
     press_update(admin, host_id)
-    # Once the old program's download is under way, refuse every new connection: the old program
-    # finishes over the connections it has (link and download), the new one cannot reach the
-    # server. (Waiting for the "restarting" phase instead raced the new program's first connect.)
-    wait_until(lambda: proxy.downloads >= 1, 20, 0.01, "the old program's download to start")
-    proxy.set_mode("refuse")
     wait_until(lambda: "never reached the server" in ag.log(), 20, 0.1, "the probation rollback")
     proxy.set_mode("pass")
     job = terminal_job(admin, host_id, timeout=30)

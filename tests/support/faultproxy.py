@@ -24,6 +24,9 @@ class FaultProxy:
         self.after_bytes = after_bytes
         self.stall_s = stall_s
         self.downloads = 0
+        #: Switch to "refuse" the moment a download request passes: the downloading program
+        #: finishes over the connections it has; whatever it starts next cannot reach the server.
+        self.refuse_after_download = False
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(0.2)
         self.port = self._lsock.getsockname()[1]
@@ -92,6 +95,8 @@ class FaultProxy:
                     conn["download"] = data.startswith(b"GET /agent/download/")
                     if conn["download"]:
                         self.downloads += 1
+                        if self.refuse_after_download:
+                            self.mode = "refuse"
                     first = False
                 dst.sendall(data)
         except OSError:
