@@ -53,11 +53,14 @@ class Waker:
         self._scheduler = scheduler
         self._lock = threading.Lock()
         self._pending = False
+        self._running = False  # run() is looping: a wake-up only needs the pending flag
         self.waiting_for: frozenset[int] = frozenset()  # replaced whole, never mutated: no lock
 
     def wake(self) -> None:
         with self._lock:
             self._pending = True
+            if self._running:
+                return  # run() sees the flag before it stops: no scheduler call (50 job ends at once)
         sched = self._scheduler()
         if sched is not None and sched.running:
             try:
@@ -75,9 +78,16 @@ class Waker:
         while True:
             with self._lock:
                 self._pending = False
-            step()
+                self._running = True
+            try:
+                step()
+            except BaseException:
+                with self._lock:
+                    self._running = False
+                raise
             with self._lock:
                 if not self._pending:
+                    self._running = False
                     return
 
 

@@ -649,7 +649,8 @@ def _step(fu: FleetUpdate) -> bool:
             changed = True
         if slots <= 0:
             break
-    runtime().fleet_waker.waiting_for = frozenset(waiting | _queued_host_ids(fu.id))
+    queued = _queued_host_ids(fu.id) if shape.waiting else set()
+    runtime().fleet_waker.waiting_for = frozenset(waiting | queued)
     return changed
 
 

@@ -2,6 +2,8 @@
 """What a fleet rolling update costs beyond the agents' own work: N simulated agents, one real server.
 
     .venv/bin/python scripts/bench/fleet_rollout.py --hosts 200 [--restart-delay 0.05] [--json]
+    .venv/bin/python scripts/bench/fleet_rollout.py --hosts 1000 --max-in-flight 50
+    .venv/bin/python scripts/bench/fleet_rollout.py --hosts 200 --max-in-flight 20 --max-failures 5% --fail-fraction 0.1
 
 What it does (all on 127.0.0.1, every wait bounded, server, simulator and temp dirs cleaned up):
 
@@ -29,6 +31,16 @@ Figures: total = the server's ``finished_at`` minus the bench's clock at the POS
 clock); orchestration overhead per host = (total − Σ agents' own time) / N; and from the server's
 timestamps the gap between one host's job finishing and the next host's dispatch (p50/p99).
 Target (issue 4): overhead ≤ 50 ms per host (the seed polled every 1 s per host).
+
+Strategies (issue 10): ``--max-in-flight``, ``--max-failures``, ``--canary``, ``--canary-soak``,
+``--wave-soak`` go into the POST body as the API takes them. With more than one host in flight the
+rollout moves in waves (a wave is a barrier: docs/updates.md), so the agents' own time that bounds
+the total is, per wave, its slowest agent: overhead per host = (total − Σ over waves of the
+wave's slowest agent) / N (target ≤ 10 ms per host, and total ≤ 30 s for N = 1,000 at 50 in
+flight). ``--fail-fraction F`` makes every 1/F-th simulated agent (evenly spread, floor(N·F) of them)
+refuse the update with ``update.result`` ok=false, as a real agent does on a bad artifact: the
+budget case checks that the rollout halts with at most the failure budget + 1 failed hosts plus
+those in flight when it halted, and prints the count.
 """
 
 from __future__ import annotations
@@ -65,7 +77,9 @@ from agents import LoadGen, LoadProcess, _Agent, db_connected, enrol  # noqa: E4
 sys.path.insert(0, ROOT)
 
 A, B = "1.0.0", "2.0.0"
-TARGET_OVERHEAD_MS = 50.0
+TARGET_OVERHEAD_MS = 50.0  # sequential (issue 4)
+TARGET_OVERHEAD_WAVES_MS = 10.0  # several hosts in flight (issue 10)
+TARGET_TOTAL_1000_S = 30.0  # N = 1,000 at 50 in flight (issue 10)
 
 
 # =====================================================================================  simulator
@@ -88,8 +102,12 @@ class FleetSim(LoadGen):
 
     agent_class = _SimAgent
 
-    def __init__(self, port, tokens, backoff_cap, max_runtime, public_key: str, restart_delay: float):
+    def __init__(self, port, tokens, backoff_cap, max_runtime, public_key: str, restart_delay: float,
+                 fail_fraction: float = 0.0):
         super().__init__(port, tokens, backoff_cap, max_runtime)
+        n = len(tokens)
+        # floor(N*F) failing agents, evenly spread: agent i fails when floor((i+1)F) > floor(iF)
+        self.failing = {i for i in range(n) if int((i + 1) * fail_fraction) > int(i * fail_fraction)}
         from agent import platform_tag, signing
 
         self.signing = signing
@@ -120,6 +138,11 @@ class FleetSim(LoadGen):
         """Signature, download, verify, report the phases, then close for the restart."""
         t_cmd = time.monotonic()
         job_id = d["job_id"]
+        if a.idx in self.failing:  # a simulated bad host: it refuses the update, like a bad artifact
+            self.failures.append({"idx": a.idx, "job_id": job_id, "error": "simulated failure"})
+            self._send_env(a, "update.result", {"job_id": job_id, "ok": False,
+                                                "error": "simulated failure (--fail-fraction)"})
+            return
         if a.job is not None:
             self._send_env(a, "update.result", {"job_id": job_id, "ok": False,
                                                 "error": f"another update (job {a.job}) is already in progress"})
@@ -216,7 +239,8 @@ def load_worker(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     with open(args.tokens) as f:
         tokens = json.load(f)
-    FleetSim(args.port, tokens, args.backoff_cap, args.max_runtime, args.pubkey, args.restart_delay).run()
+    FleetSim(args.port, tokens, args.backoff_cap, args.max_runtime, args.pubkey, args.restart_delay,
+             args.fail_fraction).run()
     return 0
 
 
@@ -250,7 +274,9 @@ def run(args) -> dict:
     os.makedirs(instance)
     db_path = os.path.join(instance, "bench.sqlite3")
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
-    res: dict = {"hosts": n, "restart_delay_s": args.restart_delay, "heartbeat_s": args.heartbeat,
+    body = strategy_body(args)
+    res: dict = {"hosts": n, "strategy": body, "fail_fraction": args.fail_fraction,
+                 "restart_delay_s": args.restart_delay, "heartbeat_s": args.heartbeat,
                  "cpus": os.cpu_count(), "python": platform.python_version(), "nofile_limit": nofile[0]}
     try:
         res["loadavg_start"] = os.getloadavg()[0]
@@ -291,7 +317,8 @@ def run(args) -> dict:
 
         load = LoadProcess(server.agent_port, tokens_path, args.backoff_cap, max_runtime=args.timeout * 2 + 600,
                            log_path=os.path.join(tmp, "sim.log"), script=__file__,
-                           extra_args=("--pubkey", public_key, "--restart-delay", str(args.restart_delay)))
+                           extra_args=("--pubkey", public_key, "--restart-delay", str(args.restart_delay),
+                                       "--fail-fraction", str(args.fail_fraction)))
         deadline = time.monotonic() + args.setup_timeout
         while True:
             s = load.ask()
@@ -310,7 +337,7 @@ def run(args) -> dict:
         http.headers["Authorization"] = f"Bearer {api_token}"
         cpu0 = cpu_seconds(server.pid)
         t_post = time.time()
-        r = http.post(server.admin_url + "/api/fleet/update", json={}, timeout=60)
+        r = http.post(server.admin_url + "/api/fleet/update", json=body, timeout=60)
         t_post_done = time.time()
         if r.status_code != 201:
             raise RuntimeError(f"POST /api/fleet/update answered {r.status_code}: {r.text[:500]}")
@@ -338,7 +365,7 @@ def run(args) -> dict:
 
         fu = ro.execute("SELECT status, created_at, finished_at, halt_reason FROM fleet_updates WHERE id = ?",
                         (fid,)).fetchone()
-        rows = ro.execute("SELECT position, host_id, status, job_id, error, started_at, finished_at "
+        rows = ro.execute("SELECT position, host_id, status, job_id, error, started_at, finished_at, wave "
                           "FROM fleet_update_hosts WHERE fleet_update_id = ? ORDER BY position", (fid,)).fetchall()
         res["status"], res["halt_reason"] = fu[0], fu[3]
         created, finished = ts(fu[1]), ts(fu[2])
@@ -356,20 +383,43 @@ def run(args) -> dict:
         # ---- the headline: total from the POST to the terminal status, minus the agents' own time
         total = finished - t_post
         agent_sum = sum(rec["total_s"] for rec in records)
+        # The agents' own time that bounds the total: per wave (a barrier), its slowest agent.
+        wave_of = {r_[3]: r_[7] for r_ in rows if r_[3]}
+        slowest: dict = {}
+        for rec in records:
+            w = wave_of.get(rec["job_id"])
+            if w is not None:
+                slowest[w] = max(slowest.get(w, 0.0), rec["total_s"])
+        agent_bound = sum(slowest.values())
         res["total_s"] = total
         res["total_server_s"] = finished - created  # created_at -> finished_at
         res["total_observed_s"] = t_seen - t_post  # when the bench's poll saw it
         res["post_to_created_ms"] = ms(created - t_post)
         res["agents_time_sum_s"] = agent_sum
-        res["overhead_per_host_ms"] = ms((total - agent_sum) / n)
+        res["agents_bound_s"] = agent_bound
+        res["waves"] = len({r_[7] for r_ in rows})
+        res["overhead_per_host_ms"] = ms((total - agent_bound) / n)
+        if res["status"] == "halted":
+            halt = ro.execute("SELECT details FROM audit_events WHERE action = 'fleet.update_halted' "
+                              "ORDER BY id DESC LIMIT 1").fetchone()
+            res["halt_details"] = json.loads(halt[0]) if halt else None
         res["agent_time_ms"] = {k: dist([rec[k] for rec in records])
                                 for k in ("total_s", "work_s", "close_s", "restart_s", "reconnect_s")}
 
         # ---- where the overhead is, from the server's timestamps
         started = [ts(r_[5]) for r_ in rows]
         ended = [ts(r_[6]) for r_ in rows]
-        gaps = [started[i + 1] - ended[i] for i in range(len(rows) - 1)
-                if started[i + 1] is not None and ended[i] is not None]
+        # between waves: the last end of one wave -> the first dispatch of the next (one host per
+        # wave in the sequential case, so this is the old host-to-host gap)
+        first_start: dict = {}
+        last_end: dict = {}
+        for r_, s_, e_ in zip(rows, started, ended, strict=True):
+            if s_ is not None:
+                first_start[r_[7]] = min(first_start.get(r_[7], s_), s_)
+            if e_ is not None:
+                last_end[r_[7]] = max(last_end.get(r_[7], e_), e_)
+        waves = sorted(set(first_start) & set(last_end))
+        gaps = [first_start[b] - last_end[a] for a, b in zip(waves, waves[1:]) if b in first_start]
         res["gap_finish_to_next_dispatch_ms"] = dist(gaps)
         res["created_to_first_dispatch_ms"] = ms(started[0] - created) if started and started[0] else None
         res["last_finish_to_rollout_finish_ms"] = ms(finished - ended[-1]) if ended and ended[-1] else None
@@ -387,6 +437,15 @@ def run(args) -> dict:
 
         final = http.get(f"{server.admin_url}/api/fleet-updates/{fid}", timeout=60).json()["fleet_update"]
         res["api_status"], res["api_done"] = final["status"], final["done"]
+        if args.fail_fraction:
+            # let the jobs in flight at the halt end, then count what the rollout left
+            deadline = time.monotonic() + 60
+            while ro.execute("SELECT count(*) FROM fleet_update_hosts WHERE fleet_update_id = ? AND status = "
+                             "'running'", (fid,)).fetchone()[0] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            res["row_status_settled"] = dict(ro.execute(
+                "SELECT status, count(*) FROM fleet_update_hosts WHERE fleet_update_id = ? GROUP BY status",
+                (fid,)).fetchall())
     except Exception as e:  # noqa: BLE001 - report what was measured, and why the rest was not
         res["error"] = f"{type(e).__name__}: {e}"
         log(f"[bench] FAILED: {res['error']}")
@@ -413,9 +472,50 @@ def run(args) -> dict:
         res["loadavg_end"] = os.getloadavg()[0]
     except OSError:
         pass
-    res["target_ok"] = (res.get("status") == "succeeded" and res.get("agents_updated") == n
-                        and res.get("overhead_per_host_ms", 1e9) <= TARGET_OVERHEAD_MS)
+    res["target_ok"] = target_ok(res, args)
     return res
+
+
+def strategy_body(args) -> dict:
+    """The strategy options as the POST body carries them (absent: the API's defaults)."""
+    body: dict = {}
+    for key, value in (("canary", args.canary), ("canary_soak_s", args.canary_soak),
+                       ("max_in_flight", args.max_in_flight), ("max_failures", args.max_failures),
+                       ("wave_soak_s", args.wave_soak)):
+        if value is not None:
+            body[key] = value
+    return body
+
+
+def in_flight_limit(res: dict) -> int:
+    import math
+
+    raw = str(res["strategy"].get("max_in_flight", "1"))
+    return max(1, math.ceil(res["hosts"] * int(raw[:-1]) / 100)) if raw.endswith("%") else int(raw)
+
+
+def failure_budget(res: dict) -> int:
+    raw = str(res["strategy"].get("max_failures", "0"))
+    return res["hosts"] * int(raw[:-1]) // 100 if raw.endswith("%") else int(raw)
+
+
+def target_ok(res: dict, args) -> bool:
+    """Issue 4's figure for the sequential default; issue 10's for waves and for the budget case."""
+    n, flight = res["hosts"], in_flight_limit(res)
+    if args.fail_fraction:
+        settled = res.get("row_status_settled") or {}
+        res["failed_hosts"] = settled.get("failed", 0)
+        res["failed_bound"] = failure_budget(res) + 1 + flight  # the one that broke the budget, + in flight
+        expected_failures = int(n * args.fail_fraction)
+        must_halt = expected_failures > failure_budget(res)
+        return (res.get("status") == ("halted" if must_halt else "succeeded")
+                and res["failed_hosts"] <= res["failed_bound"])
+    if res.get("status") != "succeeded" or res.get("agents_updated") != n:
+        return False
+    if flight == 1:
+        return res.get("overhead_per_host_ms", 1e9) <= TARGET_OVERHEAD_MS
+    ok = res.get("overhead_per_host_ms", 1e9) <= TARGET_OVERHEAD_WAVES_MS
+    return ok and (n != 1000 or res.get("total_s", 1e9) <= TARGET_TOTAL_1000_S)
 
 
 def report(res: dict) -> None:
@@ -434,6 +534,8 @@ def report(res: dict) -> None:
 
     rows = [
         ("hosts (N)", res["hosts"]),
+        ("strategy (POST body)", f"{json.dumps(res.get('strategy'))}, {res.get('waves')} wave(s), "
+                                 f"fail fraction {res.get('fail_fraction'):g}"),
         ("machine", f"{res['cpus']} CPUs, Python {res['python']}, load avg {f(res.get('loadavg_start'), '{:.1f}')}"
                     f" -> {f(res.get('loadavg_end'), '{:.1f}')}"),
         ("restart delay / heartbeat", f"{res['restart_delay_s']:g} s / {res['heartbeat_s']:g} s"),
@@ -442,15 +544,17 @@ def report(res: dict) -> None:
         ("agents updated (simulator)", res.get("agents_updated")),
         ("total: POST -> finished_at", f"{f(res.get('total_s'), '{:.3f}')} s  (created_at -> finished_at "
                                        f"{f(res.get('total_server_s'), '{:.3f}')} s)"),
-        ("sum of the agents' own time", f"{f(res.get('agents_time_sum_s'), '{:.3f}')} s"),
-        ("ORCHESTRATION OVERHEAD PER HOST", f"{f(res.get('overhead_per_host_ms'), '{:.2f}')} ms "
-                                            f"(target <= {TARGET_OVERHEAD_MS:g} ms)"),
+        ("sum of the agents' own time", f"{f(res.get('agents_time_sum_s'), '{:.3f}')} s  (per wave its slowest, "
+                                        f"summed: {f(res.get('agents_bound_s'), '{:.3f}')} s)"),
+        ("ORCHESTRATION OVERHEAD PER HOST", f"{f(res.get('overhead_per_host_ms'), '{:.2f}')} ms (target <= "
+                                            f"{TARGET_OVERHEAD_MS if in_flight_limit(res) == 1 else TARGET_OVERHEAD_WAVES_MS:g}"
+                                            " ms)"),
         ("agent time per host mean / p50 / p99", a("total_s")),
         ("  signature + download + verify", a("work_s")),
         ("  close handshake", a("close_s")),
         ("  restart delay (as kept)", a("restart_s")),
         ("  reconnect -> welcome", a("reconnect_s")),
-        ("gap job finished -> next dispatch p50/p90/p99/max", d("gap_finish_to_next_dispatch_ms")),
+        ("gap wave finished -> next wave's dispatch p50/p90/p99/max", d("gap_finish_to_next_dispatch_ms")),
         ("in-job overhead (server span - agent time) p50/p90/p99/max", d("in_job_overhead_ms")),
         ("POST -> created_at / created -> 1st dispatch / last -> finished",
          f"{f(res.get('post_to_created_ms'))} / {f(res.get('created_to_first_dispatch_ms'))} / "
@@ -461,6 +565,10 @@ def report(res: dict) -> None:
         ("server log ERROR / WARNING lines", f"{res.get('server_log_errors')} / {res.get('server_log_warnings')}"),
         ("target", "PASS" if res["target_ok"] else "FAIL"),
     ]
+    if res.get("fail_fraction"):
+        rows.append(("BUDGET: failed hosts when settled", f"{res.get('failed_hosts')} (bound: budget "
+                     f"{failure_budget(res)} + 1 + in flight {in_flight_limit(res)} = {res.get('failed_bound')}); "
+                     f"rows {res.get('row_status_settled')}; halt audit {json.dumps(res.get('halt_details'))}"))
     if res.get("sim_failures"):
         rows.append(("simulator failures", json.dumps(res["sim_failures"])))
     if res.get("error"):
@@ -474,6 +582,13 @@ def main(argv=None) -> int:
     ap.add_argument("--restart-delay", type=float, default=0.05,
                     help="simulated restart delay between close and reconnect, s (default 0.05)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    ap.add_argument("--max-in-flight", help="the rollout's max_in_flight: a count or a percentage (default 1)")
+    ap.add_argument("--max-failures", help="the rollout's max_failures: a count or a percentage (default 0)")
+    ap.add_argument("--canary", type=int, help="the rollout's canary (hosts)")
+    ap.add_argument("--canary-soak", type=float, help="the rollout's canary_soak_s")
+    ap.add_argument("--wave-soak", type=float, help="the rollout's wave_soak_s")
+    ap.add_argument("--fail-fraction", type=float, default=0.0,
+                    help="fraction of simulated agents that refuse the update (evenly spread; default 0)")
     ap.add_argument("--heartbeat", type=float, default=15.0, help="RM_HEARTBEAT_S for the server (default 15)")
     ap.add_argument("--fleet-tick", type=float, default=None, help="RM_FLEET_TICK_S (default: the server's, 5 s)")
     ap.add_argument("--backoff-cap", type=float, default=5.0, help="agents' reconnect backoff cap, s (default 5)")

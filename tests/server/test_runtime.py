@@ -145,3 +145,27 @@ def test_the_waited_for_hosts_travel_between_instances_as_a_list_or_a_star():
     assert encode_waiting(frozenset({9, 3, 7})) == "3,7,9" and decode_waiting("3,7,9") == {3, 7, 9}
     many = frozenset(range(1, WAITING_LIST_MAX + 2))
     assert encode_waiting(many) == "*" and decode_waiting("*") is None  # None: forward every hello
+
+
+def test_a_wake_during_a_run_does_not_nudge_the_scheduler_but_is_not_lost():
+    nudges = []
+
+    class Scheduler:
+        running = True
+        timezone = dt.UTC
+
+        def modify_job(self, job_id, next_run_time):
+            nudges.append(job_id)
+
+    waker = Waker("job", lambda: Scheduler())
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) < 3:
+            waker.wake()  # e.g. 50 jobs of a wave ending while the tick runs
+
+    waker.run(step)
+    assert calls == [1, 1, 1] and nudges == []
+    waker.wake()  # not running now: the scheduler job is moved to now
+    assert nudges == ["job"]
