@@ -793,23 +793,25 @@ def _first_stopping_row(fleet_id: int) -> FleetUpdateHost | None:
 
 
 def _settle_finished_rows() -> bool:
-    """Copy terminal job states onto running fleet rows (any rollout, cancelled ones too)."""
+    """Copy terminal job states onto running fleet rows (any rollout, cancelled ones too).
+
+    One query, on every tick: the running rows whose job ended, or whose job is gone (the host
+    was deleted: such a row cannot finish by itself).
+    """
     rows = db.session.execute(
         sa.select(FleetUpdateHost, Job)
-        .join(Job, FleetUpdateHost.job_id == Job.id)
-        .where(FleetUpdateHost.status == "running", Job.status != "running")
+        .outerjoin(Job, FleetUpdateHost.job_id == Job.id)
+        .where(FleetUpdateHost.status == "running", sa.or_(Job.id.is_(None), Job.status != "running"))
     ).all()
+    now = utcnow()
     for row, job in rows:
+        if job is None:
+            row.status, row.error, row.finished_at = "failed", "update job disappeared", now
+            continue
         row.status = job.status if job.status in ("succeeded", "cancelled") else "failed"
         row.error = job.error
-        row.finished_at = job.finished_at or utcnow()
-    # A running row whose job is gone (host deleted) cannot finish by itself.
-    orphans = db.session.scalars(
-        sa.select(FleetUpdateHost).where(FleetUpdateHost.status == "running", FleetUpdateHost.job_id.is_(None))
-    ).all()
-    for row in orphans:
-        row.status, row.error, row.finished_at = "failed", "update job disappeared", utcnow()
-    if rows or orphans:
+        row.finished_at = job.finished_at or now
+    if rows:
         db.session.commit()
         return True
     return False
