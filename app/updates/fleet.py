@@ -581,6 +581,7 @@ class _Shape:
     running: int = 0  # rows in flight, queued (offline=wait) hosts included
     waiting: int = 0  # pending rows queued for an offline host to come back
     wave: int | None = None  # the current wave: the lowest with a row pending or running (not queued)
+    max_wave: int = 0
     wave_started: bool = False  # a row of the current wave left ``pending`` (or was queued)
 
 
@@ -594,6 +595,7 @@ def _shape(fleet_id: int) -> _Shape:
     s = _Shape()
     for wave, status, queued, started, n in rows:
         s.total += n
+        s.max_wave = max(s.max_wave, wave)
         s.counts[status] = s.counts.get(status, 0) + n
         if status == "failed" or (status == "cancelled" and started):
             s.failures += n
@@ -637,18 +639,21 @@ def _step(fu: FleetUpdate) -> bool:
     if slots <= 0:
         return False
     rows = _next_rows(fu, shape, strat, slots, now)
+    budget = strat.failure_budget(shape.total)
     changed = False
     waiting: set[int] = set()
     for row, host in rows:
         outcome = _consider(fu, strat, row, host, now)
         if outcome == "dispatched":
             slots -= 1
-        if outcome == "waiting":
+        if outcome in ("waiting", "held"):
             waiting.add(row.host_id)
         else:
             changed = True
-        if slots <= 0:
-            break
+        if outcome == "failed":
+            shape.failures += 1
+        if slots <= 0 or outcome == "held" or shape.failures > budget:
+            break  # a host waiting out its grace holds back the hosts after it; a failure may halt
     queued = _queued_host_ids(fu.id) if shape.waiting else set()
     runtime().fleet_waker.waiting_for = frozenset(waiting | queued)
     return changed
@@ -656,7 +661,8 @@ def _step(fu: FleetUpdate) -> bool:
 
 def _next_rows(fu: FleetUpdate, shape: _Shape, strat: Strategy, slots: int, now) -> list:
     """The rows to consider now, with their hosts: queued offline hosts that came back (or whose
-    deadline passed) first, then the current wave's next pending rows, ``slots`` of them."""
+    deadline passed) first, then the next pending rows up to the next barrier (:func:`_reach`),
+    in order: ``slots`` of them, and a few more in case some of them wait out an offline grace."""
     r = FleetUpdateHost
     out = []
     if shape.waiting:
@@ -676,11 +682,28 @@ def _next_rows(fu: FleetUpdate, shape: _Shape, strat: Strategy, slots: int, now)
         out += db.session.execute(
             sa.select(r, Host)
             .outerjoin(Host, Host.id == r.host_id)
-            .where(r.fleet_update_id == fu.id, r.status == "pending", r.waiting_since.is_(None), r.wave == shape.wave)
+            .where(
+                r.fleet_update_id == fu.id,
+                r.status == "pending",
+                r.waiting_since.is_(None),
+                r.wave.between(shape.wave, _reach(shape, strat)),
+            )
             .order_by(r.position)
-            .limit(slots)
+            .limit(slots + 16)
         ).all()
     return out
+
+
+def _reach(shape: _Shape, strat: Strategy) -> int:
+    """The last wave whose hosts may start now: the window slides across waves up to a barrier.
+
+    The canary wave is a barrier (the canary goes alone, then its soak), and so is every wave
+    followed by a soak (``wave_soak_s``). Otherwise hosts of the next wave start as soon as slots
+    free up: ``max_in_flight`` bounds the hosts in flight, not the waves (docs/updates.md).
+    """
+    if strat.wave_soak_s > 0 or (strat.canary and shape.wave == 0):
+        return shape.wave
+    return shape.max_wave
 
 
 def _queued_host_ids(fleet_id: int) -> set[int]:
@@ -712,8 +735,10 @@ def _online(host: Host) -> bool:
 
 
 def _consider(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host | None, now) -> str:
-    """Do what this host's turn calls for; return ``dispatched``, ``finished`` (the row ended),
-    ``waiting`` (it stays pending: offline within its grace, or gated) or ``queued``."""
+    """Do what this host's turn calls for; return ``dispatched``, ``finished`` or ``failed`` (the row ended),
+    ``queued`` (offline=wait), ``waiting`` (it stays pending: gated, or queued and still offline)
+    or ``held`` (offline within its grace to reconnect: the hosts after it wait too, as the seed's
+    sequential rollout did)."""
     if host is None:  # deleted before its turn
         _finish_row(row, "cancelled", "host deleted")
         return "finished"
@@ -742,7 +767,7 @@ def _consider(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host
         if refusal.code == "host_offline":  # it went away between our look and the dispatch's
             return "waiting"
         _finish_row(row, "failed", refusal.message)
-        return "finished"
+        return "failed"
     log.info("fleet update %s: dispatched host %s (wave %s)", fu.id, host.name, row.wave)
     return "dispatched"
 
@@ -761,12 +786,13 @@ def _offline(fu: FleetUpdate, strat: Strategy, row: FleetUpdateHost, host: Host,
             return "finished"
         return "waiting"
     if _offline_grace_left(host) > 0:
-        return "waiting"  # its hello wakes us; the periodic tick re-checks the grace
+        return "held"  # its hello wakes us; the periodic tick re-checks the grace
     grace = float(current_app.config["FLEET_OFFLINE_GRACE_S"])
     if strat.offline == "skip":
         _finish_row(row, "skipped", f"offline: skipped after the {grace:g} s grace to reconnect (offline=skip)")
     else:
         _finish_row(row, "failed", f"stayed offline past the {grace:g} s grace to reconnect")
+        return "failed"
     return "finished"
 
 
@@ -846,7 +872,7 @@ def offline_waits(fu: FleetUpdate) -> dict[int, dict]:
     shape = _shape(fu.id)
     conds = [r.waiting_since.is_not(None)]
     if shape.wave is not None:
-        conds.append(sa.and_(r.wave == shape.wave, r.waiting_since.is_(None)))
+        conds.append(sa.and_(r.wave.between(shape.wave, _reach(shape, strat)), r.waiting_since.is_(None)))
     rows = db.session.execute(
         sa.select(r, Host)
         .join(Host, Host.id == r.host_id)

@@ -70,10 +70,12 @@ def test_a_budget_halt_lets_in_flight_hosts_finish_and_a_retry_updates_the_faile
     fu = wait_until(lambda: api.fleet_update_ended(fid), 90, 0.1, "the rollout to end")
     assert fu["status"] == "halted", fu
     assert fu["halt_reason"].startswith("2 hosts failed, over the failure budget of 1 (max_failures 1)")
-    # The in-flight node-3 finishes after the halt; nothing of the next wave is dispatched.
-    fu = wait_until(lambda: (f := api.fleet_update(fid))["hosts"][2]["status"] != "running" and f, 60, 0.1, "node-3")
-    assert statuses(fu) == ["failed", "failed", "succeeded", "pending", "pending", "pending"]
-    assert api.audit_actions().count("host.update_dispatched") == 3
+    # Hosts in flight at the halt finish; nothing is dispatched after it.
+    fu = wait_until(lambda: "running" not in statuses(f := api.fleet_update(fid)) and f, 60, 0.1, "in-flight hosts")
+    assert statuses(fu)[:2] == ["failed", "failed"] and statuses(fu)[-2:] == ["pending", "pending"]
+    assert set(statuses(fu)[2:]) <= {"succeeded", "pending"} and statuses(fu)[2] == "succeeded"
+    started = sum(s != "pending" for s in statuses(fu))
+    assert api.audit_actions().count("host.update_dispatched") == started  # at most 3 + the one a failure freed
     actions = api.audit_actions()
     assert "fleet.update_halted" in actions and "fleet_update_halted" in {a["kind"] for a in api.open_alerts()}
 
@@ -87,7 +89,7 @@ def test_a_budget_halt_lets_in_flight_hosts_finish_and_a_retry_updates_the_faile
     fu = wait_until(lambda: api.fleet_update_ended(retry["id"]), 90, 0.1, "the retry to end")
     assert fu["status"] == "succeeded" and statuses(fu) == ["succeeded", "succeeded"]
     wait_until(lambda: versions(api, ids)[:3] == [B, B, B], 30, what="node-1..3 at B")
-    assert versions(api, ids)[3:] == [A, A, A]  # the retry took only the failed hosts
+    assert versions(api, ids)[-2:] == [A, A]  # the retry took only the failed hosts
 
 
 def test_offline_wait_updates_a_host_that_comes_back_in_time(live_fleet):

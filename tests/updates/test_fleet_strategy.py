@@ -178,7 +178,7 @@ def ids(hosts):
     return [h.id for h, _ in hosts]
 
 
-def test_max_in_flight_dispatches_a_wave_at_once_and_the_next_wave_waits_for_it(behind):
+def test_max_in_flight_is_a_sliding_window_across_waves(behind):
     hosts = behind(3)
     fid = fleet.start("admin", ids(hosts), Strategy(max_in_flight="2")).id
     drive()
@@ -186,16 +186,43 @@ def test_max_in_flight_dispatches_a_wave_at_once_and_the_next_wave_waits_for_it(
     assert [h["wave"] for h in rollout(fid)["hosts"]] == [0, 0, 1]
     succeed(hosts[0][1])
     drive()
-    assert statuses(fid)["b-3"] == "pending"  # the wave is a barrier: b-2 still runs
-    assert hosts[2][1].inbox.empty()
+    assert statuses(fid)["b-3"] == "running"  # a slot freed: b-3 starts while b-2 still runs
     succeed(hosts[1][1])
-    drive()
-    assert statuses(fid)["b-3"] == "running"
     succeed(hosts[2][1])
     drive()
     r = rollout(fid)
     assert r["status"] == "succeeded" and r["max_in_flight"] == "2"
     assert all(h["from_version"] == OLD_VERSION for h in r["hosts"])
+
+
+def test_a_wave_soak_makes_each_wave_a_barrier(behind, clock):
+    hosts = behind(3)
+    fid = fleet.start("admin", ids(hosts), Strategy(max_in_flight="2", wave_soak_s=30)).id
+    drive()
+    succeed(hosts[0][1])
+    drive()
+    assert statuses(fid)["b-3"] == "pending"  # the wave is a barrier: b-2 still runs
+    assert hosts[2][1].inbox.empty()
+    succeed(hosts[1][1])
+    drive()
+    assert statuses(fid)["b-3"] == "pending" and rollout(fid)["hold_until"] is not None  # soaking
+    clock.advance(31)
+    drive()
+    assert statuses(fid)["b-3"] == "running"
+    succeed(hosts[2][1])
+    drive()
+    assert rollout(fid)["status"] == "succeeded"
+
+
+def test_a_host_waiting_out_its_grace_holds_back_the_hosts_after_it(cast, behind, clock):
+    hosts = behind(1)
+    fid = fleet.start("admin", [cast.host_behind.id, hosts[0][0].id], Strategy(max_in_flight="2")).id
+    drive()
+    assert statuses(fid) == {"app-1": "pending", "b-1": "pending"}  # as the sequential rollout waits
+    clock.advance(31)
+    drive()
+    r = rollout(fid)
+    assert r["status"] == "halted" and statuses(fid) == {"app-1": "failed", "b-1": "pending"}
 
 
 def test_a_canary_failure_within_the_budget_lets_the_next_wave_go(behind):
