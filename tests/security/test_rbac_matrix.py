@@ -387,6 +387,9 @@ def _made_rollout_target(p: str, make_rollout: str, **body) -> Callable[[World],
 def _fresh_fleet_target(p: str, **body) -> Callable[[World], Target]:
     def make(w):
         w.no_rollout()
+        # A rollout takes only hosts that are online and behind: one of its own, so the case
+        # does not depend on another case (run before it, or not) having connected one.
+        w.new_online_behind_host()
         return Target(p, **body)
 
     return make
