@@ -822,6 +822,8 @@ class FleetUpdateHost(db.Model):
     from_version = sa.Column(sa.String(128))  # what the host ran when its update was dispatched
     target_version = sa.Column(sa.String(128))  # this host's target, when not the rollout's (a revert)
     waiting_since = sa.Column(sa.DateTime)  # the rollout has been waiting for this offline host since
+    window_waiting_since = sa.Column(sa.DateTime)  # held back by respect_windows since (first time)
+    window_name = sa.Column(sa.String(100))  # ... waiting for this maintenance window
 
     fleet_update = db.relationship("FleetUpdate", back_populates="hosts")
     host = db.relationship("Host")
@@ -847,6 +849,8 @@ class FleetUpdateHost(db.Model):
             "from_version": self.from_version,
             "target_version": self.target_version,
             "waiting_since": isoformat(self.waiting_since),
+            "window_waiting_since": isoformat(self.window_waiting_since),
+            "window_name": self.window_name,
             "duration_s": (self.finished_at - self.started_at).total_seconds()
             if self.started_at and self.finished_at
             else None,

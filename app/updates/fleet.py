@@ -724,10 +724,16 @@ def may_dispatch_now(fu: FleetUpdate, row: FleetUpdateHost, host: Host, now) -> 
 
     Offline hosts and hosts already at the target are handled by the caller; this is for gates
     that keep a host ``pending`` without touching it: the maintenance windows of a rollout with
-    ``respect_windows`` (docs/updates.md, "Windows in a rollout").
+    ``respect_windows`` (docs/updates.md, "Windows in a rollout"). The first time a host is held
+    back its row records since when and for which window (the run report's waits).
     """
     wait = maintenance.window_gate(fu, host)
-    return None if wait is None else f"outside its maintenance windows until {isoformat(wait.opens_at)} ({wait.window})"
+    if wait is None:
+        return None
+    if row.window_waiting_since is None:  # recorded once, for the run report's waits
+        row.window_waiting_since, row.window_name = now, wait.window[:100]
+        db.session.commit()
+    return f"outside its maintenance windows until {isoformat(wait.opens_at)} ({wait.window})"
 
 
 def _online(host: Host) -> bool:

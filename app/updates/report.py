@@ -109,6 +109,8 @@ class HostLine:
     finished_at: dt.datetime | None
     waiting_since: dt.datetime | None
     error: str | None
+    window_waiting_since: dt.datetime | None = None  # held back by respect_windows since
+    window_name: str | None = None
     phases: list[dict] | None = None  # None: not recorded (a rollout from before job_phases)
     end: dt.datetime | None = None  # where its bar ends: the finish, or "now" while it runs
 
@@ -130,6 +132,8 @@ class HostLine:
             "finished_at": isoformat(self.finished_at),
             "duration_s": self.duration_s,
             "waiting_since": isoformat(self.waiting_since),
+            "window_waiting_since": isoformat(self.window_waiting_since),
+            "window_name": self.window_name,
             "phases": self.phases,
             "error": self.error,
             "reason": failure_reason(self.error, self.name) if self.error else None,
@@ -204,24 +208,27 @@ class Report:
         return sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
 
     def waits(self) -> list[dict]:
-        """The hosts the rollout waited on, and why: ``offline`` (from ``waiting_since``)."""
+        """The hosts the rollout waited on, and why: ``offline`` (from ``waiting_since``) or
+        ``window`` (held back by ``respect_windows``: ``window_waiting_since``, ``window``)."""
         out = []
         for h in self.lines:
-            if h.waiting_since is None:
-                continue
             until = h.dispatched_at or h.finished_at
-            out.append(
-                {
-                    "host_id": h.host_id,
-                    "name": h.name,
-                    "reason": "offline",
-                    "outcome": h.outcome,
-                    "since": isoformat(h.waiting_since),
-                    "until": isoformat(until),
-                    "waited_s": _seconds(h.waiting_since, until or self.now),
-                    "still_waiting": until is None and self.fleet["status"] == "running",
-                }
-            )
+            for reason, since in (("window", h.window_waiting_since), ("offline", h.waiting_since)):
+                if since is None:
+                    continue
+                out.append(
+                    {
+                        "host_id": h.host_id,
+                        "name": h.name,
+                        "reason": reason,
+                        "window": h.window_name if reason == "window" else None,
+                        "outcome": h.outcome,
+                        "since": isoformat(since),
+                        "until": isoformat(until),
+                        "waited_s": _seconds(since, until or self.now),
+                        "still_waiting": until is None and self.fleet["status"] == "running",
+                    }
+                )
         return out
 
     def waves(self) -> list[dict]:
@@ -266,6 +273,8 @@ class Report:
                     d["finished_at"],
                     d["duration_s"],
                     d["waiting_since"],
+                    d["window_waiting_since"],
+                    _cell(d["window_name"]),
                     *[phase_s.get(p) for p in PHASES],
                     _cell(d["error"]),
                     _cell(d["reason"]),
@@ -291,6 +300,8 @@ CSV_COLUMNS = (
     "finished_at",
     "duration_s",
     "waiting_since",
+    "window_waiting_since",
+    "window",
     *[f"{p}_s" for p in PHASES],
     "error",
     "reason",
@@ -333,6 +344,8 @@ def build(fleet_id: int, now: dt.datetime | None = None) -> Report:
             Job.phase,
             Job.finished_at,
             Job.error,
+            FleetUpdateHost.window_waiting_since,
+            FleetUpdateHost.window_name,
         )
         .outerjoin(Host, Host.id == FleetUpdateHost.host_id)
         .outerjoin(Job, Job.id == FleetUpdateHost.job_id)
@@ -351,10 +364,11 @@ def build(fleet_id: int, now: dt.datetime | None = None) -> Report:
     report = Report(fleet=_fleet_dict(fu), now=now, start=start, end=fu.finished_at or now)
     for r in rows:
         (position, wave, host_id, name, status, from_v, target_v, job_id, dispatched, finished, waiting) = r[:11]
-        row_error, job_phase, job_finished, job_error = r[11:]
+        row_error, job_phase, job_finished, job_error, window_since, window_name = r[11:]
         if status == "running" and job_finished is not None:
             finished = job_finished  # the job ended; the next tick settles the row
-        outcome = "waiting" if status == "pending" and waiting is not None else status
+        waited = waiting is not None or window_since is not None
+        outcome = "waiting" if status == "pending" and waited else status
         line = HostLine(
             position=position,
             wave=wave or 0,
@@ -368,6 +382,8 @@ def build(fleet_id: int, now: dt.datetime | None = None) -> Report:
             finished_at=finished,
             waiting_since=waiting,
             error=row_error or (job_error if status in ("failed", "cancelled") else None),
+            window_waiting_since=window_since,
+            window_name=window_name,
         )
         if dispatched is not None:
             line.end = finished or (now if status == "running" else None)
@@ -482,13 +498,15 @@ def timeline_svg(report: Report) -> Markup:
         if named:
             label = escape(h.name if len(h.name) <= 22 else h.name[:21] + "…")  # clear of the wave label
             out.append(f'<text class="host-label" x="{label_w - 6}" y="{y + 12}" text-anchor="end">{label}</text>')
-        if h.waiting_since is not None:
+        waits = [t for t in (h.waiting_since, h.window_waiting_since) if t is not None]
+        if waits:
             w_end = h.dispatched_at or h.finished_at or report.end
-            wx0, wx1 = x(h.waiting_since), x(w_end)
+            wx0, wx1 = x(min(waits)), x(w_end)
+            why = "offline" if h.window_waiting_since is None else f"window {h.window_name}"
             out.append(
                 f'<rect class="wait" data-host="{escape(h.name)}" x="{wx0:.1f}" y="{bar_y}"'
                 f' width="{max(1.0, wx1 - wx0):.1f}" height="{bar_h}" fill="{WAIT_COLOUR}">'
-                f"<title>{escape(h.name)}: waited (offline)</title></rect>"
+                f"<title>{escape(h.name)}: waited ({escape(why)})</title></rect>"
             )
         if h.dispatched_at is None or h.end is None:
             continue

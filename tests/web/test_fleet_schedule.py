@@ -242,6 +242,15 @@ def test_a_host_outside_its_window_waits_and_the_api_and_page_say_until_when(
         ]
         == []
     )
+    # The run report says who waited for which window, from when until the dispatch.
+    rep = client.get(f"/api/fleet-updates/{fu['id']}/report", headers=bearer(admin_token)).get_json()["report"]
+    [wait] = rep["summary"]["waits"]
+    assert (wait["name"], wait["reason"], wait["window"]) == ("app-1", "window", "fra nights")
+    assert (wait["since"], wait["until"], wait["waited_s"]) == (
+        "2026-01-01T12:00:00Z",
+        "2026-01-01T13:00:00Z",
+        3600.0,
+    )
 
 
 def test_a_host_no_window_applies_to_is_updated_at_once(client, cast, admin_token, online, release):
