@@ -6,14 +6,19 @@ Every user sees the page (viewers read-only, without the controls).
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from flask import flash, redirect, render_template, request, url_for
 from flask_login import login_required
 
+from .. import labels as host_labels
 from ..auth import actor_name, admin_required
 from ..auth.forms import EmptyForm
 from ..errors import Refusal, renders_refusal
+from ..extensions import db
 from ..htmx import is_htmx, redirect_or_hx
+from ..models import Host
 from ..updates import fleet, maintenance, report, revert, schedule
+from ..updates.selection import Selector
 from ..updates.strategy import FIELDS, OFFLINE_POLICIES, Strategy
 from . import bp
 
@@ -40,13 +45,71 @@ def _strategy_body(form) -> dict:
     return body
 
 
-def _form_values(body: dict) -> dict:
-    """What the strategy inputs show: the submitted values, or the defaults."""
+#: The "Select hosts" inputs and the revert checkbox, as the form names them (texts, kept as typed).
+SELECT_INPUTS = ("labels", "os", "arch", "older_than", "exclude_hosts", "revert_on_halt")
+
+
+def _host_ids_by_name(names: list[str]) -> list[int]:
+    """The ids of the hosts named (in that order); 422 ``unknown_hosts`` naming any that do not exist."""
+    found = dict(db.session.execute(sa.select(Host.name, Host.id).where(Host.name.in_(names))).all())
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise Refusal(422, "unknown_hosts", f"no host is named {', '.join(missing)}")
+    return [found[n] for n in names]
+
+
+def _form_body(form) -> dict:
+    """The page's whole start form as an API body: the strategy, the selector and ``revert_on_halt``.
+
+    Labels are ``key=value`` pairs (commas or spaces between them), excluded hosts are names
+    (commas between them) and become ``exclude_host_ids``. Raises the :class:`Refusal` of bad label
+    syntax or an unknown host name; :meth:`Selector.from_body` and friends check the rest.
+    """
+    body = _strategy_body(form)
+    labels = (form.get("labels") or "").strip()
+    if labels:
+        body["labels"] = host_labels.parse_text(labels)
+    for name in ("os", "arch", "older_than"):
+        raw = (form.get(name) or "").strip()
+        if raw:
+            body[name] = raw
+    names = list(dict.fromkeys(n.strip() for n in (form.get("exclude_hosts") or "").split(",") if n.strip()))
+    if names:
+        body["exclude_host_ids"] = _host_ids_by_name(names)
+    if form.get("revert_on_halt"):
+        body["revert_on_halt"] = True
+    return body
+
+
+def _checked_body(form) -> tuple[dict, Refusal | None]:
+    """The form's body and the refusal its fields earn (``None`` when they make a plan).
+
+    A form that does not read as a body keeps its strategy, so the plan under the message is the
+    default selection's; the Start button is disabled while there is a message.
+    """
+    try:
+        body = _form_body(form)
+        Strategy.from_body(body)
+        Selector.from_body(body)
+        fleet.flag(body, "revert_on_halt")
+    except Refusal as refusal:
+        return _strategy_body(form), refusal
+    return body, None
+
+
+def _form_values(body: dict, form=None) -> dict:
+    """What the inputs show: the submitted values, or the defaults; the selector's texts as typed."""
     d = Strategy().to_dict()
-    return {name: body.get(name, d[name] if d[name] is not None else "") for name in FIELDS}
+    values = {name: body.get(name, d[name] if d[name] is not None else "") for name in FIELDS}
+    form = form or {}
+    for name in SELECT_INPUTS:
+        values[name] = (form.get(name) or "").strip()
+    if values["revert_on_halt"]:
+        values["revert_on_halt"] = "1"
+    return values
 
 
-def _context(message: str | None = None, body: dict | None = None, plan_message: str | None = None) -> dict:
+def _context(message: str | None = None, body: dict | None = None, plan_message: str | None = None, form=None) -> dict:
     history = fleet.history()
     current = fleet.running() or next((f for f in history if f.status != "scheduled"), None)
     body = body or {}
@@ -68,7 +131,7 @@ def _context(message: str | None = None, body: dict | None = None, plan_message:
         "plan": plan,
         "plan_dict": plan.to_dict(),
         "plan_message": plan_message,
-        "form_values": _form_values(body),
+        "form_values": _form_values(body, form),
         "offline_policies": OFFLINE_POLICIES,
         # What Start would take: the plan's hosts; the behind hosts it leaves out are named apart.
         "behind": [p.host for p in plan.hosts],
@@ -106,14 +169,10 @@ def fleet_status():
 @bp.route("/settings/fleet-update/plan", methods=["POST"])
 @admin_required
 def fleet_plan():
-    """The plan for the form's strategy, with the button that starts exactly it (nothing changes)."""
-    body = _strategy_body(request.form)
-    status = 200
-    try:
-        Strategy.from_body(body)
-    except Refusal as refusal:
-        status = refusal.status
-    ctx = _context(body=body)
+    """The plan for the form's selector and strategy, with the button that starts exactly it (nothing changes)."""
+    body, refusal = _checked_body(request.form)
+    status = refusal.status if refusal is not None else 200
+    ctx = _context(body=body, plan_message=refusal.message if refusal is not None else None, form=request.form)
     if is_htmx():
         return render_template("fleet/_plan.html", **ctx), status
     return render_template("fleet/page.html", **ctx), status
@@ -123,7 +182,7 @@ def fleet_plan():
 @renders_refusal(_refused)
 @admin_required
 def fleet_start():
-    fu = fleet.start_from_body(actor_name(), _strategy_body(request.form))
+    fu = fleet.start_from_body(actor_name(), _form_body(request.form))
     flash(f"Fleet update {fu.id} to {fu.target_version} started over {len(fu.hosts)} host(s).", "info")
     return redirect_or_hx(url_for("main.fleet_update"))
 

@@ -273,3 +273,59 @@ def test_an_admin_plans_a_canary_rollout_confirms_it_pauses_resumes_and_watches_
                 agent.stop()
     db.session.expire_all()
     assert [db.session.get(Host, h.id).agent_version for h, _ in made] == [SERVER_VERSION] * 3
+
+
+def test_an_admin_selects_hosts_by_label_excludes_one_and_asks_for_a_revert_on_a_phone(app, cast, browser, tmp_path):
+    """The "Select hosts" fieldset on a 390 px screen: the plan follows it, Start carries it."""
+    from app.models import FleetUpdate
+
+    cast.host_behind.agent_version = SERVER_VERSION  # only the labelled hosts below are behind
+    made = {}
+    for name, env in (("sel-1", "prod"), ("sel-2", "prod"), ("sel-3", "dev")):
+        host, _ = Host.enrol(name)
+        host.agent_version, host.capabilities = OLD_VERSION, ["update"]
+        host.labels, host.os, host.arch = {"env": env}, "linux", "x86_64"
+        made[name] = host
+    db.session.commit()
+    with LiveServer(app, scheduler=False) as server:
+        page = browser.new_page(viewport={"width": 390, "height": 900})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.set_default_timeout(15_000)
+        _login(page, server.admin_url)
+        page.goto(server.admin_url + "/settings/fleet-update")
+
+        # A bad label is a message in place; nothing can start.
+        page.fill('#fleet-select-hosts input[name="labels"]', "env prod")
+        page.click("#fleet-preview")
+        page.wait_for_selector("#fleet-plan-error")
+        assert "write it key=value" in page.locator("#fleet-plan-error").inner_text()
+        assert page.locator("#fleet-start").is_disabled()
+
+        page.fill('#fleet-select-hosts input[name="labels"]', "env=prod")
+        page.fill('#fleet-select-hosts input[name="exclude_hosts"]', "sel-2")
+        page.check('#fleet-strategy-form input[name="revert_on_halt"]')
+        page.select_option('#fleet-strategy-form select[name="offline"]', "wait")  # no agents: all offline
+        page.click("#fleet-preview")
+        page.wait_for_selector('#fleet-plan[data-hosts="1"]:not(:has(#fleet-plan-error))')
+        plan = page.locator("#fleet-plan")
+        assert plan.locator('.plan-host[data-host="sel-1"]').count() == 1
+        assert "excluded" in plan.locator('#fleet-plan-left-out li[data-host="sel-2"]').inner_text()
+        assert plan.locator('[data-host="sel-3"]').count() == 0
+        width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], width
+        page.screenshot(path=str(tmp_path / "select-hosts.png"), full_page=True)
+
+        dialogs: list[str] = []
+        page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+        page.click("#fleet-start")
+        page.wait_for_selector('#fleet-status[data-fleet-status="running"]')
+        assert "1 agent(s)" in dialogs[0] and "the updated hosts are reverted" in dialogs[0]
+        assert "reverts the updated hosts if it halts" in page.locator("#fleet-selector").inner_text()
+        # The bad label's 400 is logged by the browser and by htmx; nothing else may be.
+        assert [p for p in problems if "400" not in p] == [], problems
+    db.session.expire_all()
+    fu = db.session.scalar(db.select(FleetUpdate))
+    assert fu.selector == {"labels": {"env": "prod"}, "exclude_host_ids": [made["sel-2"].id]}
+    assert fu.revert_on_halt is True and [h.host_name for h in fu.hosts] == ["sel-1"]

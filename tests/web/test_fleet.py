@@ -306,3 +306,107 @@ def test_pause_resume_skip_and_retry_from_the_page(as_admin, cast):
     retry = db.session.scalar(db.select(FleetUpdate).where(FleetUpdate.parent_id == fu.id))
     assert retry.kind == "retry" and [h.host_name for h in retry.hosts] == ["app-1"]
     assert as_admin.post("/settings/fleet-update/9999/pause").status_code == 404
+
+
+# --- the "Select hosts" fieldset and revert_on_halt ----------------------------------------------
+
+
+def _labelled_fleet():
+    """b-1 (env=prod, linux), b-2 (env=prod, linux), b-3 (env=dev, linux), b-4 (env=prod, windows)."""
+    b1, b2, b3, b4 = _more_behind(4)
+    for host, env, os_name in (
+        (b1, "prod", "linux"),
+        (b2, "prod", "linux"),
+        (b3, "dev", "linux"),
+        (b4, "prod", "windows"),
+    ):
+        host.labels, host.os, host.arch = {"env": env}, os_name, "x86_64"
+    db.session.commit()
+    return b1, b2, b3, b4
+
+
+def _plan_of(html):
+    plan = html[html.index('id="fleet-plan"') :]
+    taken = re.findall(r'class="plan-host" data-host="([^"]+)"', plan)
+    left_out = dict(
+        re.findall(
+            r'<li data-host="([^"]+)"><strong>[^<]+</strong> <span class="chip chip-left-out">([^<]+)</span>', plan
+        )
+    )
+    return taken, left_out
+
+
+def test_the_plan_takes_only_the_selected_hosts_and_names_the_excluded_ones(as_admin, cast):
+    _labelled_fleet()
+    form = {"labels": "env=prod", "os": "linux", "arch": "x86_64", "exclude_hosts": "b-2"}
+    r = as_admin.post("/settings/fleet-update/plan", data=form, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200
+    taken, left_out = _plan_of(html)
+    assert taken == ["b-1"]  # b-2 excluded, b-3 is dev, b-4 windows, app-1 has no labels
+    assert left_out.get("b-2") == "excluded"
+    # The Start button carries the same fields, as typed.
+    start = html[html.index('action="/settings/fleet-update/start"') :]
+    for name, value in form.items():
+        assert f'name="{name}" value="{value}"' in start
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_older_than_narrows_the_plan(as_admin, cast):
+    b1, b2, _, _ = _labelled_fleet()
+    b1.agent_version = "0.9.0"
+    db.session.commit()
+    html = as_admin.post("/settings/fleet-update/plan", data={"older_than": "1.0.0"}, headers=HX).get_data(as_text=True)
+    assert _plan_of(html)[0] == ["b-1"]
+
+
+def test_starting_from_the_form_stores_the_selector_and_revert_on_halt(as_admin, cast):
+    b1, b2, _, _ = _labelled_fleet()
+    form = {"labels": "env=prod, team=ops", "exclude_hosts": "b-2", "revert_on_halt": "1"}
+    r = as_admin.post("/settings/fleet-update/plan", data=form, headers=HX)
+    assert r.status_code == 200 and _plan_of(r.get_data(as_text=True))[0] == []  # nobody has team=ops
+    b1.labels = {"env": "prod", "team": "ops"}
+    b2.labels = {"env": "prod", "team": "ops"}
+    db.session.commit()
+    html = as_admin.post("/settings/fleet-update/plan", data=form, headers=HX).get_data(as_text=True)
+    assert _plan_of(html) == (["b-1"], {"b-2": "excluded"})
+    assert "if it halts, the updated hosts are reverted" in html
+    r = as_admin.post("/settings/fleet-update/start", data=form, headers=HX)
+    assert r.status_code == 204
+    fu = db.session.scalar(db.select(FleetUpdate))
+    assert fu.selector == {"labels": {"env": "prod", "team": "ops"}, "exclude_host_ids": [b2.id]}
+    assert fu.revert_on_halt is True and [h.host_name for h in fu.hosts] == ["b-1"]
+    html = as_admin.get("/settings/fleet-update/status", headers=HX).get_data(as_text=True)
+    assert 'id="fleet-revert-on-halt"' in html
+
+
+def test_a_plain_start_does_not_revert_on_halt(as_admin, cast):
+    assert as_admin.post("/settings/fleet-update/start", headers=HX).status_code == 204
+    assert db.session.scalar(db.select(FleetUpdate)).revert_on_halt is False
+
+
+@pytest.mark.parametrize(
+    "form, status, says",
+    [
+        ({"labels": "env prod"}, 400, "bad label &#39;env&#39;: write it key=value"),
+        ({"os": "linux mint"}, 400, "os must be 1 to 64"),
+        ({"older_than": "new"}, 400, "older_than must be a version"),
+        ({"exclude_hosts": "b-1, nosuch"}, 422, "no host is named nosuch"),
+    ],
+)
+def test_bad_selector_input_is_a_form_message_and_starts_nothing(as_admin, cast, form, status, says):
+    _more_behind(1)
+    r = as_admin.post("/settings/fleet-update/plan", data={**form, "max_in_flight": "2"}, headers=HX)
+    html = r.get_data(as_text=True)
+    assert r.status_code == status and 'id="fleet-plan-error"' in html and says in html
+    assert 'id="fleet-start" disabled' in html
+    r = as_admin.post("/settings/fleet-update/start", data=form, headers=HX)
+    assert r.status_code == status and says in r.get_data(as_text=True)
+    assert db.session.scalar(db.select(db.func.count(FleetUpdate.id))) == 0
+
+
+def test_the_form_keeps_what_was_typed_after_a_message(as_admin, cast):
+    form = {"labels": "env prod", "exclude_hosts": "x, y", "max_in_flight": "3", "revert_on_halt": "1"}
+    html = as_admin.post("/settings/fleet-update/plan", data=form).get_data(as_text=True)
+    assert 'name="labels" value="env prod"' in html and 'name="exclude_hosts" value="x, y"' in html
+    assert 'name="max_in_flight" value="3"' in html and 'name="revert_on_halt" value="1" checked' in html
