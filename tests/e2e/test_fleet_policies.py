@@ -23,7 +23,7 @@ def start_fleet(live_fleet, n, bad=(), restart_sec=None, **server_env):
     """``n`` hosts node-1..node-n, the server, and their agents (those in ``bad`` through a
     corrupting proxy; those in ``restart_sec`` restarted that many seconds after they exit)."""
     live_fleet.seed([f"node-{i}" for i in range(1, n + 1)])
-    server = live_fleet.start_server(RM_FLEET_TICK_S="0.2", RM_UPDATE_TIMEOUT="30", **server_env)
+    server = live_fleet.start_server(**{"RM_FLEET_TICK_S": "0.2", "RM_UPDATE_TIMEOUT": "30", **server_env})
     proxy = live_fleet.add(FaultProxy(server.agent_port, mode="corrupt", after_bytes=1000).start())
     agents = []
     for i, token in enumerate(live_fleet.tokens, start=1):
@@ -115,8 +115,10 @@ def test_offline_wait_updates_a_host_that_comes_back_in_time(live_fleet):
 
 
 def test_a_server_killed_mid_wave_resumes_with_no_host_dispatched_twice(live_fleet):
-    # node-1 and node-2 (wave 0) restart slowly: the kill lands while both are in flight.
-    server, api, ids, agents, proxy = start_fleet(live_fleet, 4, restart_sec={1: 1.5, 2: 1.5})
+    # node-1 and node-2 (wave 0) restart slowly: the kill lands while both are in flight. The jobs
+    # get a deadline far beyond the restart (a loaded machine takes long to start a server): a
+    # timeout here would be the machine's, not the resume's.
+    server, api, ids, agents, proxy = start_fleet(live_fleet, 4, restart_sec={1: 1.5, 2: 1.5}, RM_UPDATE_TIMEOUT="150")
     fid = start(api, max_in_flight=2)
 
     def wave0_restarting():
