@@ -212,19 +212,24 @@ def dispatch_update(
                 .values(status="running", job_id=job.id, started_at=now, from_version=host.agent_version)
             )
         routed = _route_to_holder(host.id, job.id)
+        # What is needed after the commit, from the objects in hand: the commit expires them, and
+        # reading them again would cost a SELECT each (job, host, release) per dispatch.
+        entry = InFlight(job.id, host.id, release.version, job.deadline)
+        name = host.name
+        frame = None if routed else update_frame(job, release.signature)
         db.session.commit()
     except IntegrityError:
         # The partial unique index refused a second running update job for this host.
         db.session.rollback()
         raise Refusal(409, "update_in_progress", "an update of this host is already running") from None
-    runtime().inflight.add(InFlight(job.id, host.id, release.version, job.deadline))
+    runtime().inflight.add(entry)
 
     if routed:
-        log.info("update job %s for host %s: its command goes out on the instance holding the host", job.id, host.name)
-    elif runtime().connections.send(host.id, update_frame(job, release.signature)):
+        log.info("update job %s for host %s: its command goes out on the instance holding the host", entry.job_id, name)
+    elif runtime().connections.send(entry.host_id, frame):
         observe_dispatch(started)
     else:
-        watcher.fail_job(job.id, "the agent disconnected before the update command was delivered")
+        watcher.fail_job(entry.job_id, "the agent disconnected before the update command was delivered")
         db.session.refresh(job)
-    log.info("dispatched update job %s for host %s to %s", job.id, host.name, release.version)
+    log.info("dispatched update job %s for host %s to %s", entry.job_id, name, entry.target_version)
     return job

@@ -18,6 +18,8 @@ job already counted a success is corrected only by a real rollback: the host bac
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import sqlalchemy as sa
 from flask import current_app
@@ -28,6 +30,48 @@ from ..runtime import runtime
 from ..timeutil import utcnow
 
 log = logging.getLogger(__name__)
+
+#: A progress report repeating the phase last written for its job is written at most this often
+#: (its bytes); a report of a new phase is always written, with its ``job_phases`` row.
+PROGRESS_WRITE_S = 1.0
+
+
+class ProgressGate:
+    """Which progress reports to write: per job, the phase last written and when (monotonic).
+
+    An agent downloading reports its bytes often; each report written was an UPDATE and a
+    commit. The first report of every phase is written (the phase and when it began stay
+    exact); further reports of the same phase within ``interval_s`` of the last written one are
+    not, until one arrives after it. Per process: with several instances a host's reports reach
+    the one holding its socket, and a process that has not written a job's phase writes it.
+    """
+
+    #: Jobs remembered at most (ended jobs are forgotten when they end; this bounds the rest).
+    MAX_JOBS = 10_000
+
+    def __init__(self, interval_s: float = PROGRESS_WRITE_S, clock=time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[str, float]] = {}
+
+    def should_write(self, job_id: str, phase: str) -> bool:
+        with self._lock:
+            last = self._last.get(job_id)
+        return last is None or last[0] != phase or self.clock() - last[1] >= self.interval_s
+
+    def written(self, job_id: str, phase: str) -> None:
+        with self._lock:
+            if len(self._last) >= self.MAX_JOBS and job_id not in self._last:
+                self._last.clear()
+            self._last[job_id] = (phase, self.clock())
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._last.pop(job_id, None)
+
+
+progress_gate = ProgressGate()
 
 
 def _claim(job_id: str, **values) -> bool:
@@ -62,6 +106,7 @@ def succeed_job(job_id: str, host_id: int, version: str) -> bool:
     Alert.resolve("update_failed", str(host_id))
     db.session.commit()
     runtime().inflight.discard(host_id, job_id)
+    progress_gate.forget(job_id)
     log.info("update job %s succeeded: host %s now runs %s", job_id, name, version)
     runtime().job_ended.publish(job_id)
     return True
@@ -91,6 +136,7 @@ def fail_job(job_id: str, reason: str) -> bool:
     )
     db.session.commit()
     runtime().inflight.discard(job.host_id, job_id)
+    progress_gate.forget(job_id)
     log.warning("update job %s for host %s failed: %s", job_id, name, reason)
     runtime().job_ended.publish(job_id)
     return True
@@ -115,22 +161,28 @@ def on_host_removed(host_id: int, reason: str, cancelled_job: str | None) -> Non
 def on_hello(host_id: int, data: dict) -> None:
     """Reconcile a ``hello`` with the host's in-flight update, if any."""
     version = data["agent_version"]
-    if version == current_app.config["SERVER_VERSION"]:
-        # The condition behind an update_failed alert has cleared, whoever fixed it.
-        Alert.resolve("update_failed", str(host_id))
-        db.session.commit()
     entry = runtime().inflight.get(host_id)
     last = data.get("last_update") or {}
-    if (
+    corrects = (
         last.get("outcome") in ("failed", "rolled_back")
         and last.get("job_id")
         and (entry is None or entry.job_id != last["job_id"])
-    ):
+    )
+    # A hello that succeeds its job resolves the alert in that job's transaction: no second one.
+    succeeds = entry is not None and version == entry.target_version and not corrects
+    if version == current_app.config["SERVER_VERSION"] and not succeeds:
+        # The condition behind an update_failed alert has cleared, whoever fixed it.
+        Alert.resolve("update_failed", str(host_id))
+        db.session.commit()
+    if corrects:
         _correct_success(last["job_id"], host_id, last, version)
     if entry is None:
         return
     if version == entry.target_version:
-        succeed_job(entry.job_id, host_id, version)
+        ended_meanwhile = not succeed_job(entry.job_id, host_id, version)
+        if ended_meanwhile and succeeds and version == current_app.config["SERVER_VERSION"]:
+            Alert.resolve("update_failed", str(host_id))  # as above: the job did not resolve it
+            db.session.commit()
     elif last.get("job_id") == entry.job_id and last.get("outcome") not in (None, "swapped", "committed"):
         fail_job(entry.job_id, f"agent reported {last.get('outcome')}: {last.get('error') or 'no reason given'}")
     elif entry.restarting:
@@ -199,6 +251,8 @@ def on_progress(host_id: int, data: dict) -> None:
     job_id = data["job_id"]
     phase = data["phase"]
     done, total = data["bytes_done"], data["bytes_total"]  # the protocol bounds them to BIGINT
+    if not progress_gate.should_write(job_id, phase):
+        return  # the same phase as the report written less than PROGRESS_WRITE_S ago
     now = utcnow()
     res = db.session.execute(
         sa.update(Job)
@@ -209,6 +263,7 @@ def on_progress(host_id: int, data: dict) -> None:
         JobPhase.enter(job_id, phase, now)  # the first report of a phase is when it began (the run report)
     db.session.commit()
     if res.rowcount:
+        progress_gate.written(job_id, phase)
         log.info("update job %s: phase %s (%d/%d bytes)", job_id, phase, done, total)
     if res.rowcount and phase == "restarting":
         runtime().inflight.mark_restarting(host_id, job_id)

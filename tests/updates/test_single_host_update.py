@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from app.errors import Refusal
 from app.extensions import db
-from app.models import Alert, AuditEvent, Job
+from app.models import Alert, AuditEvent, Job, JobPhase
 from app.runtime import runtime
 from app.updates import dispatch, watcher
 from app.updates.inflight import InFlightRegistry
@@ -208,6 +208,32 @@ def test_progress_reports_are_stored_on_the_job(cast, agent_for):
     agent.send("update.progress", job_id=job.id, phase="downloading", bytes_done=2048, bytes_total=4096)
     wait_until(lambda: job_row(job.id).bytes_done == 2048, what="progress stored")
     assert (job_row(job.id).phase, job_row(job.id).bytes_total) == ("downloading", 4096)
+
+
+def test_a_repeated_phase_is_written_at_most_every_interval_and_a_new_phase_at_once(cast, agent_for, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(watcher.progress_gate, "clock", lambda: now[0])
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+
+    def progress(phase, done):
+        agent.send("update.progress", job_id=job.id, phase=phase, bytes_done=done, bytes_total=4096)
+
+    progress("downloading", 0)
+    wait_until(lambda: job_row(job.id).phase == "downloading", what="first report of a phase stored")
+    progress("downloading", 1024)  # same phase, within the interval: not written
+    agent.send("ping")  # one socket's frames are handled in order: the pong says the report was handled
+    agent.expect("pong")
+    assert job_row(job.id).bytes_done == 0
+    now[0] += watcher.PROGRESS_WRITE_S
+    progress("downloading", 2048)  # the interval has passed: written
+    wait_until(lambda: job_row(job.id).bytes_done == 2048, what="report after the interval stored")
+    progress("verifying", 4096)  # a new phase within the interval: written at once, with its job_phases row
+    wait_until(lambda: job_row(job.id).phase == "verifying", what="new phase stored")
+    db.session.rollback()
+    phases = db.session.scalars(sa.select(JobPhase.phase).where(JobPhase.job_id == job.id).order_by(JobPhase.id))
+    assert list(phases) == ["downloading", "verifying"]
 
 
 def test_the_in_flight_registry_is_rebuilt_from_the_jobs_table(cast, agent_for):
