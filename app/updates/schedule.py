@@ -180,6 +180,9 @@ def waiting_for(fu: FleetUpdate, now: dt.datetime | None = None) -> str | None:
     first = scheduled()
     if first and first[0].id != fu.id:
         return f"due since {isoformat(fu.start_at)}: starts after rollout {first[0].id}"
+    settle = reconnect_grace_until()
+    if settle is not None and (now or utcnow()) < settle:
+        return f"due since {isoformat(fu.start_at)}: starts at {isoformat(settle)}, once agents had time to reconnect"
     return f"due since {isoformat(fu.start_at)}: starts at the next tick"
 
 
@@ -188,11 +191,26 @@ def describe(fu: FleetUpdate) -> dict:
     return {**fu.to_dict(), "waiting_for": waiting_for(fu), "window_waits": maintenance.waits(fu)}
 
 
+def reconnect_grace_until() -> dt.datetime | None:
+    """Until when, after this server started, agents may still be reconnecting (with backoff).
+
+    A due rollout does not start before then: its plan takes online hosts only, so starting at the
+    first tick after a restart would leave out every host whose agent had not reconnected yet.
+    """
+    started = runtime().started_at
+    if started is None:
+        return None
+    return started + dt.timedelta(seconds=float(current_app.config["FLEET_OFFLINE_GRACE_S"]))
+
+
 def start_due() -> bool:
     """Start the earliest due scheduled rollout if none runs; True if one started (or ended)."""
     if fleet.running() is not None:
         return False
     now = utcnow()
+    settle = reconnect_grace_until()
+    if settle is not None and now < settle:
+        return False  # agents are still reconnecting after a restart; the periodic tick comes back
     fu = db.session.scalar(
         sa.select(FleetUpdate)
         .where(FleetUpdate.status == "scheduled", FleetUpdate.start_at <= now)
