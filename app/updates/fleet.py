@@ -428,41 +428,37 @@ def cancel(fleet_id: int, actor: str) -> FleetUpdate:
 
 def pause(fleet_id: int, actor: str) -> FleetUpdate:
     """Stop dispatching (in-flight jobs finish); the rollout stays ``running`` with ``paused_at`` set."""
-    fu = _get(fleet_id)
-    res = db.session.execute(
-        sa.update(FleetUpdate)
-        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running", FleetUpdate.paused_at.is_(None))
-        .values(paused_at=utcnow(), paused_by=actor)
-    )
-    if not res.rowcount:
-        db.session.rollback()
-        if fu.status != "running":
-            raise _not_running(fu)
-        raise Refusal(409, "fleet_update_paused", f"fleet update {fleet_id} is already paused")
-    AuditEvent.record(actor, "fleet.update_paused", f"fleet_update:{fleet_id}")
-    db.session.commit()
-    db.session.refresh(fu)
-    log.info("fleet update %s paused by %s", fleet_id, actor)
-    return fu
+    return _set_paused(fleet_id, actor, True)
 
 
 def resume(fleet_id: int, actor: str) -> FleetUpdate:
+    return _set_paused(fleet_id, actor, False)
+
+
+def _set_paused(fleet_id: int, actor: str, paused: bool) -> FleetUpdate:
+    """Pause or resume a running rollout, audited; 409 when it is not running or already so."""
     fu = _get(fleet_id)
+    not_yet = FleetUpdate.paused_at.is_(None) if paused else FleetUpdate.paused_at.is_not(None)
+    values = {"paused_at": utcnow(), "paused_by": actor} if paused else {"paused_at": None, "paused_by": None}
     res = db.session.execute(
         sa.update(FleetUpdate)
-        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running", FleetUpdate.paused_at.is_not(None))
-        .values(paused_at=None, paused_by=None)
+        .where(FleetUpdate.id == fleet_id, FleetUpdate.status == "running", not_yet)
+        .values(**values)
     )
     if not res.rowcount:
         db.session.rollback()
         if fu.status != "running":
             raise _not_running(fu)
+        if paused:
+            raise Refusal(409, "fleet_update_paused", f"fleet update {fleet_id} is already paused")
         raise Refusal(409, "fleet_update_not_paused", f"fleet update {fleet_id} is not paused")
-    AuditEvent.record(actor, "fleet.update_resumed", f"fleet_update:{fleet_id}")
+    verb = "paused" if paused else "resumed"
+    AuditEvent.record(actor, f"fleet.update_{verb}", f"fleet_update:{fleet_id}")
     db.session.commit()
     db.session.refresh(fu)
-    log.info("fleet update %s resumed by %s", fleet_id, actor)
-    wake()
+    log.info("fleet update %s %s by %s", fleet_id, verb, actor)
+    if not paused:
+        wake()
     return fu
 
 
