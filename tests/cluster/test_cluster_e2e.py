@@ -140,8 +140,12 @@ def test_a_rollout_survives_a_kill_of_the_instance_holding_its_current_host(clus
     api = LiveClient(survivor.admin_url, live_fleet.api_token)
     assert_rollout_complete(api, fid, ids, live_fleet.version)
     assert set(cluster.holders(ids).values()) == {cluster.instance_id(survivor)}
-    with cluster.engine.connect() as c:
-        assert c.execute(sa.text("SELECT count(*) FROM instances WHERE id = :v"), {"v": victim_id}).scalar() == 0
+
+    def victim_reaped():  # the survivor deletes the dead instance's row once its heartbeat expired
+        with cluster.engine.connect() as c:
+            return c.execute(sa.text("SELECT count(*) FROM instances WHERE id = :v"), {"v": victim_id}).scalar() == 0
+
+    wait_until(victim_reaped, 30, 0.2, "the killed instance's row to be reaped")
 
 
 def test_an_update_asked_of_one_instance_runs_on_the_agent_held_by_the_other(cluster, live_fleet):
