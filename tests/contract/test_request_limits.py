@@ -24,6 +24,12 @@ HUGE = 2**63  # the attack run's value: OverflowError on SQLite before
 
 @pytest.fixture(scope="module")
 def setup(module_live, module_app):
+    """The module's admin (``limits-admin``), API token and host.
+
+    Every test that logs in as that admin asks for this fixture. Five of them used to rely on an
+    earlier test having made the user: run without it first (alone, ``--lf``, or the rest of the
+    module on a fresh xdist worker after a crash) their login got the login page back (200).
+    """
     from app.extensions import db
     from app.models import ApiToken, Host, User
 
@@ -162,7 +168,7 @@ def _login_page_csrf(session: requests.Session, base: str) -> str:
     return re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.text).group(1)
 
 
-def test_a_multipart_login_with_the_password_as_a_file_is_a_form_error(module_live):
+def test_a_multipart_login_with_the_password_as_a_file_is_a_form_error(module_live, setup):
     s = requests.Session()
     csrf = _login_page_csrf(s, module_live.admin_url)
     r = s.post(
@@ -221,7 +227,7 @@ def test_an_id_too_large_for_the_database_is_404_json(module_live, api, method, 
 
 
 @pytest.mark.parametrize("path", ["/hosts/{id}", "/hosts/{id}/update-status", "/settings/fleet-update/{id}/cancel"])
-def test_an_id_too_large_for_the_database_is_404_on_pages(module_live, path):
+def test_an_id_too_large_for_the_database_is_404_on_pages(module_live, setup, path):
     from tests.support.live import LiveClient
 
     s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
@@ -255,7 +261,7 @@ def test_an_out_of_range_query_is_400_invalid_parameter(module_live, api, query)
     assert r.status_code == 400 and error_code(r) == "invalid_parameter"
 
 
-def test_the_audit_page_ignores_a_before_id_it_cannot_use(module_live):
+def test_the_audit_page_ignores_a_before_id_it_cannot_use(module_live, setup):
     from tests.support.live import LiveClient
 
     s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
@@ -315,7 +321,7 @@ def test_a_login_with_nul_in_the_username_is_a_form_error(module_live):
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "line\nbreak"], ids=["nul", "newline"])
-def test_a_token_name_with_control_characters_is_a_form_error_on_the_page(module_live, name):
+def test_a_token_name_with_control_characters_is_a_form_error_on_the_page(module_live, setup, name):
     from tests.support.live import LiveClient
 
     s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")
@@ -338,7 +344,7 @@ def _token_count() -> int:
 
 
 @pytest.mark.parametrize("target", ["/a%0d%0aSet-Cookie:%20x=1", "/a%0ab", "/a%00b"], ids=["crlf", "lf", "nul"])
-def test_a_next_url_with_control_characters_goes_to_the_dashboard(module_live, target):
+def test_a_next_url_with_control_characters_goes_to_the_dashboard(module_live, setup, target):
     from tests.support.live import LiveClient
 
     s = LiveClient(module_live.admin_url).login("limits-admin", "admin-pass-123")

@@ -351,7 +351,11 @@ class LiveClient:
         if m:
             data["csrf_token"] = m.group(1)
         r = self.http.post(self.base + "/login", data=data, timeout=10, allow_redirects=False)
-        assert r.status_code in (302, 303), f"login failed: {r.status_code} {r.text[:300]}"
+        if r.status_code not in (302, 303):
+            # The page's own error (unknown user or wrong password, locked out, disabled) says why.
+            why = re.search(r'<p class="flash flash-error" role="alert">([^<]*)</p>', r.text)
+            detail = why.group(1) if why else r.text[:300]
+            raise AssertionError(f"login as {username!r} failed: {r.status_code} {detail}")
         return self
 
     def csrf_token(self, path: str = "/") -> str | None:
