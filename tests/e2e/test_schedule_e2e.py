@@ -40,7 +40,9 @@ def test_a_scheduled_start_survives_restarts_and_hosts_wait_for_their_window(liv
     for host_id, side in zip(live_fleet.host_ids, ("open", "closed"), strict=True):
         db.session.get(Host, host_id).labels = {"window": side}
     db.session.commit()
-    server = live_fleet.start_server(RM_FLEET_TICK_S="0.2", RM_UPDATE_TIMEOUT="30")
+    # A due rollout waits RM_FLEET_OFFLINE_GRACE_S (30 s by default) after a restart for agents to
+    # reconnect; these agents retry within a second (backoff_max_s = 1), so 5 s is plenty.
+    server = live_fleet.start_server(RM_FLEET_TICK_S="0.2", RM_UPDATE_TIMEOUT="30", RM_FLEET_OFFLINE_GRACE_S="5")
     live_fleet.start_agents()
     api, ids = live_fleet.api(), live_fleet.host_ids
     wait_until(lambda: api.all_online(ids), 60, what="agents online")
