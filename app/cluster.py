@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import uuid
+from functools import partial
 
 import sqlalchemy as sa
 from flask import Flask
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 #: The database's UTC clock: instances on several machines compare heartbeats on one clock.
 DB_NOW = "timezone('UTC', clock_timestamp())"
 ALIVE = f"i.heartbeat_at >= {DB_NOW} - make_interval(secs => :expiry)"
+#: The row of host ``:host`` if a live instance holds its socket.
+HELD = f"FROM hosts h JOIN instances i ON i.id = h.instance_id WHERE h.id = :host AND h.connected AND {ALIVE}"
 
 
 def enabled(app: Flask) -> bool:
@@ -54,6 +57,11 @@ def enabled(app: Flask) -> bool:
 def _dsn(app: Flask) -> str:
     url = sa.engine.make_url(app.config["SQLALCHEMY_DATABASE_URI"]).set(drivername="postgresql")
     return url.render_as_string(hide_password=False)
+
+
+def _read_one(conn, sql: str, params: dict):
+    """The first row of one statement on the listener's own (autocommit) connection: one round trip."""
+    return conn.execute(sql, params).fetchone()
 
 
 class ClusterConnections(ConnectionRegistry):
@@ -216,22 +224,28 @@ class Cluster:
 
     def holder(self, host_id: int) -> int | None:
         """The live peer instance holding ``host_id``'s socket (not this one), or None."""
-        found = db.session.scalar(
-            sa.text(
-                f"SELECT h.instance_id FROM hosts h JOIN instances i ON i.id = h.instance_id "
-                f"WHERE h.id = :host AND h.connected AND {ALIVE}"
-            ),
-            {"host": host_id, "expiry": self.expiry_s},
-        )
+        found = db.session.scalar(sa.text(f"SELECT h.instance_id {HELD}"), {"host": host_id, "expiry": self.expiry_s})
         return found if found is not None and found != self.id else None
 
     def route(self, host_id: int, verb: str, *args) -> bool:
-        """Notify the peer holding ``host_id`` (inside the caller's transaction); False if none does."""
-        peer = self.holder(host_id)
-        if peer is None:
-            return False
-        self._notify_in_session(self._channel(peer), verb, *args)
-        return True
+        """Notify the peer holding ``host_id`` (inside the caller's transaction); False if none does.
+
+        One statement finds the holder and notifies its channel: a dispatch's commit is all that
+        stands between the API call and the peer's listener.
+        """
+        held = db.session.execute(
+            sa.text(
+                f"SELECT h.instance_id, pg_notify(:channel || h.instance_id, :payload) {HELD} AND h.instance_id <> :me"
+            ),
+            {
+                "host": host_id,
+                "expiry": self.expiry_s,
+                "me": self.id,
+                "channel": f"{self._prefix}_",
+                "payload": self._payload(verb, *args),
+            },
+        ).first()
+        return held is not None
 
     # --- notifications --------------------------------------------------------------------------
 
@@ -240,9 +254,6 @@ class Cluster:
 
     def _payload(self, verb: str, *args) -> str:
         return " ".join([verb, str(self.id), *(str(a) for a in args)])
-
-    def _notify_in_session(self, channel: str, verb: str, *args) -> None:
-        db.session.execute(sa.text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": self._payload(verb, *args)})
 
     def notify(self, channel: str, verb: str, *args) -> None:
         """Send one notification now, in its own short transaction (never the caller's)."""
@@ -404,8 +415,11 @@ class Cluster:
                         self._after_relisten()
                     first = False
                     while not self._stop.is_set():
-                        for n in conn.notifies(timeout=0.5):
-                            self._handle(n.payload)
+                        # notifies() blocks on the connection's socket (no polling) and holds the
+                        # connection while it runs: take what arrived, then handle it, so that a
+                        # handler may read on this connection (what arrives meanwhile is kept).
+                        for n in list(conn.notifies(timeout=0.5, stop_after=1)):
+                            self._handle(n.payload, conn)
             except psycopg.Error:
                 self.listening.clear()
                 if not self._stop.is_set():
@@ -436,7 +450,7 @@ class Cluster:
         if self.leader:
             runtime(self.app).fleet_waker.local_wake()
 
-    def _handle(self, payload: str) -> None:
+    def _handle(self, payload: str, conn=None) -> None:
         parts = payload.split(" ", 2)
         if len(parts) < 2:
             return
@@ -448,7 +462,7 @@ class Cluster:
             if verb == "update":
                 with self.app.app_context():
                     try:
-                        rt.update_routed.publish(rest)
+                        rt.update_routed.publish(rest, None if conn is None else partial(_read_one, conn))
                     finally:
                         db.session.remove()
             elif verb == "ping":

@@ -121,7 +121,8 @@ class Runtime:
         self.cluster = None
         self.instance_id: int | None = None
         #: Published when a running update job's ``command.update`` must go out on this process's
-        #: socket for its host (routed here by another instance, or re-sent): ``(job_id)``.
+        #: socket for its host (routed here by another instance, or re-sent): ``(job_id, read=None)``;
+        #: ``read(sql, params)`` (the cluster listener's connection) returns the first row of one statement.
         self.update_routed = Announcement("update_routed")
 
 

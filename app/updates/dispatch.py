@@ -31,6 +31,10 @@ def running_update_job(host_id: int) -> Job | None:
     )
 
 
+#: Whether a host has a running update, as an id (no job to load: the pre-check only asks).
+_RUNNING_UPDATE = sa.select(Job.id).where(Job.kind == "update", Job.status == "running").limit(1)
+
+
 def cannot_update_message(host: Host) -> str:
     """Why the agent on ``host`` cannot update itself, as precisely as its hello told us.
 
@@ -74,7 +78,7 @@ def precheck(host: Host, allow_downgrade: bool = False, target: str | None = Non
         return Refusal(
             409, "host_revoked", f"the agent token of {host.name} is revoked; issue a new token to reconnect it"
         )
-    if running_update_job(host.id) is not None:
+    if db.session.scalar(_RUNNING_UPDATE.where(Job.host_id == host.id)) is not None:
         return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     if not host.connected or not runtime().connections.is_connected(host.id):
         return Refusal(409, "host_offline", f"host {host.name} is offline")
@@ -98,10 +102,13 @@ def precheck(host: Host, allow_downgrade: bool = False, target: str | None = Non
 
 def update_frame(job: Job, signature: str | None) -> str:
     """The ``command.update`` frame of a running update job, from its row."""
-    p = job.params
+    return _frame(job.id, job.host_id, job.params, signature)
+
+
+def _frame(job_id: str, host_id: int, p: dict, signature: str | None) -> str:
     data = {
-        "job_id": job.id,
-        "host_id": job.host_id,  # the agent refuses a command naming another host (a misdirected replay)
+        "job_id": job_id,
+        "host_id": host_id,  # the agent refuses a command naming another host (a misdirected replay)
         "version": p["version"],
         "url": p["url"],
         "sha256": p["sha256"],
@@ -127,28 +134,49 @@ def _route_to_holder(host_id: int, job_id: str) -> bool:
     return rt.cluster.route(host_id, "update", job_id)
 
 
-def deliver(job_id: str) -> None:
+#: A routed job's row and its release's signature in one statement (PostgreSQL, psycopg's parameter
+#: style): what :func:`deliver` reads on the cluster listener's own autocommit connection.
+ROUTED_JOB_SQL = (
+    "SELECT j.host_id, j.params, r.signature FROM jobs j LEFT JOIN agent_releases r "
+    "ON r.version = j.params ->> 'version' AND r.platform = j.params ->> 'platform' "
+    "WHERE j.id = %(id)s AND j.kind = 'update' AND j.status = 'running' AND j.phase = 'dispatched' "
+    "AND j.host_id IS NOT NULL"
+)
+
+
+def deliver(job_id: str, read=None) -> None:
     """Send a running job's ``command.update`` on this process's socket for its host.
 
     Subscribed to ``runtime().update_routed``: a peer instance dispatched the job, or the agent said
     hello with its job still undelivered. Only a job still ``dispatched`` (the agent has not
     reported on it) is sent; an agent that already has it ignores the repeat. A host that is not
     connected here gets it with its next hello; the job's deadline decides otherwise.
+
+    ``read(sql, params)``, when given, runs one statement and returns its first row: the cluster's
+    listener passes its own connection, so a routed command costs one round trip to the database
+    (no pool checkout, ping, BEGIN or ROLLBACK) between the notification and the frame.
     """
-    job = db.session.get(Job, job_id)
-    if job is None or job.status != "running" or job.phase != "dispatched" or job.host_id is None:
-        return
-    signature = db.session.scalar(
-        sa.select(AgentRelease.signature).where(
-            AgentRelease.version == job.params["version"], AgentRelease.platform == job.params["platform"]
+    if read is not None:
+        row = read(ROUTED_JOB_SQL, {"id": job_id})
+        if row is None:
+            return
+        host_id, frame = row[0], _frame(job_id, row[0], row[1], row[2])
+    else:
+        job = db.session.get(Job, job_id)
+        if job is None or job.status != "running" or job.phase != "dispatched" or job.host_id is None:
+            return
+        signature = db.session.scalar(
+            sa.select(AgentRelease.signature).where(
+                AgentRelease.version == job.params["version"], AgentRelease.platform == job.params["platform"]
+            )
         )
-    )
-    db.session.close()
-    if runtime().connections.send(job.host_id, update_frame(job, signature)):
-        log.info("update job %s: command sent to host %s", job_id, job.host_id)
+        db.session.close()
+        host_id, frame = job.host_id, update_frame(job, signature)
+    if runtime().connections.send(host_id, frame):
+        log.info("update job %s: command sent to host %s", job_id, host_id)
     else:
         log.info(
-            "update job %s: host %s is not connected here; it gets the command with its next hello", job_id, job.host_id
+            "update job %s: host %s is not connected here; it gets the command with its next hello", job_id, host_id
         )
 
 
@@ -217,6 +245,9 @@ def dispatch_update(
         entry = InFlight(job.id, host.id, release.version, job.deadline)
         name = host.name
         frame = None if routed else update_frame(job, release.signature)
+        # The job as written is also the answer: kept out of the commit's expiry, the caller's
+        # to_dict() costs no second transaction (a checkout, BEGIN, SELECT and ROLLBACK).
+        db.session.expunge(job)
         db.session.commit()
     except IntegrityError:
         # The partial unique index refused a second running update job for this host.
@@ -230,6 +261,6 @@ def dispatch_update(
         observe_dispatch(started)
     else:
         watcher.fail_job(entry.job_id, "the agent disconnected before the update command was delivered")
-        db.session.refresh(job)
+        job = db.session.get(Job, entry.job_id)
     log.info("dispatched update job %s for host %s to %s", entry.job_id, name, entry.target_version)
     return job

@@ -7,9 +7,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from agent import protocol
 from app.extensions import db
 from app.models import AuditEvent, Host, Instance, Job
 from app.runtime import runtime
+from app.updates import dispatch
 from tests.support.scripted import ScriptedAgent
 from tests.support.wait import wait_until
 
@@ -44,8 +46,10 @@ def test_each_serving_process_registers_as_an_instance_and_exactly_one_leads(pai
     assert [ra.cluster.leader, rb.cluster.leader].count(True) == 1
 
 
-def test_a_dispatch_on_one_instance_reaches_the_agent_held_by_the_other(pair, cast, client, api_headers):
+def test_a_dispatch_on_one_instance_reaches_the_agent_held_by_the_other(pair, cast, client, api_headers, release):
     a, b = pair
+    release.signature = "c2lnbmVk"  # stands for a signed release: the frame must carry it
+    db.session.commit()
     agent = connect(b, cast.host_behind, cast.host_behind_token, cast.host_behind.agent_version)
     r = client.post(f"/api/hosts/{cast.host_behind.id}/update", headers=api_headers)  # on instance a
     assert r.status_code == 202, r.get_json()
@@ -53,6 +57,9 @@ def test_a_dispatch_on_one_instance_reaches_the_agent_held_by_the_other(pair, ca
     cmd = agent.expect("command.update")
     assert cmd.data["job_id"] == job_id and cmd.data["host_id"] == cast.host_behind.id
     assert cmd.data["version"] == a.app.config["SERVER_VERSION"]
+    # the holder's one read (job and release) makes the very frame a local dispatch sends
+    local = protocol.decode(dispatch.update_frame(fresh(Job, job_id), "c2lnbmVk"))
+    assert cmd.data == local.data and cmd.data["signature"] == "c2lnbmVk"
     db.session.rollback()
     assert db.session.scalar(sa.select(sa.func.count(Job.id))) == 1
     actions = db.session.scalars(sa.select(AuditEvent.action).where(AuditEvent.action == "host.update_dispatched"))
