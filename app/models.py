@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from flask import current_app, has_app_context
 from flask_login import UserMixin
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import joinedload
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import labels as host_labels
@@ -242,7 +243,8 @@ class ApiToken(db.Model):
 
     @classmethod
     def lookup(cls, plain: str) -> ApiToken | None:
-        tok = db.session.scalar(sa.select(cls).where(cls.token_hash == hash_token(plain)))
+        # the user in the same statement: every API call needs both (one round trip, not two)
+        tok = db.session.scalar(sa.select(cls).options(joinedload(cls.user)).where(cls.token_hash == hash_token(plain)))
         if tok is None or tok.revoked_at is not None:
             return None
         return tok
