@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 from typing import Any
 
 import sqlalchemy as sa
@@ -136,14 +137,31 @@ def _init_db(app: Flask) -> None:
             # past QueuePool's default 5, as thousands of agent threads did in a reconnect storm.
             opts.setdefault("pool_size", 20)
     else:
-        opts.setdefault("pool_pre_ping", True)
         opts.setdefault("pool_size", app.config["DB_POOL_SIZE"])
         opts.setdefault("max_overflow", app.config["DB_MAX_OVERFLOW"])
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = opts
     db.init_app(app)
+    if not uri.startswith("sqlite") and "pool_pre_ping" not in opts:
+        with app.app_context():
+            sa.event.listen(db.engine, "checkout", _drop_if_server_spoke)
     if uri.startswith("sqlite"):
         with app.app_context():
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+
+
+def _drop_if_server_spoke(dbapi_conn, _record, _proxy) -> None:
+    """Check a pooled PostgreSQL connection before use, without a round trip (``pool_pre_ping`` costs one).
+
+    An idle connection has nothing to read: the server sends on it only to end it (a restart, an
+    administrator's terminate: an error message, then EOF). Anything readable, or a connection
+    psycopg saw break, makes the pool replace it before the caller uses it.
+    """
+    try:
+        readable = dbapi_conn.closed or select.select([dbapi_conn.fileno()], [], [], 0)[0]
+    except (OSError, ValueError, dbapi_conn.OperationalError):
+        readable = True
+    if readable:
+        raise sa.exc.DisconnectionError("the database ended this pooled connection")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
