@@ -9,8 +9,11 @@ own, dropped and migrated first; ``--schema``), 127.0.0.1, ephemeral ports. One 
 real protocol (``tests.support.scripted.ScriptedAgent``, stamped on arrival in its reader thread)
 is connected to B for the **remote** series, then to A for the **local** baseline. Each rep:
 ``POST /api/hosts/<id>/update`` on A's admin plane (API token), then the time until the agent has
-the ``command.update`` frame (measured from just before the API call); the agent then reports the
-job failed (``update.result``) and the bench waits until the job has ended before the next rep.
+the ``command.update`` frame (measured from just before the API call to the moment the agent's
+socket thread has the whole message: no thread hand-off of the bench's own is counted); the agent
+then reports the job failed (``update.result``), the bench waits (reading the row, not asking A)
+until the job has ended, and pauses 20 ms before the next rep. The CPU time A and B used per rep
+(the dispatch, the command, the report and the job's end) is read from /proc.
 
 Targets (issue 13): remote p50 <= 20 ms, p99 <= 100 ms. The machine's load (``/proc/loadavg``) is
 printed before and after: on a shared machine it decides most of the tail.
@@ -19,22 +22,25 @@ printed before and after: on a shared machine it decides most of the tail.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
-import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import ROOT, Server, cli, percentile, print_table, server_env  # noqa: E402
+from _common import ROOT, Server, cli, cpu_seconds, percentile, print_table, server_env  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
 TARGET_P50_MS, TARGET_P99_MS = 20.0, 100.0
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+#: A pause between reps (outside the measured interval) so that one rep's tail is not the next one's.
+SETTLE_S = 0.02
 
 
 def loadavg() -> str:
@@ -57,32 +63,67 @@ def pg_schema_url(base: str, schema: str) -> str:
     return f"{base}{sep}options={quote('-csearch_path=' + schema)}"
 
 
-class StampedQueue(queue.Queue):
-    """The agent's inbox, each envelope stamped (perf_counter) when its reader thread got it."""
+class StampingEvent(threading.Event):
+    """simple_websocket's "a message is in" event, stamped (perf_counter) in the socket's own thread.
 
-    def put(self, item, block=True, timeout=None):
-        super().put((time.perf_counter(), item), block, timeout)
+    The client's thread reads the socket and sets this event for each complete message; stamping
+    there leaves out the hand-off to the thread that decodes the envelope (a thread wake-up, which
+    on a loaded machine is the bench's own delay, not the server's).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stamps: collections.deque[float] = collections.deque()
+
+    def set(self):
+        self.stamps.append(time.perf_counter())
+        super().set()
 
 
 def stamped_agent(ws_url: str, token: str):
-    """A scripted agent (the real protocol, real socket) whose inbox stamps each envelope."""
+    """A scripted agent (the real protocol, real socket) whose inbox holds (arrival stamp, envelope)."""
+    import simple_websocket
+
+    from agent import protocol
     from tests.support.scripted import ScriptedAgent
 
     class StampedAgent(ScriptedAgent):
-        def __init__(self):
-            super().__init__(ws_url, token, "1.0.0")
-            self.inbox = StampedQueue()
+        ws_options = {"event_class": StampingEvent}
+
+        def _read(self, ws) -> None:
+            try:
+                while True:
+                    raw = ws.receive()
+                    if raw is None:
+                        return
+                    stamp = ws.event.stamps.popleft()
+                    env = protocol.decode(raw)
+                    if env.type == "ping":
+                        self.send("pong", ref=env.id)
+                        continue
+                    self.inbox.put((stamp, env))
+            except (simple_websocket.ConnectionClosed, protocol.ProtocolError):
+                return
 
         def expect(self, type_: str, timeout: float = 5.0):
             _, env = self.inbox.get(timeout=timeout)
             assert env.type == type_, f"expected {type_}, got {env.type}"
             return env
 
-    return StampedAgent()
+    return StampedAgent(ws_url, token, "1.0.0")
 
 
-def series(http, admin_url: str, agent, host_id: int, reps: int) -> dict:
+def job_status(engine, job_id: str) -> str:
+    """Read the job's status from the database (polling the API would add load on A between reps)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as c:
+        return c.execute(sa.text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+
+
+def series(http, admin_url: str, agent, host_id: int, reps: int, engine, pids: dict) -> dict:
     lat, api = [], []
+    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     for _ in range(reps):
         t0 = time.perf_counter()
         r = http.post(f"{admin_url}/api/hosts/{host_id}/update", timeout=10)
@@ -98,20 +139,24 @@ def series(http, admin_url: str, agent, host_id: int, reps: int) -> dict:
         api.append((t_api - t0) * 1000.0)
         agent.send("update.result", job_id=job_id, ok=False, error="bench: next rep")
         deadline = time.monotonic() + 10
-        while http.get(f"{admin_url}/api/jobs/{job_id}", timeout=10).json()["job"]["status"] == "running":
+        while job_status(engine, job_id) == "running":
             if time.monotonic() > deadline:
                 raise RuntimeError(f"job {job_id} did not end")
             time.sleep(0.005)
+        time.sleep(SETTLE_S)  # the report's aftermath (announcements, log) is not the next rep's
     return {
         "reps": len(lat),
         **{f"p{p}_ms": percentile(lat, p) for p in (50, 90, 99, 100)},
         "api_p50_ms": percentile(api, 50),
         "api_p99_ms": percentile(api, 99),
+        # per rep: the dispatch, the command, the agent's report and the job's end (CPU, not wall)
+        **{f"cpu_{k}_ms_per_rep": (cpu_seconds(pid) - cpu0[k]) * 1000.0 / max(1, len(lat)) for k, pid in pids.items()},
     }
 
 
 def run(args) -> dict:
     import requests
+    import sqlalchemy as sa
     from agents import enrol
 
     tmp = tempfile.mkdtemp(prefix="rm-bench-cluster-")
@@ -136,12 +181,14 @@ def run(args) -> dict:
             http.get(f"{a.admin_url}/api/hosts/{host_id}", timeout=10).raise_for_status()
             floor.append((time.perf_counter() - t0) * 1000.0)
         res["read_p50_ms"], res["read_p99_ms"] = percentile(floor, 50), percentile(floor, 99)
+        engine = sa.create_engine(url, poolclass=sa.pool.StaticPool)
+        pids = {"a": a.pid, "b": b.pid}
         for where, server in (("remote", b), ("local", a)):
             agent = stamped_agent(f"ws://127.0.0.1:{server.agent_port}", token)
             agent.connect()
             time.sleep(0.5)  # the hello's write is committed
-            series(http, a.admin_url, agent, host_id, min(10, args.reps))  # warm-up, not counted
-            res[where] = series(http, a.admin_url, agent, host_id, args.reps)
+            series(http, a.admin_url, agent, host_id, min(10, args.reps), engine, pids)  # warm-up, not counted
+            res[where] = series(http, a.admin_url, agent, host_id, args.reps, engine, pids)
             agent.disconnect()
             agent = None
             time.sleep(0.5)
@@ -169,7 +216,8 @@ def report(res: dict) -> None:
         if not s:
             return "n/a"
         return (f"p50 {s['p50_ms']:.1f} / p90 {s['p90_ms']:.1f} / p99 {s['p99_ms']:.1f} / max {s['p100_ms']:.1f} ms"
-                f"  (API answer p50 {s['api_p50_ms']:.1f} ms; {s['reps']} reps)")
+                f"  (API answer p50 {s['api_p50_ms']:.1f} ms; CPU per rep A {s['cpu_a_ms_per_rep']:.1f} ms,"
+                f" B {s['cpu_b_ms_per_rep']:.1f} ms; {s['reps']} reps)")
 
     rows = [
         ("machine", f"{res['cpus']} CPUs; load before {res['load_before']}, after {res.get('load_after', 'n/a')}"),

@@ -16,6 +16,8 @@ from agent import protocol
 
 
 class ScriptedAgent:
+    ws_options: dict = {}  # more simple_websocket.Client.connect() arguments (a bench's event_class)
+
     def __init__(self, ws_url: str, token: str, version: str, capabilities=("update",), ssl_context=None):
         self.ws_url = ws_url
         self.ssl_context = ssl_context  # for a wss:// server: the context that trusts its certificate
@@ -32,7 +34,10 @@ class ScriptedAgent:
         if version is not None:
             self.version = version
         self.ws = simple_websocket.Client.connect(
-            self.ws_url + "/ws/agent", headers={"Authorization": f"Bearer {self.token}"}, ssl_context=self.ssl_context
+            self.ws_url + "/ws/agent",
+            headers={"Authorization": f"Bearer {self.token}"},
+            ssl_context=self.ssl_context,
+            **self.ws_options,
         )
         # A frame and the ping after it go out at once, not held by Nagle until the server's
         # delayed ACK (~40 ms per round trip on Linux): tests send thousands of such pairs.
