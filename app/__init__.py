@@ -157,7 +157,13 @@ def _drop_if_server_spoke(dbapi_conn, _record, _proxy) -> None:
     psycopg saw break, makes the pool replace it before the caller uses it.
     """
     try:
-        readable = dbapi_conn.closed or select.select([dbapi_conn.fileno()], [], [], 0)[0]
+        # poll, not select: a server holding thousands of agent sockets has descriptors past
+        # select()'s FD_SETSIZE (1024), where select raises ValueError for every checkout.
+        readable = bool(dbapi_conn.closed)
+        if not readable:
+            poller = select.poll()
+            poller.register(dbapi_conn.fileno(), select.POLLIN)
+            readable = bool(poller.poll(0))
     except (OSError, ValueError, dbapi_conn.OperationalError):
         readable = True
     if readable:

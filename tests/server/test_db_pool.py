@@ -33,3 +33,20 @@ def test_an_idle_pooled_connection_is_reused_as_is(app):
     pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
     db.session.commit()
     assert db.session.scalar(sa.text("SELECT pg_backend_pid()")) == pid
+
+
+def test_a_connection_past_the_select_limit_is_reused_as_is(app):
+    """A server holding thousands of agent sockets gets database descriptors past FD_SETSIZE (1024)."""
+    import os
+
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        db.engine.dispose()
+        pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+        assert db.session.connection().connection.dbapi_connection.fileno() > 1024
+        db.session.commit()
+        assert db.session.scalar(sa.text("SELECT pg_backend_pid()")) == pid
+        db.session.commit()
+    finally:
+        for fd in spare:
+            os.close(fd)
