@@ -51,6 +51,7 @@ _CLOSE_MEANINGS = {
     protocol.CLOSE_IDLE: "the server dropped the link as idle (no heartbeat in time)",
     protocol.CLOSE_TOO_BIG: "the server refused a frame as too large",
     protocol.CLOSE_POLICY: "the server closed the link for a policy violation",
+    protocol.CLOSE_GOING_AWAY: "the server is shutting down (a restart?); reconnecting as soon as it is back",
 }
 
 _PROCESS_BOOT_ID = str(uuid.uuid4())
@@ -95,7 +96,7 @@ class Agent:
         self._connect = connect or functools.partial(default_connect, server_ca=config.server_ca)
         self._sleep = sleep or self._interruptible_sleep
         self.clock = clock
-        self.backoff = Backoff(cap=config.backoff_max_s, rand=rand)
+        self.backoff = Backoff(cap=config.backoff_max_s, rand=rand, clock=clock)
         self.program = program_path() if program is ... else program
         self._updater_factory = updater_factory or self._make_updater
         self.welcome_timeout = welcome_timeout
@@ -197,13 +198,17 @@ class Agent:
             if self._restart.is_set():
                 return self._finish(EX_UPDATE_RESTART)
             started = self.clock()
-            welcomed = False
+            welcomed = going_away = refused = False
             try:
                 ws = self._open()
                 if ws is None:
                     continue  # stop requested while connecting
             except simple_websocket.ConnectionError as exc:
                 self._log_refused(exc.status_code)
+            except ConnectionRefusedError as exc:  # nothing listens: the server is down (or restarting)
+                refused = True
+                level = logging.INFO if self.backoff.restarting else logging.WARNING
+                log.log(level, "cannot connect to %s: %s", self.config.ws_url, exc)
             except ssl.SSLCertVerificationError as exc:
                 log.error(
                     "cannot connect to %s: the server's certificate is not trusted (%s); this agent trusts %s; "
@@ -228,12 +233,15 @@ class Agent:
                 finally:
                     with self._link_lock:
                         self._link = None
+                    going_away = link.close_code == protocol.CLOSE_GOING_AWAY
                     link.close()
             if self.stop.is_set() or self._restart.is_set():
                 continue
             if welcomed or self.clock() - started >= STABLE_CONNECTION_S:
                 self.backoff.reset()
-            delay = self.backoff.next_delay()
+            if going_away:  # the server is shutting down: while it restarts, refusals don't climb the ladder
+                self.backoff.server_going_away()
+            delay = self.backoff.next_delay(refused=refused)
             log.info("reconnecting in %.2f s", delay)
             self._sleep(delay)
 

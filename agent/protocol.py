@@ -19,6 +19,7 @@ MAX_FRAME_BYTES = 64 * 1024
 
 #: WebSocket close codes used on the agent link.
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the server is shutting down (a restart): reconnect soon (agent.transport.Backoff)
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_REPLACED = 4000  # a newer connection for the same host took over

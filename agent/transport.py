@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -25,31 +26,69 @@ from agent import protocol
 from agent.tls import client_context
 
 BACKOFF_BASE_S = 0.5
+#: After the server closed the link as going away (1001: it is shutting down, usually to restart),
+#: a connect *refused* (nothing listens yet) is retried within this many seconds, full jitter,
+#: without climbing the ladder...
+RESTART_RETRY_S = 2.0
+#: ...for at most this long after the close; then refusals climb the ladder as usual.
+RESTART_WINDOW_S = 60.0
 CONNECT_TIMEOUT_S = 10.0
 #: How long a graceful close waits for the server's closing handshake before dropping the socket.
 CLOSE_WAIT_S = 0.5
 
 
 class Backoff:
-    """Full-jitter exponential backoff: each delay is uniform in [0, min(cap, base * 2**attempt)]."""
+    """Full-jitter exponential backoff: each delay is uniform in [0, min(cap, base * 2**attempt)].
 
-    def __init__(self, base: float = BACKOFF_BASE_S, cap: float = 30.0, rand: Callable[[], float] = random.random):
+    One exception, for a server restart: after :meth:`server_going_away` (the server closed the
+    link with 1001), a connect that is *refused* (the port is closed: the server is not back yet)
+    is retried after a delay uniform in [0, min(cap, RESTART_RETRY_S)] and does not climb the
+    ladder, for RESTART_WINDOW_S. Climbing while nothing listened put every agent of a 2,000-agent
+    fleet at the 10 s ceiling by the time the new server listened, so the reconnect storm took the
+    ceiling on top of the restart (docs/capacity.md). A refused connect costs the server nothing
+    (the kernel answers it), the delays keep their full jitter (the fleet arrives spread over
+    RESTART_RETRY_S, not at once), and anything else (a 503, a timeout, a reset: a server that is
+    up but busy) still climbs the ladder.
+    """
+
+    def __init__(
+        self,
+        base: float = BACKOFF_BASE_S,
+        cap: float = 30.0,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.base = base
         self.cap = cap
         self.rand = rand
+        self.clock = clock
         self.attempt = 0
+        self._restart_until: float | None = None
 
     def ceiling(self) -> float:
         return min(self.cap, self.base * (2 ** min(self.attempt, 62)))
 
-    def next_delay(self) -> float:
-        """Return the next delay and move one step up the ladder."""
+    def next_delay(self, refused: bool = False) -> float:
+        """Return the next delay and move one step up the ladder (see the class for ``refused``)."""
+        if refused and self.restarting:
+            return self.rand() * min(self.cap, RESTART_RETRY_S)
         delay = self.rand() * self.ceiling()
         self.attempt += 1
         return delay
 
+    def server_going_away(self) -> None:
+        """The server closed the link as going away (1001): it is probably restarting."""
+        self._restart_until = self.clock() + RESTART_WINDOW_S
+
+    @property
+    def restarting(self) -> bool:
+        """Within the restart window opened by :meth:`server_going_away`."""
+        return self._restart_until is not None and self.clock() < self._restart_until
+
     def reset(self) -> None:
+        """Start the ladder again (a welcome, or a connection that lived long enough)."""
         self.attempt = 0
+        self._restart_until = None
 
 
 class _DaemonThread(threading.Thread):

@@ -26,6 +26,7 @@ from flask import Flask
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask, WSGITask
 
+from agent import protocol
 from agent.daemon import StopFlag, install_signal_handlers
 
 from .agents.server import AgentServer
@@ -224,7 +225,8 @@ class Servers:
         # closing socket (2,000 of them queueing for SQLite's write lock at every restart).
         rt.presence.stop(offline=held)
         mark("offline")
-        rt.connections.close_all(1001, "server shutting down")
+        # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
+        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
         mark("sockets")
         if self.admin is not None:
             self._close_admin_plane()

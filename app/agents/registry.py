@@ -122,7 +122,7 @@ class ConnectionRegistry:
         conn.close(code, reason)
         return True
 
-    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> int:
+    def close_all(self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down") -> int:
         with self._lock:
             conns = list(self._by_host.values())
             self._by_host.clear()

@@ -25,6 +25,7 @@ Targets (issue 2): N = 2000 with RSS <= 300 MB and all back online <= 15 s after
 from __future__ import annotations
 
 import argparse
+import errno
 import heapq
 import json
 import os
@@ -169,8 +170,9 @@ class LoadGen:
     def _send_env(self, a, type_, data=None):
         return a.ws is not None and self._send(a, a.ws.send(self.Text(data=self.p.encode(type_, data))))
 
-    def _drop(self, a, why: str, reconnect_in: float | None = None) -> None:
-        """The link is gone: release the socket and schedule the reconnect exactly like agent.client.
+    def _drop(self, a, why: str, reconnect_in: float | None = None, going_away: bool = False) -> None:
+        """The link is gone: release the socket and schedule the reconnect exactly like agent.client
+        (a refused connect after the server's 1001 close is retried quickly: agent.transport.Backoff).
 
         ``reconnect_in`` overrides the backoff (a simulated restart reconnects after its restart delay).
         """
@@ -193,7 +195,11 @@ class LoadGen:
             return
         if welcomed or now - a.started >= self.stable_s:
             a.backoff.reset()
-        self._timer(now + (a.backoff.next_delay() if reconnect_in is None else reconnect_in), a, "connect")
+        if going_away:
+            a.backoff.server_going_away()
+        if reconnect_in is None:
+            reconnect_in = a.backoff.next_delay(refused=why == "refused")
+        self._timer(now + reconnect_in, a, "connect")
 
     def _connect(self, a) -> None:
         now = time.monotonic()
@@ -206,8 +212,8 @@ class LoadGen:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         a.sock, a.state, a.out, a.msg = s, "connecting", b"", []
         err = s.connect_ex(self.addr)
-        if err not in (0, 115):  # EINPROGRESS
-            self._drop(a, "refused")
+        if err not in (0, errno.EINPROGRESS):
+            self._drop(a, "refused" if err == errno.ECONNREFUSED else "resets")
             return
         self.sel.register(s, selectors.EVENT_WRITE, a)
         self._timer(now + self.connect_timeout, a, "connect_deadline")
@@ -215,8 +221,8 @@ class LoadGen:
     def _on_writable(self, a) -> None:
         if a.state == "connecting":
             err = a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._drop(a, "refused")
+            if err:  # only a refusal (nothing listens) is "refused", as ConnectionRefusedError in agent.client
+                self._drop(a, "refused" if err == errno.ECONNREFUSED else "resets")
                 return
             a.state = "handshake"
             a.ws = self.WSConnection(self.CLIENT)
@@ -267,7 +273,7 @@ class LoadGen:
                         self._send(a, a.ws.send(ev.response()))
                     except Exception:  # noqa: BLE001 - the peer is gone anyway
                         pass
-                    self._drop(a, "closed_by_server")
+                    self._drop(a, "closed_by_server", going_away=ev.code == self.p.CLOSE_GOING_AWAY)
                     return
                 elif isinstance(ev, self.Reject):
                     self._drop(a, "rejected")

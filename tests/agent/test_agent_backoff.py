@@ -1,12 +1,14 @@
-"""Reconnect backoff: full jitter, capped, reset by a welcome or a long-lived connection."""
+"""Reconnect backoff: full jitter, capped, reset by a welcome or a long-lived connection; quick (still
+jittered) retries of refused connects while a server that closed with 1001 restarts."""
 
 import random
 
 import pytest
 from simple_websocket import ConnectionClosed
 
+from agent import protocol
 from agent.client import Agent
-from agent.transport import Backoff
+from agent.transport import RESTART_RETRY_S, RESTART_WINDOW_S, Backoff
 
 
 def test_full_jitter_stays_within_the_exponential_ceiling():
@@ -98,5 +100,87 @@ def test_a_connection_that_lived_ten_seconds_resets_the_backoff(make_config, liv
         return DroppingSocket()
 
     agent, sleeps = agent_with(make_config, connect, clock, stop_after=3)
+    agent.run()
+    assert sleeps == expected
+
+
+# -- a server restart: after a 1001 close, refused connects are retried quickly (full jitter)
+
+
+def test_after_the_server_went_away_refused_connects_stay_within_the_restart_retry():
+    clock = Clock()
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=clock)
+    backoff.server_going_away()
+    assert [backoff.next_delay(refused=True) for _ in range(5)] == [RESTART_RETRY_S] * 5
+    assert backoff.attempt == 0  # the ladder did not move
+
+
+def test_the_restart_retry_keeps_its_jitter():
+    rng = random.Random(7)
+    backoff = Backoff(base=0.5, cap=10, rand=rng.random, clock=Clock())
+    backoff.server_going_away()
+    delays = [backoff.next_delay(refused=True) for _ in range(200)]
+    assert all(0 <= d <= RESTART_RETRY_S for d in delays)
+    assert len({round(d, 3) for d in delays}) > 150  # spread, not one instant for the whole fleet
+
+
+def test_a_busy_server_still_climbs_the_ladder_during_a_restart():
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=Clock())
+    backoff.server_going_away()
+    # a 503, a timeout or a reset: the server is up but busy
+    assert [backoff.next_delay() for _ in range(5)] == [0.5, 1, 2, 4, 8]
+
+
+def test_the_restart_window_ends_and_refusals_climb_again():
+    clock = Clock()
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=clock)
+    backoff.server_going_away()
+    assert backoff.next_delay(refused=True) == RESTART_RETRY_S
+    clock.now += RESTART_WINDOW_S
+    assert [backoff.next_delay(refused=True) for _ in range(3)] == [0.5, 1, 2]
+
+
+def test_the_restart_retry_never_exceeds_the_cap():
+    backoff = Backoff(base=0.5, cap=1, rand=lambda: 1.0, clock=Clock())
+    backoff.server_going_away()
+    assert backoff.next_delay(refused=True) == 1
+
+
+def test_a_reset_ends_the_restart_window():
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=Clock())
+    backoff.server_going_away()
+    backoff.reset()
+    assert not backoff.restarting
+    assert [backoff.next_delay(refused=True) for _ in range(3)] == [0.5, 1, 2]
+
+
+class ClosingSocket(DroppingSocket):
+    """A link the server closes with ``code`` on the first receive."""
+
+    def __init__(self, code):
+        self.close_reason = code
+
+
+@pytest.mark.parametrize(
+    "code, failure, expected",
+    [
+        # the server restarts: refusals are retried within RESTART_RETRY_S (the cap here is 4)
+        (protocol.CLOSE_GOING_AWAY, ConnectionRefusedError(111, "Connection refused"), [0.5, 2, 2, 2, 2]),
+        # any other close: the ladder
+        (protocol.CLOSE_NORMAL, ConnectionRefusedError(111, "Connection refused"), [0.5, 1, 2, 4, 4]),
+        # going away, but the port answers and fails otherwise (a balancer, a busy server): the ladder
+        (protocol.CLOSE_GOING_AWAY, TimeoutError("timed out"), [0.5, 1, 2, 4, 4]),
+    ],
+)
+def test_an_agent_whose_server_went_away_retries_refused_connects_quickly(make_config, code, failure, expected):
+    calls = []
+
+    def connect(url, token):
+        calls.append(url)
+        if len(calls) == 1:
+            return ClosingSocket(code)
+        raise failure
+
+    agent, sleeps = agent_with(make_config, connect, Clock(), stop_after=5)
     agent.run()
     assert sleeps == expected

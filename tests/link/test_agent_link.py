@@ -247,3 +247,47 @@ def test_a_ping_with_a_nul_in_its_id_gets_an_error_not_a_dead_connection(live, c
     assert env.type == "error" and env.data["code"] == "invalid_field"
     ws.send(protocol.encode("ping"))
     assert recv(ws).type == "pong"
+
+
+def test_stopping_the_server_closes_every_agent_link_as_going_away(live, cast):
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    live.servers.stop()
+    wait_until(lambda: not ws.connected, what="the link closed by the stopping server")
+    assert ws.close_reason == protocol.CLOSE_GOING_AWAY
+
+
+def test_a_real_agent_retries_quickly_while_its_server_restarts(live, cast, tmp_path):
+    """The agent's side of the 1001 close: refusals while the server is down do not climb the ladder."""
+    from agent.client import Agent
+    from agent.config import parse_config
+    from agent.transport import RESTART_RETRY_S
+    from tests.support.peers import AgentThread
+
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+
+    config = parse_config(
+        {
+            "server_url": live.agent_ws_url,
+            "token": cast.host_offline_token,
+            "state_dir": str(tmp_path),
+            "backoff_max_s": 30,
+            "allow_unsigned_updates": True,
+        },
+        str(tmp_path / "agent.toml"),
+    )
+    agent = Agent(config, sleep=sleep, rand=lambda: 1.0, program=None)
+    runner = AgentThread(agent).start()
+    try:
+        wait_until(lambda: host_row(cast.host_offline.id).connected, what="the agent online")
+        live.servers.stop()
+        wait_until(lambda: len(sleeps) >= 6, what="six reconnect attempts against the stopped server")
+    finally:
+        runner.stop(5)
+    # the first reconnect after a welcomed link: 0.5 s; then every refusal within RESTART_RETRY_S
+    # (without the 1001 rule: 1, 2, 4, 8, 16)
+    assert sleeps[:6] == [0.5] + [RESTART_RETRY_S] * 5
