@@ -13,6 +13,11 @@ long-lived WebSockets, that needs three bounds werkzeug does not have (issue 9, 
   werkzeug would write onto the upgraded socket (``HTTP/1.1 200 OK`` and HTML headers after the
   close frame; flask-sock issues #20, #77) and log as ``200``: :class:`AgentRequestHandler`
   swallows it and logs ``101``.
+* **Given up.** A connection whose peer has already closed its side when it is accepted (it
+  waited in the listen backlog past the agent's connect timeout, in a reconnect storm on a loaded
+  machine) is closed at once, without a thread: serving it would spend a whole handshake on a
+  socket nobody reads, while the agent already retries on a new one. (An HTTP client that
+  half-closes after its request would be dropped too; neither the agent nor curl/wget does.)
 * **Closing.** After the close handshake, or a bounded wait (``close_timeout``) for the peer's
   close frame, the server closes the TCP connection itself: a peer that answers the close and
   keeps the socket open no longer holds a thread.
@@ -54,6 +59,19 @@ REFUSED_LINGER_S = 1.0
 SWEEP_S = 0.1
 #: At most one warning about refused connections per this many seconds.
 REPORT_S = 10.0
+#: ``tcpi_state`` of a socket whose peer has closed its side (Linux's ``TCP_CLOSE_WAIT``).
+TCP_CLOSE_WAIT = 8
+
+
+def peer_gave_up(sock: socket.socket) -> bool:
+    """True when the peer of this freshly accepted socket has already closed its side (Linux)."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:  # not Linux: no cheap way to ask, serve it
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == TCP_CLOSE_WAIT
+    except OSError:
+        return False
 
 
 def mark_authenticated(environ) -> None:
@@ -231,6 +249,7 @@ class AgentServer(ThreadedWSGIServer):
         self._pending: dict[socket.socket, float] = {}  # socket -> deadline (inf once cut)
         self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._refused_count = 0
+        self._abandoned_count = 0  # accepted after their peer gave up (see the module)
         self._next_sweep = self._next_report = 0.0
         super().__init__(host, port, app, handler=AgentRequestHandler)
         # Not werkzeug's ssl_context argument (see the class); set here, it still makes werkzeug
@@ -259,6 +278,10 @@ class AgentServer(ThreadedWSGIServer):
             return len(self._pending)
 
     def process_request(self, request, client_address) -> None:
+        if peer_gave_up(request):
+            self._abandoned_count += 1
+            request.close()
+            return
         with self._lock:
             admit = len(self._pending) < self.max_pending
             if admit:
@@ -327,14 +350,20 @@ class AgentServer(ThreadedWSGIServer):
                 len(expired),
                 self.handshake_timeout,
             )
-        if self._refused_count and now >= self._next_report:
+        if (self._refused_count or self._abandoned_count) and now >= self._next_report:
             self._next_report = now + REPORT_S
-            log.warning(
-                "agent plane: refused %d connection(s) with 503: more than %d waiting to authenticate",
-                self._refused_count,
-                self.max_pending,
-            )
-            self._refused_count = 0
+            if self._refused_count:
+                log.warning(
+                    "agent plane: refused %d connection(s) with 503: more than %d waiting to authenticate",
+                    self._refused_count,
+                    self.max_pending,
+                )
+            if self._abandoned_count:
+                log.warning(
+                    "agent plane: closed %d connection(s) whose agent had given up before they were accepted",
+                    self._abandoned_count,
+                )
+            self._refused_count = self._abandoned_count = 0
         for _ in range(len(self._refused)):
             s, deadline = self._refused.popleft()
             if self._drained(s) or deadline <= now:

@@ -313,3 +313,31 @@ def test_an_authenticated_socket_is_not_cut_by_the_handshake_timeout(live, cast)
     assert next_non_text(ws)[0] == OP_CLOSE
     assert ws.read_to_eof(timeout=5) == b""
     ws.close()
+
+
+def test_a_connection_whose_agent_gave_up_in_the_backlog_is_closed_without_a_thread(app, caplog):
+    """In a reconnect storm on a loaded machine, an agent may give up (its 10 s connect timeout)
+    while its connection still waits in the listen backlog: the server must not spend a handshake
+    on it."""
+    from app.agents.server import AgentServer, peer_gave_up
+
+    server = AgentServer("127.0.0.1", 0, app, backlog=16)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=5):
+            accepted, addr = server.get_request()
+            with accepted:
+                assert not peer_gave_up(accepted)  # an agent still waiting for its answer is served
+        gone = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        gone.sendall(b"GET /ws/agent HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nobody\r\n\r\n")
+        gone.close()  # the agent timed out before the server got to it
+        accepted, addr = server.get_request()
+        wait_until(lambda: peer_gave_up(accepted), what="the peer's FIN to arrive")
+        threads = handler_threads()
+        server.process_request(accepted, addr)
+        assert accepted.fileno() == -1  # closed at once
+        assert handler_threads() == threads and server.pending == 0
+        with caplog.at_level(logging.WARNING, logger="app.agents.server"):
+            server.service_actions()
+        assert "closed 1 connection(s) whose agent had given up" in caplog.text
+    finally:
+        server.server_close()
