@@ -139,6 +139,10 @@ class LoadGen:
         self.mark_t = None
         self.mark_min_online = None
         self.mark_welcomes: list[float] = []
+        # after the mark, per welcome: when its successful attempt started (the agents' own schedule:
+        # backoff) and how long that attempt took to be welcomed (the server's side)
+        self.mark_attempt_starts: list[float] = []
+        self.mark_handshakes: list[float] = []
         self.t_all_after_mark = None
         self.stopping = False
 
@@ -311,6 +315,8 @@ class LoadGen:
                 self.t_all_online = now
             if self.mark_t is not None:
                 self.mark_welcomes.append(now - self.mark_t)
+                self.mark_attempt_starts.append(a.started - self.mark_t)
+                self.mark_handshakes.append(now - a.started)
                 if self.online == self.n and self.t_all_after_mark is None and self.mark_min_online < self.n:
                     self.t_all_after_mark = now
             self._on_welcome(a, env, now)
@@ -356,8 +362,10 @@ class LoadGen:
             "t_all_after_mark": self.t_all_after_mark,
             "storm_welcome_s": {
                 "n": len(self.mark_welcomes),
-                **{f"p{p}": percentile(self.mark_welcomes, p) for p in (50, 90, 99, 100)},
+                **{f"p{p}": percentile(self.mark_welcomes, p) for p in (0, 50, 90, 99, 100)},
             },
+            "storm_attempt_start_s": {f"p{p}": percentile(self.mark_attempt_starts, p) for p in (0, 50, 90, 100)},
+            "storm_attempt_to_welcome_s": {f"p{p}": percentile(self.mark_handshakes, p) for p in (50, 90, 99, 100)},
         }
 
     def _handle_command(self, cmd: str) -> dict:
@@ -366,6 +374,7 @@ class LoadGen:
             self.mark_t = time.monotonic()
             self.mark_min_online = self.online
             self.mark_welcomes, self.t_all_after_mark = [], None
+            self.mark_attempt_starts, self.mark_handshakes = [], []
         elif cmd == "stop":
             self.stopping = True
         return {}
@@ -724,6 +733,14 @@ def run(args) -> dict:
         if t_db_all is not None:  # polled every ~50 ms, so up to that late
             res["storm_all_db_connected_after_sigterm_s"] = t_db_all - t_term
         res["storm_welcome_s_after_sigterm"] = s["storm_welcome_s"]
+        # The agents' schedule apart from the server's pace: when the attempts that were welcomed
+        # started (after SIGTERM), how long each took, and the server's welcome rate from its first
+        # welcome to its last (only backoff-free while attempts overlap: compare attempt starts).
+        res["storm_attempt_start_s_after_sigterm"] = s["storm_attempt_start_s"]
+        res["storm_attempt_to_welcome_s"] = s["storm_attempt_to_welcome_s"]
+        sw = s["storm_welcome_s"]
+        span = (sw["p100"] or 0) - (sw["p0"] or 0)
+        res["storm_welcomes_per_s"] = sw["n"] / span if span > 0 else None
         res["threads_peak_storm"] = peak_threads
         log(f"[bench] storm: all welcomed {res.get('storm_all_welcomed_after_sigterm_s')} s after SIGTERM, "
             f"DB {res.get('storm_all_db_connected_after_sigterm_s')} s")
@@ -800,6 +817,13 @@ def report(res: dict) -> None:
         ("storm: new server's CPU, start-up + storm", f"{f('storm_server_cpu_s')} s"),
         ("storm: welcome times p50/p90/p99 after SIGTERM",
          " / ".join("n/a" if sw.get(k) is None else f"{sw[k]:.2f}" for k in ("p50", "p90", "p99")) + " s"),
+        ("storm: welcomed attempts started p0/p50/p90/p100 after SIGTERM (agents' backoff)",
+         " / ".join("n/a" if v is None else f"{v:.2f}"
+                    for v in (res.get("storm_attempt_start_s_after_sigterm") or {}).values()) + " s"),
+        ("storm: attempt -> welcome p50/p90/p99/p100 (server's side)",
+         " / ".join("n/a" if v is None else f"{v:.2f}"
+                    for v in (res.get("storm_attempt_to_welcome_s") or {}).values()) + " s"),
+        ("storm: server welcomes/s, first to last welcome", f('storm_welcomes_per_s', "{:.0f}")),
         ("storm: attempts / refused / timeouts / resets",
          " / ".join(str(res.get("storm_counters", {}).get(k, 0))
                     for k in ("attempts", "refused", "timeouts", "resets"))),
