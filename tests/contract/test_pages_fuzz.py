@@ -26,6 +26,9 @@ HOSTILE = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
 )
 IDS = st.one_of(st.integers(min_value=0, max_value=5), st.sampled_from([2**31 - 1, 2**31, 2**63, 10**30]))
+# Built once: a strategy built inside the test is built and validated again for every example.
+FORM_FIELDS = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), HOSTILE, max_size=4)
+HTMX = st.booleans()
 
 
 def _page_rules(app) -> list[tuple[str, str]]:
@@ -38,6 +41,12 @@ def _page_rules(app) -> list[tuple[str, str]]:
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             out.append((path, method))
     return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def routes(module_app):
+    """The page routes to draw from, as one strategy made once per module."""
+    return st.sampled_from(_page_rules(module_app))
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +67,14 @@ def admin(module_live, module_app):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_no_page_input_gives_a_500(module_live, module_app, admin, data):
+def test_no_page_input_gives_a_500(module_live, routes, admin, data):
     session, csrf = admin
-    path, method = data.draw(st.sampled_from(_page_rules(module_app)), label="route")
+    path, method = data.draw(routes, label="route")
     url = re.sub(r"<int:\w+>", lambda _: str(data.draw(IDS, label="id")), path)
     url = re.sub(r"<(?:\w+:)?\w+>", lambda _: requests.utils.quote(data.draw(HOSTILE, label="part"), safe=""), url)
-    fields = data.draw(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), HOSTILE, max_size=4))
+    fields = data.draw(FORM_FIELDS)
     headers = {"X-CSRFToken": csrf}
-    if data.draw(st.booleans(), label="htmx"):
+    if data.draw(HTMX, label="htmx"):
         headers["HX-Request"] = "true"
     if method == "GET":
         r = session.http.get(module_live.admin_url + url, params=fields, headers=headers, timeout=10)
