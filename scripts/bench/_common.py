@@ -130,6 +130,9 @@ def kill_group(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float
 def server_env(instance_dir: str, database_url: str, **rm_vars: str) -> dict[str, str]:
     """The ``RM_*`` environment of a throw-away server instance (the caller's RM_* are dropped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    # An installed server has its modules compiled once (pip does it); with PYTHONDONTWRITEBYTECODE
+    # set, as some shells here do, every start (and restart, in a storm) compiles app/ again.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(
         RM_INSTANCE_PATH=instance_dir,
         RM_DATABASE_URL=database_url,
