@@ -1,24 +1,30 @@
-"""restic-manager server: the application factory."""
+"""restic-manager server: the application factory.
+
+Importing this package imports nothing heavy: ``restic-manager --help`` (app/cli.py, inside this
+package) must not pay for Flask and SQLAlchemy. Only :func:`create_app` imports them.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import select
-from typing import Any
-
-import sqlalchemy as sa
-from flask import Flask
+from typing import TYPE_CHECKING, Any
 
 from agent.resources import resource_path
 
 from . import config as cfg
-from .extensions import LazyMigrate, csrf, db, login, sock
-from .timeutil import Clock
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(test_config: dict[str, Any] | None = None, environ=None) -> Flask:
     """Build the app: defaults, then ``RM_*`` environment and instance file, then ``test_config``."""
+    from flask import Flask
+
+    from .extensions import LazyMigrate, csrf, db, login, sock
+
     environ = os.environ if environ is None else environ
     instance_path = (test_config or {}).get("INSTANCE_PATH") or environ.get("RM_INSTANCE_PATH")
     # Relative to the working directory, as for any command: ./instance unless RM_INSTANCE_PATH says.
@@ -111,6 +117,7 @@ def _init_runtime(app: Flask) -> None:
     from .agents.presence import Presence
     from .agents.registry import ConnectionRegistry
     from .runtime import Runtime, install
+    from .timeutil import Clock
     from .updates.inflight import InFlightRegistry
 
     install(
@@ -126,6 +133,10 @@ def _init_runtime(app: Flask) -> None:
 
 
 def _init_db(app: Flask) -> None:
+    import sqlalchemy as sa
+
+    from .extensions import db
+
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     opts = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     if uri.startswith("sqlite"):
@@ -167,7 +178,9 @@ def _drop_if_server_spoke(dbapi_conn, _record, _proxy) -> None:
     except (OSError, ValueError, dbapi_conn.OperationalError):
         readable = True
     if readable:
-        raise sa.exc.DisconnectionError("the database ended this pooled connection")
+        from sqlalchemy.exc import DisconnectionError
+
+        raise DisconnectionError("the database ended this pooled connection")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,26 +1,28 @@
-"""The ``restic-manager`` command line. Every command takes the same ``RM_*`` environment as ``serve``."""
+"""The ``restic-manager`` command line. Every command takes the same ``RM_*`` environment as ``serve``.
+
+Only :mod:`click` is imported at the top (here and in app/opcli.py, app/cliapp.py): the app, the
+models, SQLAlchemy and Flask are imported inside the commands that need them, and Flask-Migrate
+(Alembic) only for ``db``. So ``--help``, ``--version`` and usage errors answer in a fraction of
+the time a command that opens the database takes (docs/architecture.md, "The command line").
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
-import sqlalchemy as sa
-from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from . import opcli
+from .cliapp import AppGroup, script_info, with_appcontext
 from .config import ConfigError
-from .errors import Refusal
-from .extensions import db
-from .models import ROLES, ApiToken, AuditEvent, Host, User
+from .roles import ROLES
 
+if TYPE_CHECKING:
+    from flask import Flask
 
-def _create_app():
-    from . import create_app
-
-    return create_app()
+    from .models import User
 
 
 def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
@@ -30,13 +32,15 @@ def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
 
 
 def _existing_user(name: str) -> User:
+    from .models import User
+
     user = User.by_username(name)
     if user is None:
         raise click.ClickException(f"no user {name!r}")
     return user
 
 
-# Groups are flask's ``AppGroup``: their commands run inside an app context, as ``app.cli``'s do.
+# Groups are ``AppGroup`` (app/cliapp.py): their commands run inside an app context, as ``app.cli``'s do.
 # ``db`` is Flask-Migrate's group, loaded by :meth:`ProductGroup.get_command` when asked for.
 users_group = AppGroup("users", help="Manage user accounts.")
 tokens_group = AppGroup("tokens", help="Manage API tokens for scripts.")
@@ -59,6 +63,8 @@ releases_group = AppGroup("releases", help="Manage agent release artifacts.")
 @with_appcontext
 def serve_cmd(ready_file, no_build, workers):
     """Run the admin plane, the agent plane and the scheduler."""
+    from flask import current_app
+
     from .serve import serve
 
     app = current_app._get_current_object()
@@ -76,6 +82,9 @@ def serve_cmd(ready_file, no_build, workers):
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
 def users_create(name, role, password_stdin):
     """Create a user; the password is prompted for (or read from stdin)."""
+    from .extensions import db
+    from .models import User
+
     if User.by_username(name) is not None:  # before the prompt, not after it
         raise click.ClickException(f"user {name!r} already exists")
     try:
@@ -92,6 +101,8 @@ def users_create(name, role, password_stdin):
 def users_set_password(name, password_stdin):
     """Set a user's password, end their sessions and lift a login lock-out."""
     from .auth import throttle
+    from .extensions import db
+    from .models import AuditEvent
 
     user = _existing_user(name)
     try:
@@ -107,6 +118,11 @@ def users_set_password(name, password_stdin):
 @users_group.command("list")
 def users_list():
     """List users: name, role, status, active API tokens."""
+    import sqlalchemy as sa
+
+    from .extensions import db
+    from .models import User
+
     click.echo(f"{'ID':>4}  {'USERNAME':<24} {'ROLE':<7} {'STATUS':<9} TOKENS")
     for u in db.session.scalars(sa.select(User).order_by(User.username)):
         status = "enabled" if u.is_active else "disabled"
@@ -115,6 +131,9 @@ def users_list():
 
 def _refusable(operation, *args):
     """Run a user operation and commit; a refusal (the last admin) is a clean error exit."""
+    from .errors import Refusal
+    from .extensions import db
+
     try:
         result = operation(*args)
     except Refusal as r:
@@ -167,6 +186,9 @@ def users_delete(name):
 @click.option("--name", default="cli", show_default=True)
 def tokens_create(username, name):
     """Create an API token for a user and print it (once)."""
+    from .extensions import db
+    from .models import ApiToken
+
     _, plain = ApiToken.issue(_existing_user(username), name, actor="cli")
     db.session.commit()
     click.echo(plain)
@@ -177,6 +199,7 @@ def tokens_create(username, name):
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Give the host this label (repeat it).")
 def hosts_add(name, labels):
     """Enrol a host; print its agent token and install one-liner (once)."""
+    from .errors import Refusal
     from .hosts import enrol
     from .labels import parse_pairs
 
@@ -197,8 +220,13 @@ def hosts_add(name, labels):
 @click.option("--clear", is_flag=True, help="Remove every label first (then apply the KEY=VALUE ones).")
 def hosts_label(name, edits, clear):
     """Set (KEY=VALUE) or remove (KEY-) a host's labels, then print them; without edits, just print them."""
+    import sqlalchemy as sa
+
     from . import hosts
+    from .errors import Refusal
+    from .extensions import db
     from .labels import format_pairs, merged, parse_edits
+    from .models import Host
 
     host = db.session.scalar(sa.select(Host).where(Host.name == name))
     if host is None:
@@ -222,6 +250,8 @@ def hosts_label(name, edits, clear):
 @with_appcontext
 def build_agent_cmd(version, out_dir, sign_key, register):
     """Build the agent zipapp (reproducibly) and print its path, size and sha256."""
+    from flask import current_app
+
     from agent.build import build_agent
 
     from .updates import releases
@@ -241,6 +271,8 @@ def build_agent_cmd(version, out_dir, sign_key, register):
 @click.option("--platform", default=None, help="Artifact platform (default: py3-any).")
 def releases_add(artifact, version, platform):
     """Register a built (and signed: <artifact>.sig) artifact as a release."""
+    from .extensions import db
+    from .models import AuditEvent
     from .updates import releases
 
     rel = releases.register(artifact, version, platform)
@@ -284,6 +316,8 @@ def release_key_cmd(out_path):
 @with_appcontext
 def demo_cmd(agent_version):
     """Migrate, create an admin and a demo host, then serve with one local demo agent."""
+    from flask import current_app
+
     from .demo import run_demo
 
     raise SystemExit(run_demo(current_app._get_current_object(), agent_version))
@@ -313,39 +347,56 @@ def register_cli(app: Flask) -> None:
         app.cli.add_command(command)
 
 
-#: Flask's own options, which mean nothing to an operator of this product.
-_FLASK_ONLY_PARAMS = ("env_file", "app", "debug")
+#: ``db``'s line in ``restic-manager --help``, so listing the commands does not import Alembic
+#: (tests/server/test_cli.py checks it is Flask-Migrate's own).
+DB_SHORT_HELP = "Perform database migrations."
 
 
-class ProductGroup(FlaskGroup):
-    """``restic-manager``: Flask's command group without Flask's options (``--app``, ``--debug``,
-    ``--env-file``) and with the product's ``--version``."""
+class ProductGroup(click.Group):
+    """``restic-manager``: the product's commands, ``--version``, and Flask-Migrate's ``db``.
+
+    Not Flask's ``FlaskGroup``, which creates the app to list or even to find a command: this
+    group knows its commands without the app, and each command creates it when it runs
+    (app/cliapp.py). Flask's options (``--app``, ``--debug``, ``--env-file``) are not offered.
+    """
 
     def __init__(self, **extra):
-        super().__init__(
-            create_app=_create_app,
-            add_default_commands=False,
-            add_version_option=False,
-            load_dotenv=False,
-            set_debug_flag=False,
-            **extra,
-        )
-        self.params = [p for p in self.params if p.name not in _FLASK_ONLY_PARAMS]
+        # FlaskGroup's prefix: an option also reads FLASK_<COMMAND>_<OPTION>, as it always has.
+        extra.setdefault("context_settings", {}).setdefault("auto_envvar_prefix", "FLASK")
+        super().__init__(commands=COMMANDS, **extra)
         click.version_option(
             product_version(), "--version", "-V", prog_name="restic-manager", message="%(prog)s %(version)s"
         )(self)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        # As FlaskGroup does: a stray app.run() in a command's import path must not start a server.
+        os.environ["FLASK_RUN_FROM_CLI"] = "true"
+        return super().make_context(info_name, args, parent=parent, **extra)
+
     # Flask-Migrate's ``db`` group is loaded when asked for: importing it imports Alembic, which
-    # the other commands (``serve`` above all) do not need.
+    # the other commands (``serve`` above all) do not need. Its commands find the app through the
+    # ScriptInfo that script_info() puts on the root context.
     def get_command(self, ctx, name):
         if name == "db" and "db" not in self.commands:
             from flask_migrate.cli import db as db_group
 
+            script_info(ctx)
             self.add_command(db_group)
         return super().get_command(ctx, name)
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), "db"})
+
+    def format_commands(self, ctx, formatter):
+        """click's listing, with a stand-in for ``db`` (its line from :data:`DB_SHORT_HELP`)."""
+        stand_in = "db" not in self.commands
+        if stand_in:
+            self.commands["db"] = click.Group("db", help=DB_SHORT_HELP)
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            if stand_in:
+                del self.commands["db"]
 
 
 def product_version() -> str:
@@ -354,16 +405,17 @@ def product_version() -> str:
     return get_version()
 
 
-def _schema_problem(exc: Exception) -> bool:
+def _schema_problem(exc: BaseException) -> bool:
     """True when a database error says a table or column is missing: the schema is not upgraded."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # not imported: no database was opened
+    if sa_exc is None or not isinstance(exc, (sa_exc.OperationalError, sa_exc.ProgrammingError)):
+        return False
     text = str(getattr(exc, "orig", exc)).lower()
     return any(s in text for s in ("no such table", "no such column", "does not exist", "undefinedtable"))
 
 
 def main(argv=None) -> None:
     """Entry point of the ``restic-manager`` console script."""
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
     os.environ.setdefault("FLASK_RUN_FROM_CLI", "false")
     group = ProductGroup(help="restic-manager fleet server.")
     try:
@@ -371,7 +423,7 @@ def main(argv=None) -> None:
     except ConfigError as e:
         click.echo(f"restic-manager: config error: {e}", err=True)
         raise SystemExit(2) from None
-    except (OperationalError, ProgrammingError) as e:
+    except Exception as e:
         if not _schema_problem(e):
             raise
         click.echo(

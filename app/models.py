@@ -19,11 +19,11 @@ from . import labels as host_labels
 from .errors import Refusal
 from .extensions import db
 from .oncommit import on_commit
+from .roles import ROLES
 from .runtime import runtime
 from .timeutil import isoformat, utcnow
 
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
-ROLES = ("admin", "viewer")
 MIN_PASSWORD_LENGTH = 8
 MAX_USERNAME_LENGTH = 64
 JOB_KINDS = ("update",)

@@ -7,6 +7,9 @@ because only that process holds the agents' sockets; ``--follow`` watches the da
 
 Exit codes: 0 succeeded (or still running, for a status read), 1 failed, halted or cancelled
 (or refused), 2 usage error (bad option, unknown host, job or rollout).
+
+Like app/cli.py, this module imports only :mod:`click` at the top; each command imports what it
+needs when it runs, so ``--help`` and usage errors never import Flask, SQLAlchemy or the models.
 """
 
 from __future__ import annotations
@@ -14,16 +17,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
-import sqlalchemy as sa
-from flask import current_app
-from flask.cli import AppGroup
 
-from .errors import Refusal
-from .extensions import db
-from .models import FleetUpdate, Host, Job
-from .timeutil import utcnow
+from .cliapp import AppGroup, with_appcontext
+
+if TYPE_CHECKING:
+    from .errors import Refusal
+    from .models import FleetUpdate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -70,8 +72,12 @@ def _table(title: str | None, columns: list[str], rows: list[list[str]]):
 @click.option("--behind", is_flag=True, help="Only hosts whose agent is older than the server.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only hosts with this label (repeat it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's host objects).")
+@with_appcontext  # a command of the ``hosts`` group in app/cli.py, added there, not made by AppGroup.command
 def hosts_list(behind, labels, as_json):
     """List enrolled hosts: version, state, online, labels, last seen."""
+    from flask import current_app
+
+    from .errors import Refusal
     from .hosts import list_hosts
     from .labels import format_pairs, parse_pairs
 
@@ -111,6 +117,9 @@ def hosts_list(behind, labels, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the API's job object).")
 def jobs_show(job_id, as_json):
     """Show one job; exit 1 if it failed or was cancelled."""
+    from .extensions import db
+    from .models import Host, Job
+
     job = db.session.get(Job, job_id)
     if job is None:
         raise _usage(f"no job with id {job_id}")
@@ -136,6 +145,11 @@ def _host_ids(names: tuple[str, ...]) -> list[int] | None:
     """``--host`` values (names or ids, in order) as host ids; None when none were given."""
     if not names:
         return None
+    import sqlalchemy as sa
+
+    from .extensions import db
+    from .models import Host
+
     ids = []
     for name in names:
         host = db.session.scalar(sa.select(Host).where(Host.name == name))
@@ -192,6 +206,7 @@ def _selector_options(command):
 
 
 def _selector(labels, os_name, arch, older_than, hosts, excludes):
+    from .errors import Refusal
     from .updates.selection import Selector
 
     try:
@@ -223,6 +238,7 @@ def _strategy_options(fn):
 
 
 def _strategy(**options):
+    from .errors import Refusal
     from .updates.strategy import Strategy
 
     body = {k: v for k, v in options.items() if v is not None}
@@ -270,6 +286,7 @@ def _print_plan(p) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the body of POST /api/fleet/plan).")
 def fleet_plan(labels, os_name, arch, older_than, hosts, excludes, as_json, **strategy):
     """Show the waves a rollout would make, in order, and which hosts it leaves out and why. Changes nothing."""
+    from .errors import Refusal
     from .updates import fleet
 
     selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
@@ -313,6 +330,7 @@ def fleet_start(
     **strategy,
 ):
     """Start a rollout to the server's version, or schedule it with --at (the same as POST /api/fleet/update)."""
+    from .errors import Refusal
     from .updates import schedule
 
     selector = _selector(labels, os_name, arch, older_than, hosts, excludes)
@@ -329,6 +347,8 @@ def fleet_start(
 
 
 def _rollout(fleet_id: int | None) -> FleetUpdate:
+    from .extensions import db
+    from .models import FleetUpdate
     from .updates import fleet
 
     if fleet_id is not None:
@@ -377,6 +397,7 @@ def fleet_status(fleet_id, follow, as_json, interval):
 @click.argument("fleet_id", type=int, required=False)
 def fleet_cancel(fleet_id):
     """Cancel a running rollout (default: the running one); the host being updated finishes its job."""
+    from .errors import Refusal
     from .updates import fleet
 
     if fleet_id is None:
@@ -405,6 +426,8 @@ def _running_id(fleet_id: int | None) -> int:
 
 
 def _control(action, fleet_id: int, *args):
+    from .errors import Refusal
+
     try:
         return action(fleet_id, *args)
     except Refusal as r:
@@ -488,6 +511,8 @@ def fleet_revert(fleet_id, follow, interval):
 def _elapsed(d: dict) -> float:
     from datetime import datetime
 
+    from .timeutil import utcnow
+
     start = datetime.fromisoformat(d["created_at"].replace("Z", "+00:00")).replace(tzinfo=None)
     end = (
         datetime.fromisoformat(d["finished_at"].replace("Z", "+00:00")).replace(tzinfo=None)
@@ -534,6 +559,9 @@ def _render(d: dict):
 
 
 def _read(fleet_id: int) -> dict:
+    from .extensions import db
+    from .models import FleetUpdate
+
     db.session.rollback()  # a fresh snapshot: the server process writes the rows
     db.session.expire_all()
     return db.session.get(FleetUpdate, fleet_id).to_dict()
@@ -613,6 +641,7 @@ def windows_list(as_json):
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only hosts with this label (repeat).")
 def windows_add(name, days, start, end, timezone, labels):
     """Add a weekly maintenance window (the same as POST /api/maintenance-windows)."""
+    from .errors import Refusal
     from .labels import parse_pairs
     from .updates import maintenance
     from .updates.windows import WindowError, parse_day_names
@@ -638,6 +667,7 @@ def windows_add(name, days, start, end, timezone, labels):
 @click.argument("window")
 def windows_delete(window):
     """Delete a maintenance window (by name or id)."""
+    from .errors import Refusal
     from .updates import maintenance
 
     try:

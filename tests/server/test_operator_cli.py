@@ -53,6 +53,58 @@ def test_version_is_the_products_and_help_offers_no_flask_options(tmp_path):
         assert f"  {command} " in r.stdout
 
 
+#: What a run that opens no database must not import: it would cost the operator ~1 s every time.
+HEAVY_MODULES = ("flask", "sqlalchemy", "flask_sqlalchemy", "flask_migrate", "alembic", "werkzeug", "app.models")
+
+#: Answering these needs no app: help, the version, and usage errors that click finds itself.
+APPLESS_RUNS = (
+    ["--help"],
+    ["--version"],
+    ["fleet", "--help"],
+    ["fleet", "start", "--help"],
+    ["users", "create", "--help"],
+    ["fleet", "start", "--bogus"],
+    ["fleet", "start", "--interval", "0"],
+    ["hosts", "list", "--json", "extra"],
+    ["users", "set-role", "bob", "nobody"],
+    ["no-such-command"],
+)
+
+
+def test_help_version_and_usage_errors_import_no_flask_sqlalchemy_or_models(tmp_path):
+    """The console script's own entry point, run in one fresh process for every case above."""
+    script = f"""
+import contextlib, io, json, sys
+from app.cli import main
+codes = []
+for args in {APPLESS_RUNS!r}:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(args)
+        except SystemExit as e:
+            codes.append(e.code)
+print(json.dumps({{"codes": codes, "heavy": sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")} | {"RM_INSTANCE_PATH": str(tmp_path / "i")}
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["codes"] == [0, 0, 0, 0, 0, 2, 2, 2, 2, 2]
+    assert result["heavy"] == []
+    assert not (tmp_path / "i").exists()  # no app was created
+
+
+def test_the_help_shows_flask_migrates_own_line_for_db():
+    """``--help`` lists ``db`` without importing Flask-Migrate; its line must still be Flask-Migrate's."""
+    from flask_migrate.cli import db as db_group
+
+    from app.cli import DB_SHORT_HELP
+
+    assert db_group.get_short_help_str() == DB_SHORT_HELP
+
+
 def test_a_command_before_db_upgrade_says_to_run_it(tmp_path):
     env = {"RM_INSTANCE_PATH": str(tmp_path), "RM_DATABASE_URL": f"sqlite:///{tmp_path}/empty.sqlite3"}
     for args in (["hosts", "list"], ["hosts", "add", "web-1"], ["fleet", "status"]):
