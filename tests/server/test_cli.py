@@ -20,19 +20,17 @@ from app.extensions import db
 from app.models import ApiToken, AuditEvent, Host, LoginThrottle, User
 from app.timeutil import utcnow
 from tests.conftest import TEST_PASSWORD_HASH_METHOD
-from tests.support.live import ROOT, ServerProcess
+from tests.support.live import ROOT, ServerProcess, product_env
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def cli(args, env, stdin=None, timeout=30):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-    full_env.update(env)
     return subprocess.run(
         [sys.executable, "-c", "from app.cli import main; main()", *args],
         cwd=ROOT,
-        env=full_env,
+        env=product_env(env),
         input=stdin,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from app.extensions import db
 from app.models import Job
 from app.timeutil import utcnow
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import ROOT, release_key
+from tests.support.live import ROOT, product_env, release_key
 
 # A hang guard, not a speed check: a test here starts up to eight processes, each paying the
 # product's imports, and on a loaded machine that alone can take a minute.
@@ -30,8 +30,9 @@ RESTIC_MANAGER = os.path.join(os.path.dirname(sys.executable), "restic-manager")
 
 
 def run(args, env, cwd=ROOT):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("RM_")} | env
-    return subprocess.run([RESTIC_MANAGER, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [RESTIC_MANAGER, *args], cwd=cwd, env=product_env(env), capture_output=True, text=True, timeout=30
+    )
 
 
 @pytest.fixture

@@ -17,6 +17,19 @@ from tests.support.wait import wait_until
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def product_env(overrides: dict[str, str]) -> dict[str, str]:
+    """The environment of a product process a test starts (the console script, ``serve``): this
+    process's without its ``RM_*``, plus ``overrides``.
+
+    It may cache bytecode (``PYTHONDONTWRITEBYTECODE`` is dropped; ``__pycache__`` is git-ignored
+    and agent/build.py leaves it out): otherwise each of the hundreds of processes the suite
+    starts compiles every project module it imports from source again, ~0.16 s of CPU for the
+    ~60 that a ``restic-manager fleet status`` imports (docs/benchmarks.md).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_") and k != "PYTHONDONTWRITEBYTECODE"}
+    return env | overrides
+
+
 _release_key: tuple[str, str] | None = None
 _release_key_lock = threading.Lock()
 

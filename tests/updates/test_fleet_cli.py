@@ -5,7 +5,6 @@ CLI follows it from the database to an exit code (0 succeeded, 1 halted)."""
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from app.opcli import follow_rollout
 from app.runtime import runtime
 from app.updates import fleet
 from tests.conftest import OLD_VERSION, SERVER_VERSION
-from tests.support.live import ROOT, LiveServer
+from tests.support.live import ROOT, LiveServer, product_env
 from tests.support.scripted import ScriptedAgent
 from tests.support.wait import wait_until
 
@@ -41,12 +40,13 @@ def behind_agent(live_with_scheduler, app, cast):
 
 
 def start_cli(tmp_path, database_url, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-    env.update(
-        RM_INSTANCE_PATH=str(tmp_path / "cli"),
-        RM_DATABASE_URL=database_url,
-        RM_VERSION=SERVER_VERSION,
-        RM_SECRET_KEY="k",
+    env = product_env(
+        dict(
+            RM_INSTANCE_PATH=str(tmp_path / "cli"),
+            RM_DATABASE_URL=database_url,
+            RM_VERSION=SERVER_VERSION,
+            RM_SECRET_KEY="k",
+        )
     )
     return subprocess.Popen(
         [sys.executable, "-c", "from app.cli import main; main()", *args],
