@@ -58,10 +58,10 @@ def test_a_scheduled_start_survives_restarts_and_hosts_wait_for_their_window(liv
 
     # The server is down at the start time: scheduled a moment ahead, while it is stopped.
     server.stop()
-    start_at = (_utcnow() + dt.timedelta(seconds=2)).replace(microsecond=0)
+    start_at = (_utcnow() + dt.timedelta(seconds=1)).replace(microsecond=0)  # within the next second
     fid = schedule.create("admin", Selector(), start_at, "UTC", True).id
     db.session.remove()
-    wait_until(lambda: _utcnow() > start_at + dt.timedelta(seconds=1), 10, 0.1, "the start time to pass")
+    wait_until(lambda: _utcnow() > start_at + dt.timedelta(seconds=0.3), 10, 0.05, "the start time to pass")
     assert db.session.get(FleetUpdate, fid).status == "scheduled"  # nothing started it meanwhile
     db.session.remove()
 
