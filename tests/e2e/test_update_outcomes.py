@@ -27,6 +27,7 @@ from tests.e2e.test_update_smoke import (
     B,
     _serve_signed_artifact,
     admin_when_online,
+    corrupt,
     online_at,
     press_update,
     release_path,
@@ -101,15 +102,6 @@ def alerts_of(admin, host_id) -> list[dict]:
 def audit_of(admin, host_id) -> list[str]:
     name = admin.host(host_id)["name"]
     return [e["action"] for e in admin.get_json("/api/audit?limit=500")["events"] if e["target"] == name]
-
-
-def corrupt(path: str) -> None:
-    """Flip one byte of the artifact: same size, wrong sha256."""
-    with open(path, "r+b") as f:
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def test_pressing_update_swaps_the_agent_and_it_comes_back_at_the_servers_version(fleet):

@@ -74,6 +74,15 @@ def release_path(server_proc):
     return os.path.join(server_proc.instance_dir, "releases", f"restic-manager-agent-{B}.pyz")
 
 
+def corrupt(path: str) -> None:
+    """Flip one byte of the artifact: same size, wrong sha256."""
+    with open(path, "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def test_a_download_that_breaks_off_half_way_leaves_the_old_program(fleet):
     host_id, token = fleet.host_ids[0], fleet.tokens[0]
     srv = fleet.start_server(RM_DOWNLOAD_RATE_KIB="64", RM_UPDATE_TIMEOUT="6")
