@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 from hypothesis import settings
@@ -162,6 +163,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "postgres" in item.keywords:
                 item.add_marker(skip)
+    # schemathesis 4.32 under pytest 9.2: every API operation's item got the same nodeid (pytest 9
+    # builds it from ``originalname``, which schemathesis sets to the bare function name), and
+    # pytest-xdist keys its work by nodeid, so under scripts/test one of the 41 operations ran and
+    # the others were silently dropped. Each item's nodeid carries its operation again.
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        if counts[item.nodeid] > 1 and type(item).__name__ == "SchemathesisFunction":
+            item._id = item.parent.id.child(item.name).with_params(None)
     # Under pytest-xdist's ``--dist loadgroup`` (scripts/test) each test goes to whichever worker is
     # free, except that a module's tests sharing a module-scoped fixture (a live server, Chromium, a
     # built wheel) form one group on one worker, so that fixture is made once per run.
