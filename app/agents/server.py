@@ -160,7 +160,8 @@ class AgentRequestHandler(RequestLogHandler):
         self.wfile = _Discard()
         self.rfile = io.BytesIO()
         self.close_connection = True
-        self.log_request(101)
+        if not self.server.closing:  # a stop closes them all at once: one summary line says so (app/serve.py)
+            self.log_request(101)
 
     def run_wsgi(self) -> None:
         super().run_wsgi()
@@ -249,7 +250,9 @@ class AgentServer(ThreadedWSGIServer):
         self._pending: dict[socket.socket, float] = {}  # socket -> deadline (inf once cut)
         self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._refused_count = 0
-        self._abandoned_count = 0  # accepted after their peer gave up (see the module)
+        self._abandoned_count = 0
+        #: Set when the listener closes (a stop): the sockets' request lines are not logged then.
+        self.closing = False  # accepted after their peer gave up (see the module)
         self._next_sweep = self._next_report = 0.0
         super().__init__(host, port, app, handler=AgentRequestHandler)
         # Not werkzeug's ssl_context argument (see the class); set here, it still makes werkzeug
@@ -385,6 +388,7 @@ class AgentServer(ThreadedWSGIServer):
         return False
 
     def server_close(self) -> None:
+        self.closing = True
         super().server_close()
         with self._lock:
             pending = list(self._pending)
