@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def product_env(overrides: dict[str, str]) -> dict[str, str]:
-    """The environment of a product process a test starts (the console script, ``serve``): this
+    """The environment of a product process a test starts (the console script, a ``ServerProcess``): this
     process's without its ``RM_*``, plus ``overrides``.
 
     It may cache bytecode (``PYTHONDONTWRITEBYTECODE`` is dropped; ``__pycache__`` is git-ignored
@@ -105,20 +105,21 @@ class ServerProcess:
         os.makedirs(instance_dir, exist_ok=True)
         self.ready_file = os.path.join(instance_dir, "ready")
         self.log_path = os.path.join(instance_dir, "server.log")
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RM_")},
-            "RM_INSTANCE_PATH": instance_dir,
-            "RM_DATABASE_URL": database_url,
-            "RM_VERSION": version,
-            "RM_HTTP_ADDR": "127.0.0.1:0",
-            "RM_AGENT_ADDR": "127.0.0.1:0",
-            "RM_SECRET_KEY": "e2e-secret",
-            "RM_HEARTBEAT_S": "1",
-            "RM_HEARTBEAT_TIMEOUT": "5",
-            "RM_LOG_LEVEL": "INFO",
-            "RM_RELEASE_SIGNING_KEY": release_key()[0],
-            **(extra_env or {}),
-        }
+        self.env = product_env(
+            {
+                "RM_INSTANCE_PATH": instance_dir,
+                "RM_DATABASE_URL": database_url,
+                "RM_VERSION": version,
+                "RM_HTTP_ADDR": "127.0.0.1:0",
+                "RM_AGENT_ADDR": "127.0.0.1:0",
+                "RM_SECRET_KEY": "e2e-secret",
+                "RM_HEARTBEAT_S": "1",
+                "RM_HEARTBEAT_TIMEOUT": "5",
+                "RM_LOG_LEVEL": "INFO",
+                "RM_RELEASE_SIGNING_KEY": release_key()[0],
+                **(extra_env or {}),
+            }
+        )
         self.proc: subprocess.Popen | None = None
         self.admin_port = self.agent_port = 0
 
