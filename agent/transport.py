@@ -28,8 +28,10 @@ from agent.tls import client_context
 BACKOFF_BASE_S = 0.5
 #: After the server closed the link as going away (1001: it is shutting down, usually to restart),
 #: a connect *refused* (nothing listens yet) is retried within this many seconds, full jitter,
-#: without climbing the ladder...
-RESTART_RETRY_S = 2.0
+#: without climbing the ladder. 4 s spreads a fleet's return over the first seconds of the new
+#: server: at the ~150-250 handshakes/s of a loaded 2-core server, 2,000 agents arriving within
+#: 2 s waited past their 10 s connect timeout in its listen backlog (docs/capacity.md)...
+RESTART_RETRY_S = 4.0
 #: ...for at most this long after the close; then refusals climb the ladder as usual.
 RESTART_WINDOW_S = 60.0
 CONNECT_TIMEOUT_S = 10.0

@@ -52,7 +52,7 @@ class Clock:
         return self.now
 
 
-def agent_with(make_config, connect, clock, stop_after):
+def agent_with(make_config, connect, clock, stop_after, cap=4):
     sleeps = []
     holder = {}
 
@@ -62,7 +62,7 @@ def agent_with(make_config, connect, clock, stop_after):
             holder["agent"].request_stop()
 
     agent = Agent(
-        make_config(backoff_max_s=4), connect=connect, sleep=sleep, clock=clock, rand=lambda: 1.0, program=None
+        make_config(backoff_max_s=cap), connect=connect, sleep=sleep, clock=clock, rand=lambda: 1.0, program=None
     )
     holder["agent"] = agent
     return agent, sleeps
@@ -164,12 +164,12 @@ class ClosingSocket(DroppingSocket):
 @pytest.mark.parametrize(
     "code, failure, expected",
     [
-        # the server restarts: refusals are retried within RESTART_RETRY_S (the cap here is 4)
-        (protocol.CLOSE_GOING_AWAY, ConnectionRefusedError(111, "Connection refused"), [0.5, 2, 2, 2, 2]),
-        # any other close: the ladder
-        (protocol.CLOSE_NORMAL, ConnectionRefusedError(111, "Connection refused"), [0.5, 1, 2, 4, 4]),
+        # the server restarts: refusals are retried within RESTART_RETRY_S (4 s), without climbing
+        (protocol.CLOSE_GOING_AWAY, ConnectionRefusedError(111, "Connection refused"), [0.5, 4, 4, 4, 4, 4]),
+        # any other close: the ladder (cap 30 here)
+        (protocol.CLOSE_NORMAL, ConnectionRefusedError(111, "Connection refused"), [0.5, 1, 2, 4, 8, 16]),
         # going away, but the port answers and fails otherwise (a balancer, a busy server): the ladder
-        (protocol.CLOSE_GOING_AWAY, TimeoutError("timed out"), [0.5, 1, 2, 4, 4]),
+        (protocol.CLOSE_GOING_AWAY, TimeoutError("timed out"), [0.5, 1, 2, 4, 8, 16]),
     ],
 )
 def test_an_agent_whose_server_went_away_retries_refused_connects_quickly(make_config, code, failure, expected):
@@ -181,6 +181,6 @@ def test_an_agent_whose_server_went_away_retries_refused_connects_quickly(make_c
             return ClosingSocket(code)
         raise failure
 
-    agent, sleeps = agent_with(make_config, connect, Clock(), stop_after=5)
+    agent, sleeps = agent_with(make_config, connect, Clock(), stop_after=6, cap=30)
     agent.run()
     assert sleeps == expected
