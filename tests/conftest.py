@@ -156,6 +156,33 @@ def live_fleet(app, tmp_path, tmp_path_factory, database_url):
         fleet.stop()
 
 
+class _GroupNodeIds:
+    """Make pytest-xdist's ``--dist loadgroup`` groups take effect under pytest 9.2.
+
+    xdist 3.8's worker names a grouped item ``<nodeid>@<group>`` by setting ``item._nodeid``, and
+    its scheduler reads the group from that suffix; pytest 9.2 keeps the nodeid in ``item._id``
+    and ignores ``_nodeid``, so every test was scheduled on its own: a module's tests were spread
+    over the workers, each building the module-scoped server, browser or wheel again, and a test
+    that relied on an earlier test of its module having run on the same worker could fail (the
+    request-limit login flake on PostgreSQL). This applies the name xdist meant to give; it does
+    nothing once the two agree again.
+    """
+
+    @pytest.hookimpl(trylast=True)  # after xdist's worker has named the groups
+    def pytest_collection_modifyitems(self, items):
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            meant = item.__dict__.get("_nodeid")
+            if isinstance(meant, str) and meant != item.nodeid:
+                item._id = NodeId.parse(meant)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        config.pluginmanager.register(_GroupNodeIds(), "rm-xdist-group-nodeids")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("RM_TEST_DATABASE_URL"):
