@@ -515,17 +515,6 @@ class JobPhase(db.Model):
     phase = sa.Column(sa.String(32), nullable=False)
     at = sa.Column(sa.DateTime, nullable=False)
 
-    @classmethod
-    def enter(cls, job_id: str, phase: str, at) -> None:
-        """Record that ``job_id`` entered ``phase`` at ``at``, unless it has been in it already.
-
-        One INSERT ... SELECT ... WHERE NOT EXISTS: a repeated progress report of the same phase
-        (bytes counting up) adds nothing, on SQLite and PostgreSQL alike.
-        """
-        seen = sa.select(cls.id).where(cls.job_id == job_id, cls.phase == phase).exists()
-        values = sa.select(sa.literal(job_id), sa.literal(phase), sa.literal(at, sa.DateTime)).where(~seen)
-        db.session.execute(sa.insert(cls).from_select(["job_id", "phase", "at"], values))
-
 
 class Alert(db.Model):
     __tablename__ = "alerts"
@@ -618,6 +607,16 @@ class Alert(db.Model):
             return 0
         is_open = (cls.kind == kind, cls.dedup_key == dedup_key, cls.resolved_at.is_(None))
         res = db.session.execute(sa.update(cls).where(*is_open).values(resolved_at=utcnow()))
+        return res.rowcount or 0
+
+    @classmethod
+    def resolve_many(cls, kind: str, dedup_keys: list[str]) -> int:
+        """Resolve the open alerts of this kind for these keys: one UPDATE (for a writer that holds the lock)."""
+        res = db.session.execute(
+            sa.update(cls)
+            .where(cls.kind == kind, cls.dedup_key.in_(dedup_keys), cls.resolved_at.is_(None))
+            .values(resolved_at=utcnow())
+        )
         return res.rowcount or 0
 
     @classmethod

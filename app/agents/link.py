@@ -39,12 +39,15 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     data = hello.data
     conn.agent_version = data["agent_version"]
     conn.update_unavailable = data.get("update_unavailable")
+    from ..updates import fleet, watcher
+
     old = runtime().connections.register(conn)
     if old is not None:
         log.info("host %s reconnected from %s; closing its previous connection", host_id, remote)
         old.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
     try:
-        if not runtime().presence.hello(host_id, hello_values(data), timeout=HELLO_COMMIT_TIMEOUT_S):
+        ctx = watcher.HelloContext(data)
+        if not runtime().presence.hello(host_id, hello_values(data), timeout=HELLO_COMMIT_TIMEOUT_S, context=ctx):
             log.warning("host %s: its hello could not be recorded; closing so that it retries", host_id)
             conn.close(CLOSE_TRY_AGAIN, "server busy, try again")
             return
@@ -55,9 +58,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
                 {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"], "host_id": host_id},
             )
         )
-        from ..updates import fleet, watcher
-
-        watcher.on_hello(host_id, data)
+        watcher.on_hello(host_id, data, ctx)
         fleet.host_connected(host_id)
         _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"])
     except ConnectionClosed:

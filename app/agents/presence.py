@@ -9,10 +9,15 @@ thread writes instead:
 
 * **hellos** are *group-committed*: a connection queues its hello and waits (bounded) until the
   writer has committed it, so ``connected`` is in the database before the agent is welcomed;
-  the writer takes every hello queued meanwhile into the same transaction;
+  the writer takes every hello queued meanwhile into the same transaction, and ``hello_hooks``
+  run in it with each hello's context (the update watcher ends the jobs they succeed there);
 * **offline** marks are queued and written with the next transaction (nobody waits for them);
 * **heartbeats** only :meth:`Presence.note` the host in memory; every ``interval_s`` one
-  statement writes ``last_seen`` for all hosts noted since the last flush.
+  statement writes ``last_seen`` for all hosts noted since the last flush;
+* **other agent reports** that need no answer (an update's progress, app/updates/watcher.py) are
+  queued (:meth:`Presence.queue`) with the function that writes a batch of them; the writer calls it
+  inside its next transaction, before the hellos, with every item queued meanwhile (nobody waits
+  for them; a hello queued after a report is committed with it or after it).
 
 ``connected`` is decided when the writer writes, from the live registry: a host is written online
 only while it has a socket here (and a token: a revoke that commits first is never undone), and
@@ -65,6 +70,7 @@ def hello_values(data: dict) -> dict[str, Any]:
 class _Hello:
     host_id: int
     values: dict[str, Any]
+    context: Any = None  # handed to the hello hooks
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     ok: bool = False
 
@@ -76,6 +82,7 @@ class FlushResult:
     hellos: int = 0
     offline: int = 0
     heartbeats: int = 0
+    queued: int = 0  # items of queued batch writes
     statements: int = 0
 
 
@@ -100,9 +107,12 @@ class Presence:
         self.interval_s = interval_s or 1.0
         self.clock = clock
         self.flush_hooks: list[Callable[[Any, dt.datetime], None]] = []
+        #: Called inside each transaction that writes hellos, after them, with ``[(host_id, context)]``.
+        self.hello_hooks: list[Callable[[list[tuple[int, Any]]], None]] = []
         self.flushes = 0  # interval flushes written (heartbeats + hooks)
         self._cond = threading.Condition()
         self._hellos: list[_Hello] = []
+        self._queued: dict[Callable[[list], None], list] = {}  # batch writer -> its items, in order
         self._offline: set[int] = set()
         self._seen: set[int] = set()
         self._final: set[int] = set()  # written offline whatever the registry says (stop)
@@ -113,9 +123,9 @@ class Presence:
 
     # -- what connections call -----------------------------------------------------------
 
-    def hello(self, host_id: int, values: dict[str, Any], timeout: float) -> bool:
+    def hello(self, host_id: int, values: dict[str, Any], timeout: float, context: Any = None) -> bool:
         """Queue the host's hello and wait until it is committed; False if it was not (in time)."""
-        item = _Hello(host_id, values)
+        item = _Hello(host_id, values, context)
         with self._cond:
             if self._stopping:
                 return False
@@ -127,6 +137,22 @@ class Presence:
             self._flush_inline()
         item.done.wait(timeout)
         return item.ok
+
+    def queue(self, write: Callable[[list], None], item: Any) -> None:
+        """Have ``write`` called with ``item`` (and the others queued for it) in the next transaction.
+
+        ``write(items)`` runs on the writer's session, inside its transaction; it may register
+        after-commit callbacks (:func:`app.oncommit.on_commit`). Nobody waits for the commit; a
+        failed transaction is tried again with the items still queued.
+        """
+        with self._cond:
+            if self._stopping and self._thread is None:
+                return
+            self._queued.setdefault(write, []).append(item)
+            self._cond.notify()
+            running = self._thread is not None
+        if not running:
+            self._flush_inline()
 
     def note(self, host_id: int) -> None:
         """A frame arrived from the host: its ``last_seen`` is written with the next interval flush."""
@@ -159,16 +185,19 @@ class Presence:
         with self._write_lock:
             with self._cond:
                 hellos, self._hellos = self._hellos, []
+                queued, self._queued = self._queued, {}
                 offline, self._offline = self._offline, set()
                 final, self._final = self._final, set()
                 seen = set()
                 if heartbeats:
                     seen, self._seen = self._seen, set()
             try:
-                res = self._write(hellos, offline, final, seen, heartbeats)
+                res = self._write(hellos, queued, offline, final, seen, heartbeats)
             except Exception:
                 db.session.rollback()
                 with self._cond:  # keep what is still true for the next attempt
+                    for write, items in queued.items():
+                        self._queued[write] = items + self._queued.get(write, [])
                     self._offline |= {h for h in offline if not self.live(h)}
                     self._final |= final
                     self._seen |= seen
@@ -180,7 +209,13 @@ class Presence:
             return res
 
     def _write(
-        self, hellos: list[_Hello], offline: set[int], final: set[int], seen: set[int], interval: bool
+        self,
+        hellos: list[_Hello],
+        queued: dict[Callable[[list], None], list],
+        offline: set[int],
+        final: set[int],
+        seen: set[int],
+        interval: bool,
     ) -> FlushResult:
         res = FlushResult()
         now = utcnow()
@@ -193,6 +228,9 @@ class Presence:
                 db.session.execute(q.values(connected=False, last_seen=now))
                 res.statements += 1
             res.offline = len(gone)
+        for write, items in queued.items():  # before the hellos: a report, then its agent's reconnect
+            write(items)
+            res.queued += len(items)
         if hellos:
             latest = {item.host_id: item for item in hellos}  # a reconnect's hello supersedes an older one
             # bind names must differ from column names in an UPDATE's SET clause: prefix them
@@ -220,6 +258,8 @@ class Presence:
             db.session.execute(stmt, rows)
             res.statements += 1
             res.hellos = len(rows)
+            for hook in self.hello_hooks:
+                hook([(h, item.context) for h, item in latest.items()])
         if interval:
             alive = sorted(h for h in seen if self.live(h))
             for chunk in _chunks(alive):
@@ -232,7 +272,7 @@ class Presence:
             res.heartbeats = len(alive)
             for hook in self.flush_hooks:
                 hook(db.session, now)
-        if res.statements or interval:
+        if res.statements or res.queued or interval:
             db.session.commit()
         for item in hellos:
             item.ok = True
@@ -274,7 +314,7 @@ class Presence:
         with app.app_context():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._hellos or self._offline):
+                    while not (self._stopping or self._hellos or self._offline or self._queued):
                         left = self._next_interval - self.clock()
                         if left <= 0:
                             break

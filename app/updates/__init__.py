@@ -12,7 +12,7 @@ from ..runtime import runtime
 
 
 def init_app(app: Flask) -> None:
-    """Subscribe the fleet rollout to the watcher's announcements, and the watcher to host removals."""
+    """Subscribe the fleet rollout to the watcher's announcements, the watcher to host removals and hellos."""
     from . import dispatch, fleet, watcher
 
     rt = runtime(app)
@@ -20,3 +20,5 @@ def init_app(app: Flask) -> None:
     rt.job_corrected.subscribe(fleet.correct_host_row)
     rt.host_removed.subscribe(watcher.on_host_removed)
     rt.update_routed.subscribe(dispatch.deliver)
+    if rt.presence is not None:  # a hello at its job's target ends the job in the hello's own commit
+        rt.presence.hello_hooks.append(watcher.succeed_with_hellos)

@@ -242,7 +242,7 @@ def dispatch_update(
         routed = _route_to_holder(host.id, job.id)
         # What is needed after the commit, from the objects in hand: the commit expires them, and
         # reading them again would cost a SELECT each (job, host, release) per dispatch.
-        entry = InFlight(job.id, host.id, release.version, job.deadline)
+        entry = InFlight(job.id, host.id, release.version, job.deadline, host_name=host.name)
         name = host.name
         frame = None if routed else update_frame(job, release.signature)
         # The job as written is also the answer: kept out of the commit's expiry, the caller's

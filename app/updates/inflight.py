@@ -22,6 +22,7 @@ class InFlight:
     deadline: dt.datetime | None
     restarting: bool = False
     phase: str | None = None  # the job's phase when read from the database (uncached registry)
+    host_name: str | None = None  # the host's name at dispatch (the job's ``host_name``)
 
 
 class InFlightRegistry:
@@ -43,7 +44,9 @@ class InFlightRegistry:
 
         rows = db.session.scalars(sa.select(Job).where(Job.kind == "update", Job.status == "running")).all()
         entries = {
-            j.host_id: InFlight(j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting")
+            j.host_id: InFlight(
+                j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", host_name=j.host_name
+            )
             for j in rows
         }
         with self._lock:
@@ -91,7 +94,9 @@ class InFlightRegistry:
         )
         if j is None:
             return None
-        return InFlight(j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase)
+        return InFlight(
+            j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name
+        )
 
     def __len__(self) -> int:
         if not self.cached:
