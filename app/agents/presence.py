@@ -107,12 +107,14 @@ class Presence:
         self.interval_s = interval_s or 1.0
         self.clock = clock
         self.flush_hooks: list[Callable[[Any, dt.datetime], None]] = []
-        #: Called inside each transaction that writes hellos, after them, with ``[(host_id, context)]``.
+        #: Called inside each transaction that writes hellos, after them, with ``[(host_id, context)]``
+        #: (in a savepoint: a hook that raises is logged and rolled back, the hellos are written).
         self.hello_hooks: list[Callable[[list[tuple[int, Any]]], None]] = []
         self.flushes = 0  # interval flushes written (heartbeats + hooks)
         self._cond = threading.Condition()
         self._hellos: list[_Hello] = []
         self._queued: dict[Callable[[list], None], list] = {}  # batch writer -> its items, in order
+        self._queued_retry = False  # the queued items were put back once after a failed write
         self._offline: set[int] = set()
         self._seen: set[int] = set()
         self._final: set[int] = set()  # written offline whatever the registry says (stop)
@@ -143,7 +145,8 @@ class Presence:
 
         ``write(items)`` runs on the writer's session, inside its transaction; it may register
         after-commit callbacks (:func:`app.oncommit.on_commit`). Nobody waits for the commit; a
-        failed transaction is tried again with the items still queued.
+        failed transaction is tried again once with the items still queued, then they are dropped
+        (logged), so that they never hold up the hellos.
         """
         with self._cond:
             if self._stopping and self._thread is None:
@@ -193,11 +196,20 @@ class Presence:
                     seen, self._seen = self._seen, set()
             try:
                 res = self._write(hellos, queued, offline, final, seen, heartbeats)
+                self._queued_retry = False
             except Exception:
                 db.session.rollback()
                 with self._cond:  # keep what is still true for the next attempt
-                    for write, items in queued.items():
-                        self._queued[write] = items + self._queued.get(write, [])
+                    if self._queued_retry:
+                        # Tried twice: drop them, so that a batch that cannot be written never
+                        # keeps the hellos behind it from being recorded.
+                        n = sum(len(items) for items in queued.values())
+                        if n:
+                            log.warning("presence: dropped %d queued report(s) that could not be written", n)
+                    else:
+                        for write, items in queued.items():
+                            self._queued[write] = items + self._queued.get(write, [])
+                    self._queued_retry = bool(queued) and not self._queued_retry
                     self._offline |= {h for h in offline if not self.live(h)}
                     self._final |= final
                     self._seen |= seen
@@ -259,7 +271,11 @@ class Presence:
             res.statements += 1
             res.hellos = len(rows)
             for hook in self.hello_hooks:
-                hook([(h, item.context) for h, item in latest.items()])
+                try:
+                    with db.session.begin_nested():  # a failing hook must not cost the hellos
+                        hook([(h, item.context) for h, item in latest.items()])
+                except Exception:  # noqa: BLE001 - logged; the hellos are written without it
+                    log.exception("presence: a hello hook failed; the hellos are recorded without it")
         if interval:
             alive = sorted(h for h in seen if self.live(h))
             for chunk in _chunks(alive):

@@ -109,13 +109,21 @@ def succeed_job(job_id: str, host_id: int, version: str) -> bool:
     return True
 
 
-def _claim_success(job_id: str, host_id: int, version: str, name: str | None = None) -> bool:
-    """Claim the job succeeded and audit it, in the caller's transaction; announce it once that commits."""
+def _claim_success(
+    job_id: str, host_id: int, version: str, name: str | None = None, announce: list | None = None
+) -> bool:
+    """Claim the job succeeded and audit it, in the caller's transaction; announce it once that commits.
+
+    ``announce``: collect the announcement's arguments there instead (the caller registers them).
+    """
     if not _claim(job_id, status="succeeded", phase="done", error=None):
         return False
     name = name or _host_name(host_id)
     AuditEvent.record("system", "host.update_succeeded", name, host_id=host_id, job_id=job_id, version=version)
-    on_commit(_succeeded, job_id, host_id, name, version)
+    if announce is None:
+        on_commit(_succeeded, job_id, host_id, name, version)
+    else:
+        announce.append((job_id, host_id, name, version))
     return True
 
 
@@ -197,9 +205,12 @@ def succeed_with_hellos(hellos: list) -> None:
     A hello at its job's target is the job's success. Claimed here, the success is one more
     statement or two in the writer's group commit (no transaction of its own per host) and is on
     record before the agent is welcomed. Any other hello is left to :func:`on_hello`.
+
+    The writer runs this in a savepoint: if it fails, nothing of it is announced or marked, the
+    hellos are still recorded, and :func:`on_hello` handles each of them the old way.
     """
     server = current_app.config["SERVER_VERSION"]
-    resolved = []
+    resolved, announce, handled = [], [], []
     for host_id, ctx in hellos:
         if not isinstance(ctx, HelloContext):
             continue
@@ -208,11 +219,15 @@ def succeed_with_hellos(hellos: list) -> None:
             continue
         version = ctx.data["agent_version"]
         # the job resolves the host's alert; a job ended meanwhile does so only for the server's version
-        if _claim_success(entry.job_id, host_id, version, entry.host_name) or version == server:
+        if _claim_success(entry.job_id, host_id, version, entry.host_name, announce) or version == server:
             resolved.append(str(host_id))
-        ctx.succeeded = True
+        handled.append(ctx)
     if resolved:
         Alert.resolve_many("update_failed", resolved)
+    for args in announce:  # only now: every statement above went through
+        on_commit(_succeeded, *args)
+    for ctx in handled:
+        ctx.succeeded = True
 
 
 def on_hello(host_id: int, data: dict, ctx: HelloContext | None = None) -> None:

@@ -184,3 +184,50 @@ def test_a_hello_that_cannot_be_written_closes_the_socket_so_the_agent_retries(l
     wait_until(lambda: not ws.connected, what="the socket closed")
     assert ws.close_reason == 1013
     assert not host_row(cast.host_offline.id).connected
+
+
+def test_queued_reports_are_written_together_with_the_next_transaction(live, cast, app):
+    presence = runtime(app).presence
+    batches = []
+    with presence.writing():  # the writer waits here, as behind a slow commit: the items gather
+        for i in range(3):
+            presence.queue(batches.append, i)
+    wait_until(lambda: batches, what="the queued items written")
+    assert batches == [[0, 1, 2]]  # one call, in the order queued
+
+
+def test_a_batch_that_cannot_be_written_is_tried_once_more_then_dropped_and_hellos_go_on(live, cast, app):
+    presence = runtime(app).presence
+    calls = []
+
+    def broken(items):
+        calls.append(list(items))
+        raise RuntimeError("cannot write these")
+
+    with presence.writing():
+        presence.queue(broken, "report")
+    wait_until(lambda: len(calls) == 2, what="the batch tried twice")
+    ws = welcomed(live, cast.host_offline_token)  # the writer goes on: hellos are recorded
+    assert host_row(cast.host_offline.id).connected
+    assert calls == [["report"], ["report"]]
+    ws.close()
+
+
+def test_a_failing_hello_hook_is_rolled_back_and_the_hello_still_recorded(live, cast, app):
+    presence = runtime(app).presence
+    seen = []
+
+    def broken_hook(hellos):
+        seen.extend(h for h, _ in hellos)
+        db.session.execute(sa.update(db.metadata.tables["hosts"]).values(hostname="written-by-the-hook"))
+        raise RuntimeError("the hook fails after a write")
+
+    presence.hello_hooks.append(broken_hook)
+    try:
+        ws = welcomed(live, cast.host_offline_token, hostname="from-the-hello")
+    finally:
+        presence.hello_hooks.remove(broken_hook)
+    row = host_row(cast.host_offline.id)
+    assert seen == [cast.host_offline.id]
+    assert row.connected and row.hostname == "from-the-hello"  # the hook's write was rolled back
+    ws.close()

@@ -70,6 +70,20 @@ def test_a_hello_at_the_target_succeeds_the_job_and_resolves_the_alert(cast, age
     assert runtime(app).inflight.get(cast.host_behind.id) is None
 
 
+def test_the_success_is_on_record_when_the_agent_is_welcomed(cast, agent_for, app):
+    agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
+    job = dispatch.dispatch_update(cast.host_behind.id, "admin")
+    agent.expect("command.update")
+    agent.send("update.progress", job_id=job.id, phase="restarting", bytes_done=10, bytes_total=10)
+    agent.disconnect()
+    agent.connect(version=SERVER_VERSION, last_update={"job_id": job.id, "outcome": "swapped", "error": None})
+    # no waiting: the claim is part of the hello's own commit, which the welcome follows
+    assert job_row(job.id).status == "succeeded"
+    assert actions(cast.host_behind.name)[-1] == "host.update_succeeded"
+    phases = db.session.scalars(sa.select(JobPhase.phase).where(JobPhase.job_id == job.id))
+    assert list(phases) == ["restarting"]  # the report queued before the hello was committed with or before it
+
+
 def test_an_agent_failure_report_fails_the_job_at_once(cast, agent_for):
     agent = agent_for(cast.host_behind, cast.host_behind_token, OLD_VERSION)
     job = dispatch.dispatch_update(cast.host_behind.id, "admin")
