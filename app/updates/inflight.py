@@ -72,6 +72,23 @@ class InFlightRegistry:
         with self._lock:
             return self._by_host.get(host_id)
 
+    def get_many(self, host_ids) -> dict[int, InFlight]:
+        """The entries of these hosts that have one (uncached: one query for all of them)."""
+        if not self.cached:
+            from ..extensions import db
+            from ..models import Job
+
+            ids = list(host_ids)
+            if not ids:
+                return {}
+            rows = db.session.scalars(
+                sa.select(Job).where(Job.host_id.in_(ids), Job.kind == "update", Job.status == "running")
+            ).all()
+            return {j.host_id: _entry(j) for j in rows}
+        self._ensure_loaded()
+        with self._lock:
+            return {h: self._by_host[h] for h in host_ids if h in self._by_host}
+
     def mark_restarting(self, host_id: int, job_id: str) -> None:
         self._ensure_loaded()
         with self._lock:
@@ -92,11 +109,7 @@ class InFlightRegistry:
         j = db.session.scalar(
             sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
         )
-        if j is None:
-            return None
-        return InFlight(
-            j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name
-        )
+        return None if j is None else _entry(j)
 
     def __len__(self) -> int:
         if not self.cached:
@@ -108,3 +121,8 @@ class InFlightRegistry:
             )
         with self._lock:
             return len(self._by_host)
+
+
+def _entry(j) -> InFlight:
+    """A running job's entry as read from the database (the uncached registry)."""
+    return InFlight(j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)

@@ -211,10 +211,10 @@ def succeed_with_hellos(hellos: list) -> None:
     """
     server = current_app.config["SERVER_VERSION"]
     resolved, announce, handled = [], [], []
+    hellos = [(h, ctx) for h, ctx in hellos if isinstance(ctx, HelloContext)]
+    entries = runtime().inflight.get_many(h for h, _ in hellos)  # one query for the batch, uncached
     for host_id, ctx in hellos:
-        if not isinstance(ctx, HelloContext):
-            continue
-        entry = runtime().inflight.get(host_id)
+        entry = entries.get(host_id)
         if not _judge(entry, ctx.data)[1]:
             continue
         version = ctx.data["agent_version"]
