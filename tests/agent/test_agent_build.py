@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 
 import pytest
@@ -79,15 +78,13 @@ def test_the_archive_holds_the_agent_and_its_vendored_dependencies(built):
         assert int.from_bytes(pyc[4:8], "little") == 0b01  # hash-based, unchecked
 
 
-def test_the_zipapp_runs_and_prints_its_version_quickly(built, tmp_path):
-    start = time.monotonic()
+def test_the_zipapp_runs_and_prints_its_version(built, tmp_path):
+    # How fast it starts is measured by scripts/bench/zipapp_startup.py (docs/benchmarks.md).
     proc = subprocess.run(
         [sys.executable, "-I", built.path, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=30
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "9.9.9-smoke"
-    assert elapsed < 2.0
 
 
 def test_the_zipapp_imports_its_own_copy_of_the_dependencies(built, tmp_path):
