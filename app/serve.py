@@ -239,6 +239,8 @@ class Servers:
             runtime(self.app).notifier.stop()
         for t in self._threads:
             t.join(timeout=2)
+            if t.is_alive():  # it was not woken: the stop waited its 2 s out (tests look for this)
+                log.warning("the %s thread did not end within 2 s of the stop; left running", t.name)
         if self.cluster is not None:
             self.cluster.stop()
         if self.admin is not None:
