@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 HANDSHAKE_TIMEOUT_S = 1.0  # short: three tests wait it out
 MAX_PENDING = 20
 CLOSE_TIMEOUT_S = 1.0
+SLOW_SENDER_S = 30.0
 
 
 @pytest.fixture
@@ -135,9 +136,13 @@ def test_a_refused_upgrade_is_still_an_ordinary_http_answer(live, cast):
 
 
 @pytest.mark.parametrize("answer_close", [True, False], ids=["peer-answers-close", "peer-stays-silent"])
-def test_after_an_oversized_first_frame_the_server_closes_tcp_and_frees_the_thread(live, cast, answer_close):
+def test_after_an_oversized_first_frame_the_server_closes_tcp_and_frees_the_thread(
+    live, cast, answer_close, monkeypatch
+):
+    # The hello timeout (10 s) made far longer than this test's 60 s guard: the connections can only
+    # end in time if the oversized frame ends them, not by the wait for a hello running out.
+    monkeypatch.setattr(link, "HELLO_TIMEOUT_S", 300.0)
     base = handler_threads()
-    t0 = time.monotonic()
     peers = []
     for _ in range(10):
         ws = RawWebSocket(port(live), cast.host_offline_token)
@@ -150,11 +155,8 @@ def test_after_an_oversized_first_frame_the_server_closes_tcp_and_frees_the_thre
         if answer_close:
             ws.send_close(protocol.CLOSE_TOO_BIG)  # ...and keep the socket open
     for ws in peers:
-        assert ws.read_to_eof(timeout=CLOSE_TIMEOUT_S + 3) == b""
-    elapsed = time.monotonic() - t0
-    # Not the hello timeout: an oversized first frame ends the connection at once.
-    assert elapsed < link.HELLO_TIMEOUT_S / 2, elapsed
-    wait_until(lambda: handler_threads() <= base, timeout=3, what="the connections' threads to end")
+        assert ws.read_to_eof(timeout=30) == b""  # closed by the server (TimeoutError otherwise)
+    wait_until(lambda: handler_threads() <= base, timeout=30, what="the connections' threads to end")
     for ws in peers:
         ws.close()
 
@@ -177,8 +179,8 @@ def test_after_an_oversized_frame_on_a_live_link_the_server_closes_tcp(live, cas
     for ws in peers:
         assert ws.read_to_eof(timeout=CLOSE_TIMEOUT_S + 3) == b""
         ws.close()
-    wait_until(lambda: len(runtime(app).connections) == 0, timeout=3, what="the links unregistered")
-    wait_until(lambda: handler_threads() <= base, timeout=3, what="the connections' threads to end")
+    wait_until(lambda: len(runtime(app).connections) == 0, timeout=15, what="the links unregistered")
+    wait_until(lambda: handler_threads() <= base, timeout=15, what="the connections' threads to end")
 
 
 # -- 14: pending (unauthenticated) connections are capped and timed ----------------------------
@@ -266,15 +268,15 @@ def test_silent_connections_are_capped_answered_503_and_cut_while_agents_still_c
         # The silent ones within the cap are closed after the handshake timeout, without a byte.
         wait_until(
             lambda: peers.poll() or len(peers.eof_at) == 50,
-            timeout=HANDSHAKE_TIMEOUT_S + 5,
+            timeout=30,
             what="every silent connection closed",
         )
         cut = peers.cut_silently()
         assert len(cut) == MAX_PENDING
         assert min(peers.eof_at[s] for s in cut) - t_open >= HANDSHAKE_TIMEOUT_S * 0.8
         # The sweep shuts a socket first; its handler thread then releases it from the pending set.
-        wait_until(lambda: live.servers.agent.pending == 0, timeout=3, what="the cut connections released")
-        wait_until(lambda: handler_threads() <= base + 1, timeout=3, what="the silent connections' threads to end")
+        wait_until(lambda: live.servers.agent.pending == 0, timeout=30, what="the cut connections released")
+        wait_until(lambda: handler_threads() <= base + 1, timeout=30, what="the silent connections' threads to end")
         assert newcomer.ws.connected and connected.ws.connected
         newcomer.disconnect()
         connected.disconnect()
@@ -283,11 +285,13 @@ def test_silent_connections_are_capped_answered_503_and_cut_while_agents_still_c
 
 
 def test_the_handshake_timeout_is_a_total_deadline_not_per_read(live, cast):
+    # A per-read timeout would never cut this sender (a line every 0.2 s); only a total deadline can,
+    # within SLOW_SENDER_S (far above the 1 s deadline and its 0.5 s sweep, and any load noise).
+    t0 = time.monotonic()  # before the connect: the server's deadline can only start later
     s = socket.create_connection(("127.0.0.1", port(live)), timeout=5)
     s.sendall(b"GET /ws/agent HTTP/1.1\r\n")
-    t0 = time.monotonic()
     closed_at = None
-    while time.monotonic() - t0 < HANDSHAKE_TIMEOUT_S + 3:
+    while time.monotonic() - t0 < SLOW_SENDER_S:
         try:
             s.sendall(b"X-Slow: a\r\n")  # a header line every 0.2 s, never the blank line
         except OSError:
@@ -298,8 +302,8 @@ def test_the_handshake_timeout_is_a_total_deadline_not_per_read(live, cast):
             closed_at = time.monotonic()
             break
     s.close()
-    assert closed_at is not None, "a slow sender kept its connection past the handshake timeout"
-    assert closed_at - t0 < HANDSHAKE_TIMEOUT_S + 2.5  # the sweep runs at least every 0.5 s
+    assert closed_at is not None, f"a slow sender kept its connection for {SLOW_SENDER_S} s"
+    assert closed_at - t0 >= HANDSHAKE_TIMEOUT_S * 0.8  # cut by the deadline, not at once
 
 
 def test_an_authenticated_socket_is_not_cut_by_the_handshake_timeout(live, cast):
