@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
 
 import pytest
@@ -200,8 +201,14 @@ def pytest_collection_modifyitems(config, items):
             item._id = item.parent.id.child(item.name).with_params(None)
     # Under pytest-xdist's ``--dist loadgroup`` (scripts/test) each test goes to whichever worker is
     # free, except that a module's tests sharing a module-scoped fixture (a live server, Chromium, a
-    # built wheel) form one group on one worker, so that fixture is made once per run.
+    # built wheel) form one group on one worker, so that fixture is made once per run. A module whose
+    # tests are independent of each other and long in sum (XDIST_GROUPS = k) is cut into k groups by
+    # test name, each making the fixture once, so one module is not the whole run's critical path.
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            group = item.module.__name__
+            parts = getattr(item.module, "XDIST_GROUPS", 1)
+            if parts > 1:
+                group += f"#{zlib.crc32(item.name.encode()) % parts}"
+            item.add_marker(pytest.mark.xdist_group(group))

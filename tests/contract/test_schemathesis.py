@@ -16,6 +16,9 @@ from schemathesis.config import SchemathesisConfig
 from tests.support.live import ROOT
 
 SPEC = os.path.join(ROOT, "docs", "openapi.json")
+# Each operation's test stands alone (its own requests, two module-made tokens), and the 41 together
+# take minutes: under scripts/test they run as 3 groups, each with its own live server (tests/conftest.py).
+XDIST_GROUPS = 3
 
 CONFIG = SchemathesisConfig.from_dict(
     {
