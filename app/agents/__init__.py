@@ -58,6 +58,18 @@ def _authenticate_agent():
     return None
 
 
+@bp.errorhandler(BrokenPipeError)
+@bp.errorhandler(ConnectionResetError)
+@bp.errorhandler(ConnectionAbortedError)
+def _agent_hung_up(exc: ConnectionError):
+    """The agent closed its socket mid-request: in a reconnect storm, one that gave up (its connect
+    timeout) while the server was still writing the 101 or a download. Nobody is left to answer,
+    and it is the agent's choice, not a server fault: one INFO line, no traceback."""
+    log.info("agent %s hung up during %s %s (%s)", request.remote_addr, request.method, request.path, exc)
+    db.session.rollback()
+    return Response(status=499)  # nginx's "client closed request": never seen by the agent
+
+
 @sock.route("/ws/agent", bp=bp)
 def agent_socket(ws):
     link.serve_connection(ws, g.agent_host_id, request.remote_addr or "")

@@ -345,3 +345,31 @@ def test_a_connection_whose_agent_gave_up_in_the_backlog_is_closed_without_a_thr
         assert "closed 1 connection(s) whose agent had given up" in caplog.text
     finally:
         server.server_close()
+
+
+def test_an_agent_that_hangs_up_during_the_handshake_is_not_a_server_error(app, cast, caplog):
+    """In a reconnect storm an agent may give up (its connect timeout) while the server writes the
+    101: that is the agent's choice, logged in one INFO line, not an unhandled error with a traceback
+    (a 10,000-agent storm logged thousands). The socket's peer is closed before the request, so the
+    101 meets a broken pipe every time."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        with caplog.at_level(logging.INFO):
+            resp = app.test_client().get(
+                "/ws/agent",
+                headers={
+                    "Authorization": f"Bearer {cast.host_online_token}",
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version": "13",
+                },
+                environ_overrides={"werkzeug.socket": ours},
+            )
+    finally:
+        ours.close()
+    assert resp.status_code == 499
+    hung_up = [r for r in caplog.records if "hung up during GET /ws/agent" in r.getMessage()]
+    assert len(hung_up) == 1 and hung_up[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
