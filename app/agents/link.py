@@ -60,6 +60,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         )
         watcher.on_hello(host_id, data, ctx)
         fleet.host_connected(host_id)
+        conn.settled.set()
         _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"])
     except ConnectionClosed:
         pass

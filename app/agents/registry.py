@@ -34,6 +34,9 @@ class Connection:
         self._pongs: dict[str, threading.Event] = {}
         self._pong_lock = threading.Lock()
         self.closed = threading.Event()
+        #: Set once the hello has been reconciled with the host's update and the fleet and the read
+        #: loop runs: what a caller (a test) waits for before it starts something new on this host.
+        self.settled = threading.Event()
 
     def send(self, frame: str) -> bool:
         """Send one text frame; return False if the socket is gone."""

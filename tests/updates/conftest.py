@@ -37,7 +37,13 @@ def agent_for(live, app):
     def make(host, token, version, capabilities=("update",)):
         a = ScriptedAgent(live.agent_ws_url, token, version, capabilities)
         a.connect()
-        wait_until(lambda: runtime(app).connections.is_connected(host.id), what="agent registered")
+        # Registered before its welcome, reconciled after it: a dispatch before the reconcile made
+        # the hello re-send the new job's command on PostgreSQL (a harmless duplicate, but not the
+        # frame a test expects next).
+        wait_until(
+            lambda: (c := runtime(app).connections.get(host.id)) is not None and c.settled.is_set(),
+            what="agent registered and its hello reconciled",
+        )
         db.session.rollback()
         made.append(a)
         return a
