@@ -250,9 +250,9 @@ class AgentServer(ThreadedWSGIServer):
         self._pending: dict[socket.socket, float] = {}  # socket -> deadline (inf once cut)
         self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._refused_count = 0
-        self._abandoned_count = 0
+        self._abandoned_count = 0  # accepted after their peer gave up (see the module)
         #: Set when the listener closes (a stop): the sockets' request lines are not logged then.
-        self.closing = False  # accepted after their peer gave up (see the module)
+        self.closing = False
         self._next_sweep = self._next_report = 0.0
         super().__init__(host, port, app, handler=AgentRequestHandler)
         # Not werkzeug's ssl_context argument (see the class); set here, it still makes werkzeug

@@ -25,16 +25,6 @@ from .inflight import InFlight
 log = logging.getLogger(__name__)
 
 
-def running_update_job(host_id: int) -> Job | None:
-    return db.session.scalar(
-        sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
-    )
-
-
-#: Whether a host has a running update, as an id (no job to load: the pre-check only asks).
-_RUNNING_UPDATE = sa.select(Job.id).where(Job.kind == "update", Job.status == "running").limit(1)
-
-
 def cannot_update_message(host: Host) -> str:
     """Why the agent on ``host`` cannot update itself, as precisely as its hello told us.
 
@@ -78,7 +68,7 @@ def precheck(host: Host, allow_downgrade: bool = False, target: str | None = Non
         return Refusal(
             409, "host_revoked", f"the agent token of {host.name} is revoked; issue a new token to reconnect it"
         )
-    if db.session.scalar(_RUNNING_UPDATE.where(Job.host_id == host.id)) is not None:
+    if watcher.running_job_id(host.id) is not None:  # an id only: the pre-check just asks
         return Refusal(409, "update_in_progress", f"an update of {host.name} is already running")
     if not host.connected or not runtime().connections.is_connected(host.id):
         return Refusal(409, "host_offline", f"host {host.name} is offline")

@@ -82,28 +82,13 @@ class StampingEvent(threading.Event):
 
 def stamped_agent(ws_url: str, token: str):
     """A scripted agent (the real protocol, real socket) whose inbox holds (arrival stamp, envelope)."""
-    import simple_websocket
-
-    from agent import protocol
     from tests.support.scripted import ScriptedAgent
 
     class StampedAgent(ScriptedAgent):
         ws_options = {"event_class": StampingEvent}
 
-        def _read(self, ws) -> None:
-            try:
-                while True:
-                    raw = ws.receive()
-                    if raw is None:
-                        return
-                    stamp = ws.event.stamps.popleft()
-                    env = protocol.decode(raw)
-                    if env.type == "ping":
-                        self.send("pong", ref=env.id)
-                        continue
-                    self.inbox.put((stamp, env))
-            except (simple_websocket.ConnectionClosed, protocol.ProtocolError):
-                return
+        def _arrival(self, ws) -> float:
+            return ws.event.stamps.popleft()  # every message's stamp, pings' too, in order
 
         def expect(self, type_: str, timeout: float = 5.0):
             _, env = self.inbox.get(timeout=timeout)

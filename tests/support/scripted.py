@@ -66,13 +66,19 @@ class ScriptedAgent:
                 raw = ws.receive()
                 if raw is None:
                     return
+                arrival = self._arrival(ws)
                 env = protocol.decode(raw)
                 if env.type == "ping":
                     self.send("pong", ref=env.id)
                     continue
-                self.inbox.put(env)
+                self.inbox.put(env if arrival is None else (arrival, env))
         except (simple_websocket.ConnectionClosed, protocol.ProtocolError):
             return
+
+    def _arrival(self, ws):
+        """What to keep beside each message in the inbox (called once per message received);
+        None keeps the bare envelope. A bench's subclass returns when the message arrived."""
+        return None
 
     def send(self, type_: str, **data) -> None:
         self.ws.send(protocol.encode(type_, data))
