@@ -207,6 +207,7 @@ ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RM_AGENT_BACKLOG": ("AGENT_BACKLOG", lambda n, v: parse_int(n, v, 16, 65535)),
     "RM_AGENT_HANDSHAKE_TIMEOUT_S": ("AGENT_HANDSHAKE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_AGENT_MAX_PENDING": ("AGENT_MAX_PENDING", lambda n, v: parse_int(n, v, 1, 100000)),
+    "RM_AGENT_MAX_ACTIVE": ("AGENT_MAX_ACTIVE", lambda n, v: parse_int(n, v, 0, 100000)),
     "RM_AGENT_CLOSE_TIMEOUT_S": ("AGENT_CLOSE_TIMEOUT_S", lambda n, v: parse_float(n, v, 0.1)),
     "RM_AGENT_TLS_CERT": ("AGENT_TLS_CERT", parse_file),
     "RM_AGENT_TLS_KEY": ("AGENT_TLS_KEY", parse_file),
@@ -263,6 +264,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "AGENT_BACKLOG": 4096,
         "AGENT_HANDSHAKE_TIMEOUT_S": 10.0,  # from accept until the agent token is accepted
         "AGENT_MAX_PENDING": 256,  # connections not yet authenticated; beyond it 503 + Retry-After
+        "AGENT_MAX_ACTIVE": 8,  # connections doing handshake work at once per process; 0: no gate
         "AGENT_CLOSE_TIMEOUT_S": 5.0,  # wait for the peer's close frame before closing TCP
         "AGENT_TLS_CERT": None,  # PEM certificate chain: with AGENT_TLS_KEY, the agent plane serves TLS
         "AGENT_TLS_KEY": None,

@@ -610,6 +610,12 @@ class Alert(db.Model):
         return res.rowcount or 0
 
     @classmethod
+    def open_keys(cls, kind: str, dedup_keys: list[str]) -> set[str]:
+        """Which of these keys have an open alert of this kind (one read)."""
+        q = sa.select(cls.dedup_key).where(cls.kind == kind, cls.dedup_key.in_(dedup_keys), cls.resolved_at.is_(None))
+        return set(db.session.scalars(q))
+
+    @classmethod
     def resolve_many(cls, kind: str, dedup_keys: list[str]) -> int:
         """Resolve the open alerts of this kind for these keys: one UPDATE (for a writer that holds the lock)."""
         res = db.session.execute(

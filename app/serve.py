@@ -132,6 +132,7 @@ class Servers:
             cfg["AGENT_BACKLOG"],
             handshake_timeout=cfg["AGENT_HANDSHAKE_TIMEOUT_S"],
             max_pending=cfg["AGENT_MAX_PENDING"],
+            max_active=cfg["AGENT_MAX_ACTIVE"],
             close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
             tls=agent_tls_context(cfg),
             reuse_port=self.worker is not None,

@@ -19,7 +19,7 @@ from ..models import AgentRelease, Host
 from ..runtime import runtime
 from . import link
 from .downloads import stream_file
-from .server import mark_authenticated
+from .server import mark_authenticated, pause
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def download(version: str):
             db.select(AgentRelease).where(AgentRelease.version == version, AgentRelease.platform == platform)
         )
     db.session.close()
+    pause(request.environ)  # a download is I/O, not handshake work: free the turn (app/agents/server.py)
     if release is None or not os.path.isfile(release.path):
         abort(error_response(404, "release_not_found", f"no agent release {version} for platform {platform}"))
     # Every download is registered for its host and checked between chunks, so revoking or

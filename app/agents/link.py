@@ -17,6 +17,7 @@ from ..models import Host
 from ..runtime import runtime
 from .presence import hello_values
 from .registry import Connection
+from .server import pause, resume
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         watcher.on_hello(host_id, data, ctx)
         fleet.host_connected(host_id)
         conn.settled.set()
+        pause(getattr(conn.ws, "environ", {}))  # the handshake is done: the next connection's turn
         _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"])
     except ConnectionClosed:
         pass
@@ -74,9 +76,15 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
 
 
 def _await_hello(conn: Connection) -> protocol.Envelope | None:
+    environ = getattr(conn.ws, "environ", {})
+    pause(environ)  # no handshake turn while the hello is on the wire (app/agents/server.py)
     try:
         raw = conn.ws.receive(timeout=HELLO_TIMEOUT_S)
     except ConnectionClosed:
+        return None
+    if raw is not None and not resume(environ, HELLO_COMMIT_TIMEOUT_S):
+        log.warning("host %s: no handshake turn for its hello; closing so that it retries", conn.host_id)
+        conn.close(CLOSE_TRY_AGAIN, "server busy, try again")
         return None
     if raw is None:
         conn.close(protocol.CLOSE_POLICY, "no hello")

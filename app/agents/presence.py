@@ -233,6 +233,8 @@ class Presence:
         now = utcnow()
         t = Host.__table__
         held = _held_here()
+        latest = {item.host_id: item for item in hellos}  # a reconnect's hello supersedes an older one
+        hooked = self._select_for_hooks(latest) if latest else []
         if offline or final:
             gone = sorted({h for h in offline if not self.live(h)} | final)
             for chunk in _chunks(gone):
@@ -244,7 +246,6 @@ class Presence:
             write(items)
             res.queued += len(items)
         if hellos:
-            latest = {item.host_id: item for item in hellos}  # a reconnect's hello supersedes an older one
             # bind names must differ from column names in an UPDATE's SET clause: prefix them
             rows = [
                 {
@@ -270,10 +271,10 @@ class Presence:
             db.session.execute(stmt, rows)
             res.statements += 1
             res.hellos = len(rows)
-            for hook in self.hello_hooks:
+            for hook, batch in hooked:
                 try:
                     with db.session.begin_nested():  # a failing hook must not cost the hellos
-                        hook([(h, item.context) for h, item in latest.items()])
+                        hook(batch)
                 except Exception:  # noqa: BLE001 - logged; the hellos are written without it
                     log.exception("presence: a hello hook failed; the hellos are recorded without it")
         if interval:
@@ -295,6 +296,30 @@ class Presence:
         if interval:
             self.flushes += 1
         return res
+
+    def _select_for_hooks(self, latest: dict[int, _Hello]) -> list[tuple[Callable, list]]:
+        """Each hello hook with the hellos it is to run for.
+
+        A hook with a ``select`` attribute first reads which hellos it has work for; only those go
+        to it, and no savepoint is opened for it when there are none (a reconnect storm's usual
+        case). The reads run first in the transaction, before any write: one that fails is rolled
+        back with nothing lost, and its hook is left out of this batch (its hellos' contexts stay
+        unread, so whoever reconciles them later reads for itself).
+        """
+        hooked = []
+        for hook in self.hello_hooks:
+            batch = [(h, item.context) for h, item in latest.items()]
+            select = getattr(hook, "select", None)
+            if select is not None:
+                try:
+                    batch = select(batch)
+                except Exception:  # noqa: BLE001 - logged; the hellos are written without the hook
+                    log.exception("presence: a hello hook's read failed; the hellos are recorded without it")
+                    db.session.rollback()
+                    continue
+            if batch:
+                hooked.append((hook, batch))
+        return hooked
 
     def start(self, app: Flask) -> None:
         """Start the writer thread (``serve`` does, before the agent plane listens)."""

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 AUTHENTICATED = "rm.agent_plane.authenticated"
 #: environ key of the upgraded connection's ``simple_websocket.Server``, set when it starts reading.
 WEBSOCKET = "rm.agent_plane.websocket"
+#: environ key of the request's :class:`Turn` at the server's :class:`WorkGate`.
+TURN = "rm.agent_plane.turn"
 
 #: How long a refused (503) connection may take to read its answer before it is closed.
 REFUSED_LINGER_S = 1.0
@@ -79,6 +81,90 @@ def mark_authenticated(environ) -> None:
     hook = environ.get(AUTHENTICATED)
     if hook is not None:
         hook()
+
+
+class WorkGate:
+    """At most ``size`` connections of this process do handshake work at once (issue 13).
+
+    A reconnect storm brings thousands of sockets at once. Given a thread each and let run, they
+    all want the GIL: every waiter wakes every switch interval to ask for it, the holder is made to
+    drop it, and the process spends its cores handing the GIL around instead of welcoming agents
+    (10,000 agents on 4 workers: load average 800, database pool checkouts timing out after 30 s,
+    13 ms of CPU per welcome against 4 at 2,000). Behind the gate the rest sleep on a condition,
+    without timed wake-ups, until a turn is free.
+
+    A turn covers the CPU-bound stretches of a handshake: from the parsed request to the ``101``
+    (the token lookup and the WebSocket handshake), and from the hello to the welcome (its record
+    and the reconcile). It is handed back while the agent's hello is on its way, so a slow network
+    costs no turn. A connection coming back for its second stretch goes before new ones: finishing
+    a started handshake is worth more than starting another (its agent's clock is running).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        lock = threading.Lock()
+        self._new = threading.Condition(lock)
+        self._resume = threading.Condition(lock)  # second stretches: they go first
+        self._busy = 0
+        self._resuming = 0
+
+    def acquire(self, timeout: float | None, resuming: bool = False) -> bool:
+        with self._new:
+            if resuming:
+                self._resuming += 1
+                try:
+                    ok = self._resume.wait_for(lambda: self._busy < self.size, timeout)
+                finally:
+                    self._resuming -= 1
+                if not ok and self._busy < self.size:  # a turn it was woken for: pass it on
+                    self._new.notify()
+            else:
+                ok = self._new.wait_for(lambda: self._busy < self.size and not self._resuming, timeout)
+            if ok:
+                self._busy += 1
+            return ok
+
+    def release(self) -> None:
+        with self._new:
+            self._busy -= 1
+            (self._resume if self._resuming else self._new).notify()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+
+class Turn:
+    """One request's claim on the :class:`WorkGate`; :func:`pause` and :func:`resume` use it."""
+
+    __slots__ = ("gate", "held")
+
+    def __init__(self, gate: WorkGate):
+        self.gate = gate
+        self.held = False
+
+    def take(self, timeout: float | None, resuming: bool = False) -> bool:
+        if not self.held:
+            self.held = self.gate.acquire(timeout, resuming)
+        return self.held
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release()
+
+
+def pause(environ) -> None:
+    """Hand back this request's turn while it waits on the network (the agent's hello)."""
+    turn = environ.get(TURN)
+    if turn is not None:
+        turn.give_back()
+
+
+def resume(environ, timeout: float) -> bool:
+    """Take a turn again for the next CPU-bound stretch; False if none came within ``timeout``."""
+    turn = environ.get(TURN)
+    return True if turn is None else turn.take(timeout, resuming=True)
 
 
 class WebSocketReader(threading.Thread):
@@ -121,10 +207,13 @@ class AgentRequestHandler(RequestLogHandler):
     request log has no colour codes off a terminal: :mod:`app.agents.requestlog`)."""
 
     server: AgentServer
+    _turn: Turn | None = None  # this request's claim on the server's WorkGate, if it has one
 
     def make_environ(self):
         environ = super().make_environ()
         environ[AUTHENTICATED] = self._authenticated
+        if self._turn is not None:
+            environ[TURN] = self._turn
         return environ
 
     def _authenticated(self) -> None:
@@ -164,10 +253,31 @@ class AgentRequestHandler(RequestLogHandler):
             self.log_request(101)
 
     def run_wsgi(self) -> None:
-        super().run_wsgi()
+        self._turn = turn = None if self.server.gate is None else Turn(self.server.gate)
+        if turn is not None and not self._take_turn(turn):
+            self.close_connection = True
+            return
+        try:
+            super().run_wsgi()
+        finally:
+            if turn is not None:
+                turn.give_back()
         ws = self._websocket()
         if ws is not None:
             self._close_websocket(ws)
+
+    def _take_turn(self, turn: Turn) -> bool:
+        """Wait for a turn at the gate, at most until the connection's pending deadline. False when
+        none came, or when the agent gave up while it waited: nothing is answered then."""
+        remaining = self.server.pending_deadline(self.connection) - self.server.clock()
+        if not math.isfinite(remaining) or not turn.take(max(0.0, remaining)):  # inf: cut by the sweep
+            log.debug("agent plane: no turn for %s within its handshake deadline", self.client_address[0])
+            return False
+        if peer_gave_up(self.connection):
+            turn.give_back()
+            self.server.count_abandoned()
+            return False
+        return True
 
     def _websocket(self):
         environ = getattr(self, "environ", None)
@@ -238,8 +348,11 @@ class AgentServer(ThreadedWSGIServer):
         clock=time.monotonic,
         tls: ssl.SSLContext | None = None,
         reuse_port: bool = False,
+        max_active: int = 0,
     ):
         self.request_queue_size = backlog
+        #: ``max_active`` > 0: at most that many connections do handshake work at once (WorkGate).
+        self.gate = WorkGate(max_active) if max_active > 0 else None
         # ``serve --workers N``: every worker listens on the same port; the kernel spreads accepts.
         self.allow_reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
@@ -282,7 +395,7 @@ class AgentServer(ThreadedWSGIServer):
 
     def process_request(self, request, client_address) -> None:
         if peer_gave_up(request):
-            self._abandoned_count += 1
+            self.count_abandoned()
             request.close()
             return
         with self._lock:
@@ -297,6 +410,15 @@ class AgentServer(ThreadedWSGIServer):
         except BaseException:
             self.release(request)
             raise
+
+    def pending_deadline(self, request) -> float:
+        """When this pending connection's handshake time runs out (inf once cut by the sweep)."""
+        with self._lock:
+            return self._pending.get(request, math.inf)
+
+    def count_abandoned(self) -> None:
+        with self._lock:
+            self._abandoned_count += 1
 
     def authenticated(self, request) -> None:
         with self._lock:

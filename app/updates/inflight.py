@@ -81,10 +81,13 @@ class InFlightRegistry:
             ids = list(host_ids)
             if not ids:
                 return {}
-            rows = db.session.scalars(
-                sa.select(Job).where(Job.host_id.in_(ids), Job.kind == "update", Job.status == "running")
+            # plain rows, not ORM objects: every batch of hellos asks, and almost never finds one
+            rows = db.session.execute(
+                sa.select(*(getattr(Job, c) for c in _ENTRY_COLUMNS)).where(
+                    Job.host_id.in_(ids), Job.kind == "update", Job.status == "running"
+                )
             ).all()
-            return {j.host_id: _entry(j) for j in rows}
+            return {j.host_id: _entry(j, (j.params or {}).get("version")) for j in rows}
         self._ensure_loaded()
         with self._lock:
             return {h: self._by_host[h] for h in host_ids if h in self._by_host}
@@ -109,7 +112,7 @@ class InFlightRegistry:
         j = db.session.scalar(
             sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
         )
-        return None if j is None else _entry(j)
+        return None if j is None else _entry(j, j.target_version)
 
     def __len__(self) -> int:
         if not self.cached:
@@ -123,6 +126,11 @@ class InFlightRegistry:
             return len(self._by_host)
 
 
-def _entry(j) -> InFlight:
-    """A running job's entry as read from the database (the uncached registry)."""
-    return InFlight(j.id, j.host_id, j.target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)
+#: What :func:`_entry` reads of a job.
+_ENTRY_COLUMNS = ("id", "host_id", "params", "deadline", "phase", "host_name")
+
+
+def _entry(j, target_version: str | None) -> InFlight:
+    """A running job's entry as read from the database (the uncached registry): a Job, or a row of
+    ``_ENTRY_COLUMNS``, and its target version."""
+    return InFlight(j.id, j.host_id, target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)

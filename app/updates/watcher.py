@@ -31,6 +31,7 @@ from ..models import Alert, AuditEvent, Host, Job, JobPhase
 from ..oncommit import on_commit
 from ..runtime import runtime
 from ..timeutil import utcnow
+from .inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,11 @@ class HelloContext:
 
     data: dict
     succeeded: bool = False  # :func:`succeed_with_hellos` ended its job with the hello's commit
+    #: Set by :func:`hellos_to_reconcile` in the hello's transaction: ``entry`` is the host's
+    #: running update job then (None: none), ``open_alert`` whether an update_failed alert was open.
+    checked: bool = False
+    entry: InFlight | None = None
+    open_alert: bool = True
 
 
 def _judge(entry, data: dict) -> tuple[bool, bool]:
@@ -212,7 +218,10 @@ def succeed_with_hellos(hellos: list) -> None:
     server = current_app.config["SERVER_VERSION"]
     resolved, announce, handled = [], [], []
     hellos = [(h, ctx) for h, ctx in hellos if isinstance(ctx, HelloContext)]
-    entries = runtime().inflight.get_many(h for h, _ in hellos)  # one query for the batch, uncached
+    if all(ctx.checked for _, ctx in hellos):  # read by hellos_to_reconcile in this transaction
+        entries = {h: ctx.entry for h, ctx in hellos if ctx.entry is not None}
+    else:
+        entries = runtime().inflight.get_many(h for h, _ in hellos)  # one query for the batch, uncached
     for host_id, ctx in hellos:
         entry = entries.get(host_id)
         if not _judge(entry, ctx.data)[1]:
@@ -230,16 +239,40 @@ def succeed_with_hellos(hellos: list) -> None:
         ctx.succeeded = True
 
 
+def hellos_to_reconcile(hellos: list) -> list:
+    """The read before the presence writer writes a batch of hellos: which need :func:`succeed_with_hellos`.
+
+    One query for the batch's running update jobs and one for their open ``update_failed``
+    alerts, recorded in each hello's context. :func:`on_hello` then needs no query of its own for
+    a host with neither, which is every host of a reconnect storm: three statements per welcome
+    (the job, the alert, a commit) on the connection's thread become two per batch.
+    """
+    hellos = [(h, ctx) for h, ctx in hellos if isinstance(ctx, HelloContext)]
+    if not hellos:
+        return []
+    entries = runtime().inflight.get_many(h for h, _ in hellos)
+    server = current_app.config["SERVER_VERSION"]
+    at_server = [str(h) for h, ctx in hellos if ctx.data["agent_version"] == server]
+    alerts = Alert.open_keys("update_failed", at_server) if at_server else set()
+    for h, ctx in hellos:
+        ctx.checked, ctx.entry, ctx.open_alert = True, entries.get(h), str(h) in alerts
+    return [(h, ctx) for h, ctx in hellos if ctx.entry is not None]
+
+
+succeed_with_hellos.select = hellos_to_reconcile  # the presence writer's read first (app/agents/presence.py)
+
+
 def on_hello(host_id: int, data: dict, ctx: HelloContext | None = None) -> None:
     """Reconcile a ``hello`` with the host's in-flight update, if any (unless its commit did already)."""
     if ctx is not None and ctx.succeeded:
         return
     version = data["agent_version"]
-    entry = runtime().inflight.get(host_id)
+    checked = ctx is not None and ctx.checked  # as of the hello's commit (hellos_to_reconcile)
+    entry = ctx.entry if checked else runtime().inflight.get(host_id)
     last = data.get("last_update") or {}
     corrects, succeeds = _judge(entry, data)
     # A hello that succeeds its job resolves the alert in that job's transaction: no second one.
-    if version == current_app.config["SERVER_VERSION"] and not succeeds:
+    if version == current_app.config["SERVER_VERSION"] and not succeeds and (not checked or ctx.open_alert):
         # The condition behind an update_failed alert has cleared, whoever fixed it.
         Alert.resolve("update_failed", str(host_id))
         db.session.commit()

@@ -231,3 +231,46 @@ def test_a_failing_hello_hook_is_rolled_back_and_the_hello_still_recorded(live, 
     assert seen == [cast.host_offline.id]
     assert row.connected and row.hostname == "from-the-hello"  # the hook's write was rolled back
     ws.close()
+
+
+def test_a_hello_hook_whose_read_fails_is_left_out_and_the_hello_still_recorded(live, cast, app):
+    presence = runtime(app).presence
+    ran = []
+
+    def hook(hellos):
+        ran.append(hellos)
+
+    def broken_read(hellos):
+        db.session.execute(sa.text("SELECT * FROM no_such_table"))  # aborts a PostgreSQL transaction
+
+    hook.select = broken_read
+    presence.hello_hooks.append(hook)
+    try:
+        ws = welcomed(live, cast.host_offline_token, hostname="from-the-hello")
+    finally:
+        presence.hello_hooks.remove(hook)
+    row = host_row(cast.host_offline.id)
+    assert ran == []  # left out of the batch its read failed for
+    assert row.connected and row.hostname == "from-the-hello"
+    ws.close()
+
+
+def test_a_storm_hello_costs_no_savepoint_and_no_statement_on_its_connection(live, cast, app):
+    """A hello with no running job and no open alert (every host of a reconnect storm): the writer's
+    batch reads once for it and opens no savepoint; the connection's own reconcile sends nothing."""
+    statements = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append((threading.current_thread().name, statement.split()[0].upper()))
+
+    engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        ws = welcomed(live, cast.host_offline_token)
+        wait_until(lambda: runtime(app).connections.get(cast.host_offline.id).settled.is_set())
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    writer = [s for t, s in statements if t == "presence-writer"]
+    assert "SAVEPOINT" not in writer and "UPDATE" in writer
+    assert [s for t, s in statements if t.startswith("Thread-") and "process_request" in t] == ["SELECT"]  # the token
+    ws.close()

@@ -1,0 +1,142 @@
+"""The agent plane's work gate: at most N connections of a process do handshake work at once
+(app/agents/server.py, WorkGate; issue 13). Unit tests of the gate, then over real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from agent import protocol
+from app.agents.server import WorkGate
+from tests.link.test_link_hygiene import hello_frame
+from tests.support.live import LiveServer
+from tests.support.rawws import OP_TEXT, RawWebSocket
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _waiters(cond: threading.Condition) -> int:
+    return len(cond._waiters)  # CPython's Condition keeps its sleepers here
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_the_gate_admits_its_size_and_no_more():
+    gate = WorkGate(2)
+    assert gate.acquire(0) and gate.acquire(0)
+    assert gate.busy == 2
+    assert not gate.acquire(0.01)  # the third waits out its timeout
+    gate.release()
+    assert gate.acquire(0) and gate.busy == 2
+
+
+def test_a_released_turn_wakes_one_waiter():
+    gate = WorkGate(1)
+    assert gate.acquire(0)
+    t, out = _in_thread(lambda: gate.acquire(10))
+    wait_until(lambda: _waiters(gate._new) == 1, what="the waiter to sleep")
+    assert out == []
+    gate.release()
+    t.join(5)
+    assert out == [True] and gate.busy == 1
+
+
+def test_a_started_handshake_goes_before_a_new_one():
+    gate = WorkGate(1)
+    assert gate.acquire(0)
+    new, new_out = _in_thread(lambda: gate.acquire(10))
+    wait_until(lambda: _waiters(gate._new) == 1, what="the new connection to wait")
+    resumed, resumed_out = _in_thread(lambda: gate.acquire(10, resuming=True))
+    wait_until(lambda: _waiters(gate._resume) == 1, what="the resuming connection to wait")
+    gate.release()
+    resumed.join(5)
+    assert resumed_out == [True] and new_out == []  # the new one still waits
+    gate.release()
+    new.join(5)
+    assert new_out == [True] and gate.busy == 1
+
+
+def test_a_resuming_waiter_that_times_out_passes_a_free_turn_on():
+    gate = WorkGate(1)
+    assert gate.acquire(0)
+    # A resuming waiter holds new ones back; when it gives up, they must not sleep on a free turn.
+    new, new_out = _in_thread(lambda: gate.acquire(10))
+    wait_until(lambda: _waiters(gate._new) == 1, what="the new connection to wait")
+    assert not gate.acquire(0.05, resuming=True)
+    gate.release()
+    new.join(5)
+    assert new_out == [True]
+
+
+@pytest.fixture
+def gated(app, cast):
+    app.config["BUILD_AGENT_ON_START"] = False
+    app.config["AGENT_MAX_ACTIVE"] = 1
+    app.config["AGENT_HANDSHAKE_TIMEOUT_S"] = 1.0
+    with LiveServer(app) as server:
+        yield server
+
+
+def _upgrade_request(token: str) -> bytes:
+    return f"GET /ws/agent HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+
+def _welcomed(ws: RawWebSocket) -> bool:
+    ws.send_text(hello_frame())
+    op, payload = ws.recv_frame(5)
+    return op == OP_TEXT and protocol.decode(payload.decode()).type == "welcome"
+
+
+def test_an_agent_whose_hello_is_on_the_way_holds_no_turn(gated, cast):
+    """With one turn, a connection upgraded but still waiting for its hello (a slow network) must
+    not keep the next agent from its handshake and welcome."""
+    port = gated.servers.agent_port
+    gate = gated.servers.agent.gate
+    slow = RawWebSocket(port, cast.host_offline_token)
+    assert slow.status == 101
+    wait_until(lambda: gate.busy == 0, what="the turn to be handed back during the hello wait")
+    fast = RawWebSocket(port, cast.host_online_token)
+    assert fast.status == 101 and _welcomed(fast)
+    assert _welcomed(slow)
+    wait_until(lambda: gate.busy == 0, what="both welcomed agents to hand their turns back")
+    fast.close()
+    slow.close()
+
+
+def test_a_connection_that_waits_past_its_deadline_for_a_turn_is_closed_unanswered(gated, cast):
+    gate = gated.servers.agent.gate
+    assert gate.acquire(0)  # the only turn is taken (a burst of handshakes)
+    try:
+        with socket.create_connection(("127.0.0.1", gated.servers.agent_port), timeout=5) as s:
+            s.sendall(_upgrade_request(cast.host_offline_token))
+            assert s.recv(65536) == b""  # closed at its handshake deadline (1 s), nothing answered
+        assert gate.busy == 1
+    finally:
+        gate.release()
+    ws = RawWebSocket(gated.servers.agent_port, cast.host_offline_token)  # a free turn serves again
+    assert ws.status == 101 and _welcomed(ws)
+    ws.close()
+
+
+def test_an_agent_that_gave_up_while_waiting_for_a_turn_hands_it_back(gated, cast):
+    gate = gated.servers.agent.gate
+    assert gate.acquire(0)
+    try:
+        s = socket.create_connection(("127.0.0.1", gated.servers.agent_port), timeout=5)
+        s.sendall(_upgrade_request(cast.host_offline_token))
+        wait_until(lambda: _waiters(gate._new) == 1, what="the connection to wait for a turn")
+        s.close()  # its agent gives up (connect timeout) while it waits
+    finally:
+        gate.release()
+    wait_until(lambda: gate.busy == 0, what="the abandoned connection to hand its turn back")
+    ws = RawWebSocket(gated.servers.agent_port, cast.host_offline_token)
+    assert ws.status == 101 and _welcomed(ws)
+    ws.close()
