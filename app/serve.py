@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import NoReturn
 
 import sqlalchemy as sa
@@ -374,6 +375,10 @@ def sqlite_single_process(app: Flask):
     return lock
 
 
+#: How long ``serve`` gives its stop before it exits anyway (below ``serve --workers``'s 15 s).
+STOP_WATCHDOG_S = 10.0
+
+
 def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) -> NoReturn:
     lock = sqlite_single_process(app)  # noqa: F841 - held until the process exits
     # From the start: a SIGTERM while starting (a worker restarted just before a stop) still ends
@@ -404,12 +409,30 @@ def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) 
 
     signum = wait_for_stop_signal(stop=stop)
     log.info("shutting down (signal %s)", signum)
+    watchdog = threading.Timer(STOP_WATCHDOG_S, _stop_overdue, args=(threading.get_ident(),))
+    watchdog.daemon = True
+    watchdog.start()
     servers.stop()
     # All is stopped and written; left are thousands of daemon threads finishing their sockets'
     # close handshakes. Letting the interpreter tear them down took 4+ s of a restart under load
     # (docs/capacity.md), and nothing they still do matters: leave now. The log streams are
     # flushed without logging's locks: logging.shutdown() queued for them behind those threads
     # for up to 2.8 s of a restart (docs/capacity.md).
+    flush_log_streams()
+    os._exit(0)
+
+
+def _stop_overdue(main_ident: int) -> None:
+    """The stop has run past ``STOP_WATCHDOG_S``: say where it is, and exit without the rest.
+
+    A stop writes the hosts offline and sends every agent its close frame first, in its first
+    second or two; whatever is still running this late is cleanup the exit does anyway. A
+    supervisor would kill the process soon (systemd's ``TimeoutStopSec``, ``serve --workers``'s
+    15 s), with nothing on record about why.
+    """
+    frame = sys._current_frames().get(main_ident)
+    where = "".join(traceback.format_stack(frame)) if frame is not None else "(the main thread is gone)\n"
+    log.warning("the stop did not finish within %g s; exiting now. It was at:\n%s", STOP_WATCHDOG_S, where.rstrip())
     flush_log_streams()
     os._exit(0)
 

@@ -59,6 +59,10 @@ TURN = "rm.agent_plane.turn"
 REFUSED_LINGER_S = 1.0
 #: How often the accepting thread looks for pending connections past their deadline.
 SWEEP_S = 0.1
+#: With ``max_pending`` connections pending, new ones wait in the listen backlog while the pending
+#: ones make progress; only after this long without one of them ending (or a quarter of the
+#: handshake timeout, if shorter) is the next one refused.
+FULL_HOLD_S = 1.0
 #: At most one warning about refused connections per this many seconds.
 REPORT_S = 10.0
 #: ``tcpi_state`` of a socket whose peer has closed its side (Linux's ``TCP_CLOSE_WAIT``).
@@ -357,9 +361,12 @@ class AgentServer(ThreadedWSGIServer):
         self.allow_reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
         self.max_pending = max_pending
+        self.full_hold = min(FULL_HOLD_S, handshake_timeout / 4)
         self.close_timeout = close_timeout
         self.clock = clock
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when a pending connection ends
+        self._last_room = clock()  # when one last did
         self._pending: dict[socket.socket, float] = {}  # socket -> deadline (inf once cut)
         self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._refused_count = 0
@@ -421,12 +428,32 @@ class AgentServer(ThreadedWSGIServer):
             self._abandoned_count += 1
 
     def authenticated(self, request) -> None:
-        with self._lock:
-            self._pending.pop(request, None)
+        self.release(request)
 
     def release(self, request) -> None:
         with self._lock:
-            self._pending.pop(request, None)
+            deadline = self._pending.pop(request, None)
+            if deadline is not None:
+                if deadline != math.inf:  # it ended by itself: the pending set is moving (not cut by the sweep)
+                    self._last_room = self.clock()
+                self._room.notify()
+
+    def _handle_request_noblock(self) -> None:
+        """Accept the next connection, unless ``max_pending`` are pending and moving: then it stays
+        in the kernel's listen backlog, where waiting costs nothing, until one of them ends.
+
+        In a reconnect storm the pending connections are agents waiting for a turn at the gate,
+        and they end (authenticate) every few milliseconds: accepting more only to answer them
+        503 would send them round their backoff (and come back at random later) while the
+        connections already queued are served in order. When none has ended by itself for
+        ``full_hold`` seconds (silent sockets holding the cap, not agents; being cut at the handshake
+        deadline does not count), the next ones are refused with 503 as before.
+        """
+        with self._lock:
+            if len(self._pending) >= self.max_pending and self.clock() - self._last_room < self.full_hold:
+                self._room.wait(SWEEP_S)
+                return
+        super()._handle_request_noblock()
 
     def _refuse(self, request: socket.socket) -> None:
         """Answer 503 from the accepting thread; the socket is closed by a later sweep."""

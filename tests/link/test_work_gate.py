@@ -140,3 +140,42 @@ def test_an_agent_that_gave_up_while_waiting_for_a_turn_hands_it_back(gated, cas
     ws = RawWebSocket(gated.servers.agent_port, cast.host_offline_token)
     assert ws.status == 101 and _welcomed(ws)
     ws.close()
+
+
+def test_beyond_max_pending_connections_wait_in_the_backlog_while_the_pending_ones_move(app):
+    """A full pending set that keeps moving (agents authenticating in a storm) holds newcomers in the
+    kernel's listen backlog instead of answering them 503; one that stands still (silent sockets)
+    is shed with 503 after ``full_hold``. The clock is the server's own, moved by hand."""
+    from app.agents.server import AgentServer
+
+    now = [1000.0]
+    server = AgentServer("127.0.0.1", 0, app, backlog=16, max_pending=1, handshake_timeout=10.0, clock=lambda: now[0])
+    peers = []
+    try:
+        first = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        peers.append(first)
+        server._handle_request_noblock()  # accepted: it is pending (its thread waits for a request)
+        assert server.pending == 1
+        second = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        peers.append(second)
+        server._handle_request_noblock()  # full, and it moved just now: the second stays in the backlog
+        assert server.pending == 1 and server._refused_count == 0
+
+        now[0] += server.full_hold + 0.1  # nothing moved for full_hold: the next one is refused
+        server._handle_request_noblock()
+        assert server._refused_count == 1
+        second.settimeout(5)
+        assert second.recv(65536).startswith(b"HTTP/1.1 503 ")
+
+        third = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        peers.append(third)
+        with server._lock:  # the pending one authenticates: the set is moving again
+            (pending,) = server._pending
+        server.authenticated(pending)
+        first.close()
+        server._handle_request_noblock()  # room: accepted, not refused
+        assert server._refused_count == 1 and server.pending == 1
+    finally:
+        for s in peers:
+            s.close()
+        server.server_close()
