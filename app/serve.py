@@ -8,6 +8,7 @@ tag the WSGI environ with their plane, so each answers 404 for the other's route
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import io
@@ -227,9 +228,6 @@ class Servers:
         # closing socket (2,000 of them queueing for SQLite's write lock at every restart).
         rt.presence.stop(offline=held)
         mark("offline")
-        # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
-        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
-        mark("sockets")
         if self.admin is not None:
             self._close_admin_plane()
         if self.metrics_server is not None:
@@ -254,6 +252,13 @@ class Servers:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
         mark("database")
+        # Last: each close wakes the socket's two threads (the agent answers at once), thousands of
+        # them runnable together, and the GIL goes round them all before this thread has it again.
+        # Everything above ran while they slept; a 10,000-agent restart once spent 15 s on
+        # the steps that used to follow here (docs/capacity.md).
+        # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
+        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        mark("sockets")
         steps, last = [], t0
         for phase, at in marks:
             steps.append(f"{phase} {at - last:.2f}")
@@ -412,6 +417,9 @@ def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) 
     watchdog = threading.Timer(STOP_WATCHDOG_S, _stop_overdue, args=(threading.get_ident(),))
     watchdog.daemon = True
     watchdog.start()
+    # The timer needs the GIL, which thousands of closing sockets' threads may keep from it: this
+    # one runs in C without it, dumps the newest threads' stacks to stderr and exits (code 1).
+    faulthandler.dump_traceback_later(STOP_WATCHDOG_S + 2, exit=True)
     servers.stop()
     # All is stopped and written; left are thousands of daemon threads finishing their sockets'
     # close handshakes. Letting the interpreter tear them down took 4+ s of a restart under load
