@@ -34,7 +34,8 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
     """Run one authenticated agent socket until it closes."""
     conn = Connection(host_id, ws, remote)
     cfg = current_app.config
-    hello = _await_hello(conn)
+    environ = getattr(ws, "environ", {})  # the request's, with its turn at the gate
+    hello = _await_hello(conn, environ)
     if hello is None:
         return
     data = hello.data
@@ -48,7 +49,11 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         old.close(protocol.CLOSE_REPLACED, "replaced by a newer connection")
     try:
         ctx = watcher.HelloContext(data)
-        if not runtime().presence.hello(host_id, hello_values(data), timeout=HELLO_COMMIT_TIMEOUT_S, context=ctx):
+        # No turn while the hello waits for its group commit: the batch grows with every hello
+        # waiting, instead of being bounded by the gate (app/agents/server.py).
+        pause(environ)
+        recorded = runtime().presence.hello(host_id, hello_values(data), timeout=HELLO_COMMIT_TIMEOUT_S, context=ctx)
+        if not recorded or not resume(environ, HELLO_COMMIT_TIMEOUT_S):
             log.warning("host %s: its hello could not be recorded; closing so that it retries", host_id)
             conn.close(CLOSE_TRY_AGAIN, "server busy, try again")
             return
@@ -62,7 +67,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         watcher.on_hello(host_id, data, ctx)
         fleet.host_connected(host_id)
         conn.settled.set()
-        pause(getattr(conn.ws, "environ", {}))  # the handshake is done: the next connection's turn
+        pause(environ)  # the handshake is done: the next connection's turn
         _read_loop(conn, cfg["HEARTBEAT_TIMEOUT"])
     except ConnectionClosed:
         pass
@@ -75,8 +80,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
         db.session.close()
 
 
-def _await_hello(conn: Connection) -> protocol.Envelope | None:
-    environ = getattr(conn.ws, "environ", {})
+def _await_hello(conn: Connection, environ) -> protocol.Envelope | None:
     pause(environ)  # no handshake turn while the hello is on the wire (app/agents/server.py)
     try:
         raw = conn.ws.receive(timeout=HELLO_TIMEOUT_S)
