@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,15 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0
 #: Ids per ``IN (...)`` list, well under SQLite's 32,766 bound parameters.
 MAX_IDS_PER_STATEMENT = 10_000
+#: Under a stream of hellos (one written less than ``BUSY_WINDOW_S`` ago), the writer waits this
+#: long after a batch's first hello before it writes, so that the batch gathers the hellos arriving
+#: meanwhile: a reconnect storm wrote batches of one or two hellos, each costing its reads, its
+#: statements and its commit (most of a worker's CPU at 10,000 agents). A lone hello is written
+#: at once.
+HELLO_LINGER_S = 0.1
+BUSY_WINDOW_S = 1.0
+#: A batch this large is written without waiting out the linger.
+MAX_LINGER_BATCH = 1000
 #: The hello columns the agent fills (``protocol`` bounds every value).
 HELLO_COLUMNS = ("agent_version", "os", "arch", "hostname", "python", "platform", "capabilities", "boot_id")
 
@@ -119,6 +129,8 @@ class Presence:
         self._seen: set[int] = set()
         self._final: set[int] = set()  # written offline whatever the registry says (stop)
         self._write_lock = threading.Lock()  # one writer at a time (the thread, or an inline caller)
+        self._first_hello_at = 0.0  # time.monotonic() of the oldest queued hello (the linger is real time)
+        self._last_hellos_written = -math.inf  # time.monotonic() when the writer last wrote hellos
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._next_interval = clock() + self.interval_s
@@ -132,6 +144,8 @@ class Presence:
             if self._stopping:
                 return False
             self._offline.discard(host_id)
+            if not self._hellos:
+                self._first_hello_at = time.monotonic()
             self._hellos.append(item)
             self._cond.notify()
             running = self._thread is not None
@@ -360,12 +374,15 @@ class Presence:
                         if left <= 0:
                             break
                         self._cond.wait(left)
+                    self._linger()
                     stopping = self._stopping
                     interval = self.clock() >= self._next_interval
                     if interval:
                         self._next_interval = self.clock() + self.interval_s
                 try:
-                    self.flush(heartbeats=interval and not stopping)
+                    res = self.flush(heartbeats=interval and not stopping)
+                    if res.hellos:
+                        self._last_hellos_written = time.monotonic()
                 except Exception:  # the writer must outlive a database hiccup
                     log.exception("presence: writing hosts' online state failed; retrying in %g s", RETRY_S)
                     if not stopping:
@@ -373,6 +390,17 @@ class Presence:
                         continue
                 if stopping:
                     return
+
+    def _linger(self) -> None:
+        """Under a stream of hellos, let the batch gather (see ``HELLO_LINGER_S``); call holding ``_cond``."""
+        if not self._hellos or time.monotonic() - self._last_hellos_written >= BUSY_WINDOW_S:
+            return
+        until = self._first_hello_at + HELLO_LINGER_S
+        while not self._stopping and len(self._hellos) < MAX_LINGER_BATCH:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     @property
     def queued_hellos(self) -> int:
