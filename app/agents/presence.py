@@ -81,6 +81,7 @@ class _Hello:
     host_id: int
     values: dict[str, Any]
     context: Any = None  # handed to the hello hooks
+    at: dt.datetime = dataclasses.field(default_factory=utcnow)  # when it arrived
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     ok: bool = False
 
@@ -265,14 +266,31 @@ class Presence:
                 {
                     "p_id": h,
                     "p_live": self.live(h),
+                    "p_at": item.at,
                     **{"v_" + c: v for c, v in {**item.values, **held}.items()},
                 }
                 for h, item in latest.items()
             ]
             columns = [k[2:] for k in rows[0] if k.startswith("v_")]
+            mine = sa.bindparam("p_id") == t.c.id
+            if held:
+                # A peer's newer claim stands: in a storm an agent gives up on a slow welcome here and
+                # reconnects to a peer, whose hello may commit first; this late one must not move
+                # the host back here (and its close then mark it offline while it is live there).
+                # A claim is newer when the peer wrote it (last_seen) after this hello arrived.
+                mine = sa.and_(
+                    mine,
+                    sa.or_(
+                        t.c.connected.is_not(True),
+                        t.c.instance_id.is_(None),
+                        t.c.instance_id == held["instance_id"],
+                        t.c.last_seen.is_(None),
+                        t.c.last_seen <= sa.bindparam("p_at", type_=t.c.last_seen.type),
+                    ),
+                )
             stmt = (
                 sa.update(t)
-                .where(t.c.id == sa.bindparam("p_id"))
+                .where(mine)
                 .values(
                     {
                         **{c: sa.bindparam("v_" + c, type_=t.c[c].type) for c in columns},

@@ -274,3 +274,79 @@ def test_a_storm_hello_costs_no_savepoint_and_no_statement_on_its_connection(liv
     assert "SAVEPOINT" not in writer and "UPDATE" in writer
     assert [s for t, s in statements if t.startswith("Thread-") and "process_request" in t] == ["SELECT"]  # the token
     ws.close()
+
+
+def test_a_lone_hello_is_written_at_once_and_a_stream_of_them_in_gathered_batches(app, cast, monkeypatch):
+    """Idle, a hello is written as it comes; right after one (a storm), the writer lets the batch
+    gather. The linger is made long and the batch bound short, so that the batch's end is the
+    bound, not a race with the clock."""
+    from app.agents import presence as presence_module
+    from app.agents.presence import HELLO_COLUMNS, Presence
+
+    monkeypatch.setattr(presence_module, "HELLO_LINGER_S", 30.0)
+    monkeypatch.setattr(presence_module, "MAX_LINGER_BATCH", 3)
+    presence = Presence(live=lambda h: True, interval_s=3600)
+    batches = []
+    presence.hello_hooks.append(lambda hellos: batches.append(sorted(h for h, _ in hellos)))
+    values = {c: None for c in HELLO_COLUMNS}
+    hosts = [cast.host_online.id, cast.host_offline.id, cast.host_behind.id]
+    presence.start(app)
+    try:
+        assert presence.hello(hosts[0], values, timeout=10)  # idle: not held for the 30 s linger
+        assert batches == [[hosts[0]]]
+        results = []
+        threads = [
+            threading.Thread(target=lambda h=h: results.append(presence.hello(h, values, timeout=20))) for h in hosts
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(25)
+        assert results == [True] * 3
+        assert batches == [[hosts[0]], sorted(hosts)]  # one batch: the bound, not the linger, ended it
+    finally:
+        presence.stop()
+
+
+def test_a_late_hello_does_not_take_a_host_back_from_a_peer_with_a_newer_claim(app, cast, monkeypatch):
+    """Several instances: an agent gave up on a slow welcome here and reconnected to a peer, whose
+    hello committed first. This instance's late hello (it arrived before the peer wrote its claim)
+    must leave the host with the peer; a hello that arrived after the peer's claim takes it over."""
+    import datetime as dt
+
+    from app.agents import presence as presence_module
+    from app.agents.presence import HELLO_COLUMNS, Presence, _Hello
+    from app.timeutil import utcnow
+
+    hosts = db.metadata.tables["hosts"]
+    now = utcnow()
+    for iid in (901, 902):
+        db.session.execute(
+            sa.text(
+                "INSERT INTO instances (id, name, pid, agent_addr, started_at, heartbeat_at) "
+                "VALUES (:id, :name, 1, '127.0.0.1:1', :now, :now)"
+            ),
+            {"id": iid, "name": f"i{iid}", "now": now},
+        )
+    host = cast.host_offline.id
+    claimed_at = now - dt.timedelta(seconds=1)
+    db.session.execute(
+        sa.update(hosts).where(hosts.c.id == host).values(connected=True, instance_id=902, last_seen=claimed_at)
+    )
+    db.session.commit()
+    monkeypatch.setattr(presence_module, "_held_here", lambda: {"instance_id": 901})
+    presence = Presence(live=lambda h: True, interval_s=3600)
+    values = {c: None for c in HELLO_COLUMNS}
+
+    late = _Hello(host, values, at=claimed_at - dt.timedelta(seconds=5))
+    with app.app_context():
+        presence._write([late], {}, set(), set(), set(), False)
+    row = db.session.execute(sa.select(hosts.c.instance_id, hosts.c.connected).where(hosts.c.id == host)).one()
+    assert (row.instance_id, row.connected) == (902, True)  # the peer keeps it
+
+    newer = _Hello(host, values, at=claimed_at + dt.timedelta(seconds=5))
+    with app.app_context():
+        presence._write([newer], {}, set(), set(), set(), False)
+    db.session.close()
+    row = db.session.execute(sa.select(hosts.c.instance_id, hosts.c.connected).where(hosts.c.id == host)).one()
+    assert (row.instance_id, row.connected) == (901, True)  # a hello after the peer's claim moves it here
