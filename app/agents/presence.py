@@ -277,7 +277,8 @@ class Presence:
                 # A peer's newer claim stands: in a storm an agent gives up on a slow welcome here and
                 # reconnects to a peer, whose hello may commit first; this late one must not move
                 # the host back here (and its close then mark it offline while it is live there).
-                # A claim is newer when the peer wrote it (last_seen) after this hello arrived.
+                # A hello writes its arrival time as last_seen: the claim whose hello came last wins,
+                # whichever commits first.
                 mine = sa.and_(
                     mine,
                     sa.or_(
@@ -294,7 +295,7 @@ class Presence:
                 .values(
                     {
                         **{c: sa.bindparam("v_" + c, type_=t.c[c].type) for c in columns},
-                        "last_seen": now,
+                        "last_seen": sa.bindparam("p_at", type_=t.c.last_seen.type),  # when it arrived
                         # online only with a socket here and a token: a revoke committed first stays revoked
                         "connected": sa.and_(sa.bindparam("p_live", type_=sa.Boolean), t.c.token_hash.is_not(None)),
                     }

@@ -344,9 +344,20 @@ def test_a_late_hello_does_not_take_a_host_back_from_a_peer_with_a_newer_claim(a
     row = db.session.execute(sa.select(hosts.c.instance_id, hosts.c.connected).where(hosts.c.id == host)).one()
     assert (row.instance_id, row.connected) == (902, True)  # the peer keeps it
 
+    # The claim is the peer's hello's arrival, not its commit: a peer's late commit of an older
+    # hello (its agent gave up there and came here) does not keep the host there.
+    db.session.execute(sa.update(hosts).where(hosts.c.id == host).values(instance_id=902, last_seen=claimed_at))
+    db.session.commit()
     newer = _Hello(host, values, at=claimed_at + dt.timedelta(seconds=5))
     with app.app_context():
         presence._write([newer], {}, set(), set(), set(), False)
     db.session.close()
     row = db.session.execute(sa.select(hosts.c.instance_id, hosts.c.connected).where(hosts.c.id == host)).one()
     assert (row.instance_id, row.connected) == (901, True)  # a hello after the peer's claim moves it here
+    later_peer = _Hello(host, values, at=claimed_at + dt.timedelta(seconds=2))  # older than 901's hello
+    monkeypatch.setattr(presence_module, "_held_here", lambda: {"instance_id": 902})
+    with app.app_context():
+        presence._write([later_peer], {}, set(), set(), set(), False)
+    db.session.close()
+    row = db.session.execute(sa.select(hosts.c.instance_id, hosts.c.connected).where(hosts.c.id == host)).one()
+    assert (row.instance_id, row.connected) == (901, True)  # committed last, but its hello came first
