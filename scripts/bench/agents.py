@@ -64,6 +64,8 @@ from agent.config import DEFAULT_BACKOFF_MAX_S  # noqa: E402  (the real agent's 
 VERSION = "1.0.0"
 TARGET_RSS_MB = 300
 TARGET_STORM_S = 15.0
+#: Issue 13: 10,000 agents on 4 workers (PostgreSQL) all back this soon after a restart of all workers.
+TARGET_STORM_WORKERS_S = 30.0
 
 
 # =====================================================================================  load process
@@ -579,6 +581,8 @@ def run(args) -> dict:
         tune["RM_AGENT_BACKLOG"] = str(args.backlog)
     if args.max_pending is not None:
         tune["RM_AGENT_MAX_PENDING"] = str(args.max_pending)
+    if args.max_active is not None:
+        tune["RM_AGENT_MAX_ACTIVE"] = str(args.max_active)
     env = server_env(
         tmp, db_url, RM_VERSION=VERSION, RM_HEARTBEAT_S=str(args.heartbeat),
         RM_HEARTBEAT_TIMEOUT=str(args.heartbeat * 3), RM_LOG_LEVEL=args.log_level, **tune,
@@ -775,8 +779,10 @@ def run(args) -> dict:
 
     res["target_rss_ok"] = (
         res.get("rss_n_mb", 1e9) <= TARGET_RSS_MB and res.get("rss_after_storm_mb", 1e9) <= TARGET_RSS_MB)
-    res["target_storm_ok"] = res.get("storm_all_welcomed_after_sigterm_s", 1e9) <= TARGET_STORM_S and \
-        res.get("storm_all_db_connected_after_sigterm_s", 1e9) <= TARGET_STORM_S
+    storm_target = TARGET_STORM_WORKERS_S if args.workers > 1 else TARGET_STORM_S
+    res["target_storm_s"] = storm_target
+    res["target_storm_ok"] = res.get("storm_all_welcomed_after_sigterm_s", 1e9) <= storm_target and \
+        res.get("storm_all_db_connected_after_sigterm_s", 1e9) <= storm_target
     return res
 
 
@@ -834,8 +840,8 @@ def report(res: dict) -> None:
         ("GET /api/hosts online after storm (time)", f"{res.get('api_online_after_storm')}/{res['agents']} "
                                                      f"({f('api_hosts_list_s')} s)"),
         ("server log ERROR/Traceback lines", res.get("server_log_errors")),
-        (f"target RSS <= {TARGET_RSS_MB} MB", "PASS" if res["target_rss_ok"] else "FAIL"),
-        (f"target back online <= {TARGET_STORM_S:g} s", "PASS" if res["target_storm_ok"] else "FAIL"),
+        (f"target RSS <= {TARGET_RSS_MB} MB (one process)", "PASS" if res["target_rss_ok"] else "FAIL"),
+        (f"target back online <= {res['target_storm_s']:g} s", "PASS" if res["target_storm_ok"] else "FAIL"),
     ]
     if res.get("error"):
         rows.append(("RUN FAILED", res["error"]))
@@ -857,6 +863,7 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-interval", type=float, default=None, help="RM_SWITCH_INTERVAL for the server")
     ap.add_argument("--backlog", type=int, default=None, help="RM_AGENT_BACKLOG for the server (listen backlog)")
     ap.add_argument("--max-pending", type=int, default=None, help="RM_AGENT_MAX_PENDING for the server")
+    ap.add_argument("--max-active", type=int, default=None, help="RM_AGENT_MAX_ACTIVE for the server (0: no work gate)")
     ap.add_argument("--log-level", default="INFO", help="RM_LOG_LEVEL for the server (default INFO)")
     ap.add_argument("--connect-timeout", type=float, default=180.0, help="give up connecting N after this many s")
     ap.add_argument("--storm-timeout", type=float, default=90.0, help="give up on the storm after this many s")
