@@ -264,7 +264,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "AGENT_BACKLOG": 4096,
         "AGENT_HANDSHAKE_TIMEOUT_S": 10.0,  # from accept until the agent token is accepted
         "AGENT_MAX_PENDING": 256,  # connections not yet authenticated; beyond it 503 + Retry-After
-        "AGENT_MAX_ACTIVE": 8,  # connections doing handshake work at once per process; 0: no gate
+        "AGENT_MAX_ACTIVE": 16,  # connections doing handshake work at once per process; 0: no gate
         "AGENT_CLOSE_TIMEOUT_S": 5.0,  # wait for the peer's close frame before closing TCP
         "AGENT_TLS_CERT": None,  # PEM certificate chain: with AGENT_TLS_KEY, the agent plane serves TLS
         "AGENT_TLS_KEY": None,

@@ -52,6 +52,16 @@ def welcomed(live, token, **over):
     return ws
 
 
+def welcomed_with_hook(live, cast, presence, hook):
+    """Welcome host_offline (hostname "from-the-hello") with ``hook`` among the hello hooks; its socket and row."""
+    presence.hello_hooks.append(hook)
+    try:
+        ws = welcomed(live, cast.host_offline_token, hostname="from-the-hello")
+    finally:
+        presence.hello_hooks.remove(hook)
+    return ws, host_row(cast.host_offline.id)
+
+
 def read_so_far(ws):
     """Return once the server has handled every frame sent on ``ws`` so far (it answers in order)."""
     ws.send(protocol.encode("ping", {}, "sync"))
@@ -222,12 +232,7 @@ def test_a_failing_hello_hook_is_rolled_back_and_the_hello_still_recorded(live, 
         db.session.execute(sa.update(db.metadata.tables["hosts"]).values(hostname="written-by-the-hook"))
         raise RuntimeError("the hook fails after a write")
 
-    presence.hello_hooks.append(broken_hook)
-    try:
-        ws = welcomed(live, cast.host_offline_token, hostname="from-the-hello")
-    finally:
-        presence.hello_hooks.remove(broken_hook)
-    row = host_row(cast.host_offline.id)
+    ws, row = welcomed_with_hook(live, cast, presence, broken_hook)
     assert seen == [cast.host_offline.id]
     assert row.connected and row.hostname == "from-the-hello"  # the hook's write was rolled back
     ws.close()
@@ -244,12 +249,7 @@ def test_a_hello_hook_whose_read_fails_is_left_out_and_the_hello_still_recorded(
         db.session.execute(sa.text("SELECT * FROM no_such_table"))  # aborts a PostgreSQL transaction
 
     hook.select = broken_read
-    presence.hello_hooks.append(hook)
-    try:
-        ws = welcomed(live, cast.host_offline_token, hostname="from-the-hello")
-    finally:
-        presence.hello_hooks.remove(hook)
-    row = host_row(cast.host_offline.id)
+    ws, row = welcomed_with_hook(live, cast, presence, hook)
     assert ran == []  # left out of the batch its read failed for
     assert row.connected and row.hostname == "from-the-hello"
     ws.close()

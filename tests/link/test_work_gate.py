@@ -29,6 +29,15 @@ def _in_thread(fn) -> tuple[threading.Thread, list]:
     return t, out
 
 
+def _waiting(gate: WorkGate, resuming: bool = False) -> tuple[threading.Thread, list]:
+    """A thread asleep at the gate (new, or back for its second stretch); its result once it has a turn."""
+    cond = gate._resume if resuming else gate._new
+    before = _waiters(cond)
+    t, out = _in_thread(lambda: gate.acquire(10, resuming=resuming))
+    wait_until(lambda: _waiters(cond) == before + 1, what="the waiter to sleep")
+    return t, out
+
+
 def test_the_gate_admits_its_size_and_no_more():
     gate = WorkGate(2)
     assert gate.acquire(0) and gate.acquire(0)
@@ -38,24 +47,11 @@ def test_the_gate_admits_its_size_and_no_more():
     assert gate.acquire(0) and gate.busy == 2
 
 
-def test_a_released_turn_wakes_one_waiter():
+def test_a_released_turn_wakes_one_waiter_and_a_started_handshake_goes_before_a_new_one():
     gate = WorkGate(1)
     assert gate.acquire(0)
-    t, out = _in_thread(lambda: gate.acquire(10))
-    wait_until(lambda: _waiters(gate._new) == 1, what="the waiter to sleep")
-    assert out == []
-    gate.release()
-    t.join(5)
-    assert out == [True] and gate.busy == 1
-
-
-def test_a_started_handshake_goes_before_a_new_one():
-    gate = WorkGate(1)
-    assert gate.acquire(0)
-    new, new_out = _in_thread(lambda: gate.acquire(10))
-    wait_until(lambda: _waiters(gate._new) == 1, what="the new connection to wait")
-    resumed, resumed_out = _in_thread(lambda: gate.acquire(10, resuming=True))
-    wait_until(lambda: _waiters(gate._resume) == 1, what="the resuming connection to wait")
+    new, new_out = _waiting(gate)
+    resumed, resumed_out = _waiting(gate, resuming=True)
     gate.release()
     resumed.join(5)
     assert resumed_out == [True] and new_out == []  # the new one still waits
@@ -68,8 +64,7 @@ def test_a_resuming_waiter_that_times_out_passes_a_free_turn_on():
     gate = WorkGate(1)
     assert gate.acquire(0)
     # A resuming waiter holds new ones back; when it gives up, they must not sleep on a free turn.
-    new, new_out = _in_thread(lambda: gate.acquire(10))
-    wait_until(lambda: _waiters(gate._new) == 1, what="the new connection to wait")
+    new, new_out = _waiting(gate)
     assert not gate.acquire(0.05, resuming=True)
     gate.release()
     new.join(5)
