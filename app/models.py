@@ -612,8 +612,7 @@ class Alert(db.Model):
     @classmethod
     def open_keys(cls, kind: str, dedup_keys: list[str]) -> set[str]:
         """Which of these keys have an open alert of this kind (one read)."""
-        q = sa.select(cls.dedup_key).where(cls.kind == kind, cls.dedup_key.in_(dedup_keys), cls.resolved_at.is_(None))
-        return set(db.session.scalars(q))
+        return set(db.session.scalars(_open_alert_keys(), {"kind": kind, "keys": list(dedup_keys)}))
 
     @classmethod
     def resolve_many(cls, kind: str, dedup_keys: list[str]) -> int:
@@ -667,6 +666,16 @@ class Alert(db.Model):
 @functools.cache
 def _host_by_token() -> sa.Select:
     return sa.select(Host.id, Host.name).where(Host.token_hash == sa.bindparam("token_hash"))
+
+
+@functools.cache
+def _open_alert_keys() -> sa.Select:
+    """The presence writer's read for each batch of hellos (app/updates/watcher.py), built once too."""
+    return sa.select(Alert.dedup_key).where(
+        Alert.kind == sa.bindparam("kind"),
+        Alert.dedup_key.in_(sa.bindparam("keys", expanding=True)),
+        Alert.resolved_at.is_(None),
+    )
 
 
 @functools.cache

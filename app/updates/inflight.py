@@ -8,6 +8,7 @@ the database on first use, so a restarted server picks up where the old one was.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -76,17 +77,13 @@ class InFlightRegistry:
         """The entries of these hosts that have one (uncached: one query for all of them)."""
         if not self.cached:
             from ..extensions import db
-            from ..models import Job
 
             ids = list(host_ids)
             if not ids:
                 return {}
-            # plain rows, not ORM objects: every batch of hellos asks, and almost never finds one
-            rows = db.session.execute(
-                sa.select(*(getattr(Job, c) for c in _ENTRY_COLUMNS)).where(
-                    Job.host_id.in_(ids), Job.kind == "update", Job.status == "running"
-                )
-            ).all()
+            # plain rows, not ORM objects, from a statement built once: every batch of hellos asks,
+            # and almost never finds one
+            rows = db.session.execute(_running_jobs_of(), {"ids": ids}).all()
             return {j.host_id: _entry(j, (j.params or {}).get("version")) for j in rows}
         self._ensure_loaded()
         with self._lock:
@@ -126,11 +123,16 @@ class InFlightRegistry:
             return len(self._by_host)
 
 
-#: What :func:`_entry` reads of a job.
-_ENTRY_COLUMNS = ("id", "host_id", "params", "deadline", "phase", "host_name")
+@functools.cache
+def _running_jobs_of() -> sa.Select:
+    from ..models import Job
+
+    return sa.select(Job.id, Job.host_id, Job.params, Job.deadline, Job.phase, Job.host_name).where(
+        Job.host_id.in_(sa.bindparam("ids", expanding=True)), Job.kind == "update", Job.status == "running"
+    )
 
 
 def _entry(j, target_version: str | None) -> InFlight:
     """A running job's entry as read from the database (the uncached registry): a Job, or a row of
-    ``_ENTRY_COLUMNS``, and its target version."""
+    :func:`_running_jobs_of`, and its target version."""
     return InFlight(j.id, j.host_id, target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)
