@@ -205,8 +205,11 @@ class Servers:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
-        """Stop accepting, close every agent socket, stop the scheduler; bounded in time."""
+    def stop(self, exiting: bool = False) -> None:
+        """Stop accepting, close every agent socket, stop the scheduler; bounded in time.
+
+        ``exiting``: the process exits right after (``serve``): the sockets' threads are not woken
+        to finish their close handshakes (``ConnectionRegistry.close_all``)."""
         if self.stopped.is_set():
             return
         self.stopped.set()
@@ -257,7 +260,7 @@ class Servers:
         # Everything above ran while they slept; a 10,000-agent restart once spent 15 s on
         # the steps that used to follow here (docs/capacity.md).
         # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
-        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down", exiting=exiting)
         mark("sockets")
         steps, last = [], t0
         for phase, at in marks:
@@ -420,7 +423,7 @@ def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) 
     # The timer needs the GIL, which thousands of closing sockets' threads may keep from it: this
     # one runs in C without it, dumps the newest threads' stacks to stderr and exits (code 1).
     faulthandler.dump_traceback_later(STOP_WATCHDOG_S + 2, exit=True)
-    servers.stop()
+    servers.stop(exiting=True)
     # All is stopped and written; left are thousands of daemon threads finishing their sockets'
     # close handshakes. Letting the interpreter tear them down took 4+ s of a restart under load
     # (docs/capacity.md), and nothing they still do matters: leave now. The log streams are

@@ -373,3 +373,21 @@ def test_an_agent_that_hangs_up_during_the_handshake_is_not_a_server_error(app, 
     hung_up = [r for r in caplog.records if "hung up during GET /ws/agent" in r.getMessage()]
     assert len(hung_up) == 1 and hung_up[0].levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_muted_connection_reads_nothing_until_unmuted(live, cast, app):
+    """``Connection.mute`` (a stop in a process about to exit) keeps the socket's reader asleep
+    whatever the agent sends; the bytes wait in the kernel, and a raised-then-lowered mark shows
+    they were held, not lost."""
+    ws = RawWebSocket(port(live), cast.host_offline_token)
+    ws.send_text(hello_frame())
+    assert protocol.decode(ws.recv_frame()[1].decode()).type == "welcome"
+    conn = wait_until(lambda: runtime(app).connections.get(cast.host_offline.id), what="the connection registered")
+    conn.mute()
+    ws.send_text(protocol.encode("ping", {}, "while-muted"))
+    with pytest.raises(TimeoutError):  # the reader did not wake: no pong
+        ws.recv_frame(timeout=0.5)
+    conn.ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    op, payload = ws.recv_frame(timeout=5)
+    assert op == OP_TEXT and protocol.decode(payload.decode()).data["ref"] == "while-muted"
+    ws.close()
