@@ -255,20 +255,29 @@ class Servers:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
         mark("database")
-        if exiting:  # one line before the part that thousands of sockets can make slow: where a hang is
-            log.info("stop: %.2f s to here; closing %d agent sockets", time.monotonic() - t0, len(held))
+        if exiting:
+            # Said and flushed before the closes: after them this thread must not let go of the GIL
+            # again (close_all keeps it; ``serve`` exits right after), or it queues for it behind
+            # every socket thread an agent's hang-up wakes (two stops of four once overran their
+            # 9 s watchdog there, after all else was done in 2 s).
+            self._log_stopped(t0, marks, len(held), "closing the agent sockets and exiting")
+            flush_log_streams()
         # Last: each close wakes the socket's two threads (the agent answers at once), thousands of
         # them runnable together, and the GIL goes round them all before this thread has it again.
-        # Everything above ran while they slept; a 10,000-agent restart once spent 15 s on
-        # the steps that used to follow here (docs/capacity.md).
         # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
         rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down", exiting=exiting)
-        mark("sockets")
+        if not exiting:
+            mark("sockets")
+            self._log_stopped(t0, marks, len(held))
+
+    @staticmethod
+    def _log_stopped(t0: float, marks: list[tuple[str, float]], sockets: int, then: str = "") -> None:
         steps, last = [], t0
         for phase, at in marks:
             steps.append(f"{phase} {at - last:.2f}")
             last = at
-        log.info("stopped in %.2f s (%s s; %d agent sockets)", last - t0, ", ".join(steps), len(held))
+        tail = f"; {then}" if then else ""
+        log.info("stopped in %.2f s (%s s; %d agent sockets)%s", last - t0, ", ".join(steps), sockets, tail)
 
     def _close_admin_plane(self) -> None:
         """Close the admin plane inside its own loop thread, woken by waitress's trigger, so the
@@ -427,12 +436,11 @@ def serve(app: Flask, ready_file: str | None = None, worker: int | None = None) 
     # one runs in C without it, dumps the newest threads' stacks to stderr and exits (code 1).
     faulthandler.dump_traceback_later(STOP_WATCHDOG_S + 2, exit=True)
     servers.stop(exiting=True)
-    # All is stopped and written; left are thousands of daemon threads finishing their sockets'
-    # close handshakes. Letting the interpreter tear them down took 4+ s of a restart under load
-    # (docs/capacity.md), and nothing they still do matters: leave now. The log streams are
-    # flushed without logging's locks: logging.shutdown() queued for them behind those threads
-    # for up to 2.8 s of a restart (docs/capacity.md).
-    flush_log_streams()
+    # All is stopped and written, the log flushed (in stop(), before the closes, without logging's
+    # locks: logging.shutdown() queued for them behind the socket threads for up to 2.8 s of a
+    # restart); left are thousands of daemon threads the closes woke. Letting the interpreter
+    # tear them down took 4+ s of a restart under load (docs/capacity.md), and nothing they
+    # still do matters: leave now, without a call that would let go of the GIL first.
     os._exit(0)
 
 

@@ -101,8 +101,9 @@ def _close_holding_the_gil(conns: list[Connection], code: int, reason: str) -> l
     closes its TCP side; ``socket.send`` lets go of the GIL around every write, and the stopping
     thread then queued for it behind every thread it had woken (a stop of 2,415 sockets overran
     its 9 s watchdog). Here the frames go out through libc's ``send`` called with the GIL held
-    (``ctypes.PyDLL``), non-blocking, with Python's switch interval raised meanwhile: a few
-    milliseconds for thousands of sockets. A TLS socket, or a send that does not go through at
+    (``ctypes.PyDLL``), non-blocking, with Python's switch interval raised for the rest of the
+    process's life: a few milliseconds for thousands of sockets, after which the caller exits
+    without letting go of the GIL (``app.serve.serve``). A TLS socket, or a send that does not go through at
     once, is left to :meth:`Connection.close`; a frame cut short leaves the agent an ended
     connection, which it reconnects after as well.
     """
@@ -120,25 +121,23 @@ def _close_holding_the_gil(conns: list[Connection], code: int, reason: str) -> l
     libc_send.restype = ctypes.c_ssize_t
     flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
     rest = []
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(10.0)
-    try:
-        for c in conns:
-            ws = c.ws
-            sock = getattr(ws, "sock", None)
-            if sock is None or isinstance(sock, ssl.SSLSocket) or not getattr(ws, "connected", False):
-                rest.append(c)
-                continue
-            try:
-                frame = ws.ws.send(CloseConnection(code, reason))
-            except Exception:  # noqa: BLE001 - a protocol state that cannot close now: the ordinary way
-                rest.append(c)
-                continue
-            c.closed.set()
-            ws.connected = False
-            libc_send(sock.fileno(), frame, len(frame), flags)
-    finally:
-        sys.setswitchinterval(interval)
+    # Raised for good: the process exits right after, and until then no other thread may take
+    # the GIL from this one (a forced switch would leave it queueing behind the woken threads).
+    sys.setswitchinterval(60.0)
+    for c in conns:
+        ws = c.ws
+        sock = getattr(ws, "sock", None)
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not getattr(ws, "connected", False):
+            rest.append(c)
+            continue
+        try:
+            frame = ws.ws.send(CloseConnection(code, reason))
+        except Exception:  # noqa: BLE001 - a protocol state that cannot close now: the ordinary way
+            rest.append(c)
+            continue
+        c.closed.set()
+        ws.connected = False
+        libc_send(sock.fileno(), frame, len(frame), flags)
     return rest
 
 
