@@ -6,11 +6,16 @@ record. The registry lock guards only the dict: no socket I/O happens while it i
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import socket
+import ssl
+import sys
 import threading
 import time
+
+from wsproto.events import CloseConnection
 
 from agent import protocol
 
@@ -107,12 +112,6 @@ def _close_holding_the_gil(conns: list[Connection], code: int, reason: str) -> l
     once, is left to :meth:`Connection.close`; a frame cut short leaves the agent an ended
     connection, which it reconnects after as well.
     """
-    import ctypes
-    import ssl
-    import sys
-
-    from wsproto.events import CloseConnection
-
     try:
         libc_send = ctypes.PyDLL(None).send
     except (OSError, AttributeError):  # no libc symbols to call: the ordinary close

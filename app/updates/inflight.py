@@ -68,7 +68,7 @@ class InFlightRegistry:
 
     def get(self, host_id: int) -> InFlight | None:
         if not self.cached:
-            return self._read(host_id)
+            return self.get_many((host_id,)).get(host_id)
         self._ensure_loaded()
         with self._lock:
             return self._by_host.get(host_id)
@@ -84,7 +84,7 @@ class InFlightRegistry:
             # plain rows, not ORM objects, from a statement built once: every batch of hellos asks,
             # and almost never finds one
             rows = db.session.execute(_running_jobs_of(), {"ids": ids}).all()
-            return {j.host_id: _entry(j, (j.params or {}).get("version")) for j in rows}
+            return {j.host_id: _entry(j) for j in rows}
         self._ensure_loaded()
         with self._lock:
             return {h: self._by_host[h] for h in host_ids if h in self._by_host}
@@ -101,15 +101,6 @@ class InFlightRegistry:
             e = self._by_host.get(host_id)
             if e is not None and e.job_id == job_id:
                 del self._by_host[host_id]
-
-    def _read(self, host_id: int) -> InFlight | None:
-        from ..extensions import db
-        from ..models import Job
-
-        j = db.session.scalar(
-            sa.select(Job).where(Job.host_id == host_id, Job.kind == "update", Job.status == "running")
-        )
-        return None if j is None else _entry(j, j.target_version)
 
     def __len__(self) -> int:
         if not self.cached:
@@ -132,7 +123,7 @@ def _running_jobs_of() -> sa.Select:
     )
 
 
-def _entry(j, target_version: str | None) -> InFlight:
-    """A running job's entry as read from the database (the uncached registry): a Job, or a row of
-    :func:`_running_jobs_of`, and its target version."""
-    return InFlight(j.id, j.host_id, target_version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)
+def _entry(j) -> InFlight:
+    """A running job's entry as read from the database (the uncached registry): a row of :func:`_running_jobs_of`."""
+    version = (j.params or {}).get("version")
+    return InFlight(j.id, j.host_id, version or "", j.deadline, j.phase == "restarting", j.phase, j.host_name)
