@@ -199,6 +199,7 @@ class Agent:
                 return self._finish(EX_UPDATE_RESTART)
             started = self.clock()
             welcomed = going_away = refused = False
+            spread = None
             try:
                 ws = self._open()
                 if ws is None:
@@ -234,13 +235,15 @@ class Agent:
                     with self._link_lock:
                         self._link = None
                     going_away = link.close_code == protocol.CLOSE_GOING_AWAY
+                    if going_away:
+                        spread = protocol.reconnect_spread(link.close_message)
                     link.close()
             if self.stop.is_set() or self._restart.is_set():
                 continue
             if welcomed or self.clock() - started >= STABLE_CONNECTION_S:
                 self.backoff.reset()
             if going_away:  # the server is shutting down: while it restarts, refusals don't climb the ladder
-                self.backoff.server_going_away()
+                self.backoff.server_going_away(spread)
             delay = self.backoff.next_delay(refused=refused)
             log.info("reconnecting in %.2f s", delay)
             self._sleep(delay)
@@ -547,6 +550,8 @@ class Agent:
         meaning = _CLOSE_MEANINGS.get(code)
         if code == protocol.CLOSE_REVOKED:
             log.error("link closed (code %s): %s; will keep retrying with backoff", code, meaning)
+        elif code == protocol.CLOSE_GOING_AWAY and (spread := protocol.reconnect_spread(link.close_message)):
+            log.warning("link closed (code %s): %s, within the %g s it named", code, meaning, spread)
         elif meaning:
             log.warning("link closed (code %s): %s", code, meaning)
         else:

@@ -11,6 +11,7 @@ This module is stdlib only: the agent must not depend on the server.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -25,6 +26,27 @@ CLOSE_TOO_BIG = 1009
 CLOSE_REPLACED = 4000  # a newer connection for the same host took over
 CLOSE_REVOKED = 4001  # the host's token was revoked or the host deleted
 CLOSE_IDLE = 4002  # no frame within the heartbeat timeout
+
+#: A server that closes with 1001 may name, in the close reason, the window over which its agents
+#: should spread their return (``reconnect within 12.5 s``): it knows how many it held and how fast
+#: it welcomes them. Old agents ignore the text; an agent bounds what it honours.
+MAX_RECONNECT_SPREAD_S = 60.0
+_SPREAD = re.compile(r"reconnect within (\d{1,4}(?:\.\d{1,3})?) s")
+
+
+def going_away_reason(spread_s: float | None) -> str:
+    """The 1001 close reason, naming the reconnect window when there is one (under 123 bytes)."""
+    if spread_s is None:
+        return "server shutting down"
+    return f"server shutting down; reconnect within {min(spread_s, MAX_RECONNECT_SPREAD_S):.1f} s"
+
+
+def reconnect_spread(reason: str | None) -> float | None:
+    """The window a 1001 close reason names (see :func:`going_away_reason`), or None; bounded to
+    [0, MAX_RECONNECT_SPREAD_S] whatever the text says."""
+    m = _SPREAD.search(reason or "")
+    return None if m is None else min(float(m.group(1)), MAX_RECONNECT_SPREAD_S)
+
 
 UPDATE_PHASES = ("downloading", "verifying", "staging", "restarting")
 

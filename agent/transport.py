@@ -51,6 +51,15 @@ class Backoff:
     (the kernel answers it), the delays keep their full jitter (the fleet arrives spread over
     RESTART_RETRY_S, not at once), and anything else (a 503, a timeout, a reset: a server that is
     up but busy) still climbs the ladder.
+
+    When the 1001's reason names a window (``reconnect within 15.0 s``,
+    :func:`agent.protocol.reconnect_spread`), the agent spreads its return over it: the first
+    attempt comes at a uniform point of the window, and a refused one is retried at a uniform point
+    of what is left of it (or within RESTART_RETRY_S, whichever is longer), so the fleet reaches
+    the new server evenly across the part of the window it is up for. The server names a window
+    when it held more agents than it welcomes within an agent's connect timeout: arriving all
+    within 4 s, a third of 10,000 agents on 4 workers waited in the listen queues past that
+    timeout and came back again (docs/capacity.md, issue 13).
     """
 
     def __init__(
@@ -66,21 +75,34 @@ class Backoff:
         self.clock = clock
         self.attempt = 0
         self._restart_until: float | None = None
+        self._spread_until: float | None = None
+        self._spread_next = False
 
     def ceiling(self) -> float:
         return min(self.cap, self.base * (2 ** min(self.attempt, 62)))
 
     def next_delay(self, refused: bool = False) -> float:
         """Return the next delay and move one step up the ladder (see the class for ``refused``)."""
-        if refused and self.restarting:
-            return self.rand() * min(self.cap, RESTART_RETRY_S)
+        if self.restarting:
+            left = 0.0 if self._spread_until is None else max(0.0, self._spread_until - self.clock())
+            if self._spread_next:  # the first attempt after the close: anywhere in the named window
+                self._spread_next = False
+                if left > 0:
+                    return self.rand() * left
+            if refused:
+                return self.rand() * max(min(self.cap, RESTART_RETRY_S), left)
         delay = self.rand() * self.ceiling()
         self.attempt += 1
         return delay
 
-    def server_going_away(self) -> None:
-        """The server closed the link as going away (1001): it is probably restarting."""
-        self._restart_until = self.clock() + RESTART_WINDOW_S
+    def server_going_away(self, spread: float | None = None) -> None:
+        """The server closed the link as going away (1001): it is probably restarting. ``spread``:
+        the window its close reason named for the fleet's return, if any."""
+        now = self.clock()
+        spread = spread if spread is not None and spread > 0 else None
+        self._restart_until = now + max(RESTART_WINDOW_S, (spread or 0.0) + RESTART_RETRY_S)
+        self._spread_until = None if spread is None else now + spread
+        self._spread_next = spread is not None
 
     @property
     def restarting(self) -> bool:
@@ -91,6 +113,8 @@ class Backoff:
         """Start the ladder again (a welcome, or a connection that lived long enough)."""
         self.attempt = 0
         self._restart_until = None
+        self._spread_until = None
+        self._spread_next = False
 
 
 class _DaemonThread(threading.Thread):

@@ -227,6 +227,8 @@ class Servers:
         mark("listener")
         rt = runtime(self.app)
         held = rt.connections.host_ids()
+        spread = None if self.agent is None else self.agent.restart_spread(len(held))
+        going_away = protocol.going_away_reason(spread)
         # One statement marks every host this process holds offline, instead of one commit per
         # closing socket (2,000 of them queueing for SQLite's write lock at every restart).
         rt.presence.stop(offline=held)
@@ -260,15 +262,16 @@ class Servers:
             # again (close_all keeps it; ``serve`` exits right after), or it queues for it behind
             # every socket thread an agent's hang-up wakes (two stops of four once overran their
             # 9 s watchdog there, after all else was done in 2 s).
-            self._log_stopped(t0, marks, len(held), "closing the agent sockets and exiting")
+            self._log_stopped(t0, marks, len(held), f"closing the agent sockets ({going_away}) and exiting")
             flush_log_streams()
         # Last: each close wakes the socket's two threads (the agent answers at once), thousands of
         # them runnable together, and the GIL goes round them all before this thread has it again.
-        # 1001: the agents retry a refused connect quickly while we restart (agent.transport.Backoff)
-        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down", exiting=exiting)
+        # 1001: the agents retry a refused connect quickly while we restart, spread over the window
+        # the reason names, if any (agent.transport.Backoff)
+        rt.connections.close_all(protocol.CLOSE_GOING_AWAY, going_away, exiting=exiting)
         if not exiting:
             mark("sockets")
-            self._log_stopped(t0, marks, len(held))
+            self._log_stopped(t0, marks, len(held), going_away if spread is not None else "")
 
     @staticmethod
     def _log_stopped(t0: float, marks: list[tuple[str, float]], sockets: int, then: str = "") -> None:

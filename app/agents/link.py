@@ -17,7 +17,7 @@ from ..models import Host
 from ..runtime import runtime
 from .presence import hello_values
 from .registry import Connection
-from .server import pause, resume
+from .server import mark_welcomed, pause, resume
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def serve_connection(ws, host_id: int, remote: str) -> None:
                 {"server_version": cfg["SERVER_VERSION"], "heartbeat_s": cfg["HEARTBEAT_S"], "host_id": host_id},
             )
         )
+        mark_welcomed(environ)
         watcher.on_hello(host_id, data, ctx)
         fleet.host_connected(host_id)
         conn.settled.set()

@@ -187,7 +187,10 @@ class ConnectionRegistry:
         return True
 
     def close_all(
-        self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down", exiting: bool = False
+        self,
+        code: int = protocol.CLOSE_GOING_AWAY,
+        reason: str = protocol.going_away_reason(None),
+        exiting: bool = False,
     ) -> int:
         """Close every socket. ``exiting``: the process exits right after, so the sockets' own threads
         need not wake for the agents' answers (:meth:`Connection.mute`) and are muted first: with

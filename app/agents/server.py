@@ -43,6 +43,8 @@ from werkzeug.serving import ThreadedWSGIServer
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
+from agent.transport import RESTART_RETRY_S
+
 from ..errors import error_bytes
 from .requestlog import RequestLogHandler
 
@@ -54,6 +56,8 @@ AUTHENTICATED = "rm.agent_plane.authenticated"
 WEBSOCKET = "rm.agent_plane.websocket"
 #: environ key of the request's :class:`Turn` at the server's :class:`WorkGate`.
 TURN = "rm.agent_plane.turn"
+#: environ key of a callable: the app calls it once the agent is welcomed (:class:`WelcomeRate`).
+WELCOMED = "rm.agent_plane.welcomed"
 
 #: How long a refused (503) connection may take to read its answer before it is closed.
 REFUSED_LINGER_S = 1.0
@@ -67,6 +71,11 @@ FULL_HOLD_S = 1.0
 REPORT_S = 10.0
 #: ``tcpi_state`` of a socket whose peer has closed its side (Linux's ``TCP_CLOSE_WAIT``).
 TCP_CLOSE_WAIT = 8
+#: The welcome rate is measured over runs of at least this long with connections waiting.
+RATE_WINDOW_S = 3.0
+#: Of an agent's 10 s connect timeout, how long its return after a restart may wait in a queue:
+#: the window a stop names is what it takes to welcome the fleet, less this.
+QUEUE_BUDGET_S = 3.0
 
 
 def peer_gave_up(sock: socket.socket) -> bool:
@@ -85,6 +94,65 @@ def mark_authenticated(environ) -> None:
     hook = environ.get(AUTHENTICATED)
     if hook is not None:
         hook()
+
+
+def mark_welcomed(environ) -> None:
+    """Tell the agent-plane server this request's agent was welcomed (:class:`WelcomeRate`)."""
+    hook = environ.get(WELCOMED)
+    if hook is not None:
+        hook()
+
+
+class WelcomeRate:
+    """How fast this process welcomes agents when it has more than it can take at once.
+
+    A welcome counts while others wait for a turn (or in the listen backlog): then the rate is
+    the process's, not the agents' arrival rate. The best rate over any ``window`` seconds of such
+    a run is kept for the process's life. A stop uses it to name the window over which its agents
+    should come back (:meth:`AgentServer.restart_spread`); a process that was never saturated
+    names none, and the agents' own rule applies (agent.transport.Backoff).
+    """
+
+    def __init__(self, window: float = RATE_WINDOW_S, clock=time.monotonic):
+        self.window = window
+        self.clock = clock
+        self.best: float | None = None
+        self._stamps: collections.deque[float] = collections.deque()
+        self._since: float | None = None  # when the current saturated run began
+        self._lock = threading.Lock()
+
+    def record(self, saturated: bool) -> None:
+        now = self.clock()
+        with self._lock:
+            if not saturated:
+                self._stamps.clear()
+                self._since = None
+                return
+            if self._since is None:
+                self._since = now
+            self._stamps.append(now)
+            while self._stamps[0] <= now - self.window:
+                self._stamps.popleft()
+            if now - self._since >= self.window:
+                rate = len(self._stamps) / self.window
+                if self.best is None or rate > self.best:
+                    self.best = rate
+
+
+def restart_spread(held: int, rate: float | None) -> float | None:
+    """The window (s) a stop asks its ``held`` agents to spread their return over, or None.
+
+    Agents told nothing all come back within RESTART_RETRY_S (4 s) of the close. When welcoming
+    them takes longer than that plus QUEUE_BUDGET_S, the late ones wait in the listen queue past
+    their connect timeout and come back again, paying their handshake twice: 10,000 agents on 4
+    workers came back in waves, in 22-32 s (docs/capacity.md, issue 13). Spread over the time
+    the process measured it needs, less what they may wait, they arrive about as fast as they
+    are welcomed.
+    """
+    if rate is None or rate <= 0 or held <= 0:
+        return None
+    spread = held / rate - QUEUE_BUDGET_S
+    return round(spread, 1) if spread > RESTART_RETRY_S else None
 
 
 class WorkGate:
@@ -111,19 +179,24 @@ class WorkGate:
         self._resume = threading.Condition(lock)  # second stretches: they go first
         self._busy = 0
         self._resuming = 0
+        self._waiting = 0
 
     def acquire(self, timeout: float | None, resuming: bool = False) -> bool:
         with self._new:
-            if resuming:
-                self._resuming += 1
-                try:
-                    ok = self._resume.wait_for(lambda: self._busy < self.size, timeout)
-                finally:
-                    self._resuming -= 1
-                if not ok and self._busy < self.size:  # a turn it was woken for: pass it on
-                    self._new.notify()
-            else:
-                ok = self._new.wait_for(lambda: self._busy < self.size and not self._resuming, timeout)
+            self._waiting += 1
+            try:
+                if resuming:
+                    self._resuming += 1
+                    try:
+                        ok = self._resume.wait_for(lambda: self._busy < self.size, timeout)
+                    finally:
+                        self._resuming -= 1
+                    if not ok and self._busy < self.size:  # a turn it was woken for: pass it on
+                        self._new.notify()
+                else:
+                    ok = self._new.wait_for(lambda: self._busy < self.size and not self._resuming, timeout)
+            finally:
+                self._waiting -= 1
             if ok:
                 self._busy += 1
             return ok
@@ -136,6 +209,11 @@ class WorkGate:
     @property
     def busy(self) -> int:
         return self._busy
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for a turn right now."""
+        return self._waiting
 
 
 class Turn:
@@ -216,6 +294,7 @@ class AgentRequestHandler(RequestLogHandler):
     def make_environ(self):
         environ = super().make_environ()
         environ[AUTHENTICATED] = self._authenticated
+        environ[WELCOMED] = self.server.welcomed
         if self._turn is not None:
             environ[TURN] = self._turn
         return environ
@@ -357,6 +436,7 @@ class AgentServer(ThreadedWSGIServer):
         self.request_queue_size = backlog
         #: ``max_active`` > 0: at most that many connections do handshake work at once (WorkGate).
         self.gate = WorkGate(max_active) if max_active > 0 else None
+        self.welcome_rate = WelcomeRate(clock=clock)
         # ``serve --workers N``: every worker listens on the same port; the kernel spreads accepts.
         self.allow_reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
@@ -423,6 +503,15 @@ class AgentServer(ThreadedWSGIServer):
         with self._lock:
             return self._pending.get(request, math.inf)
 
+    def welcomed(self) -> None:
+        """An agent was welcomed: count it towards the rate if others are waiting (WelcomeRate)."""
+        waiting = self.gate is not None and self.gate.waiting > 0
+        self.welcome_rate.record(waiting or self.pending >= self.max_pending)
+
+    def restart_spread(self, held: int) -> float | None:
+        """The window a stop asks its ``held`` agents to come back over (:func:`restart_spread`)."""
+        return restart_spread(held, self.welcome_rate.best)
+
     def count_abandoned(self) -> None:
         with self._lock:
             self._abandoned_count += 1
@@ -466,6 +555,12 @@ class AgentServer(ThreadedWSGIServer):
             "Connection: close\r\n\r\n"
         ).encode()
         self._refused_count += 1
+        if isinstance(request, ssl.SSLSocket):
+            # No handshake yet, and none on the accepting thread: a send here would run one (and,
+            # with the ClientHello already in, TLS 1.3 lets the 503 go out before the client's
+            # Finished). Closed instead, as the module says; the agent retries with backoff.
+            request.close()
+            return
         try:
             request.setblocking(False)
             request.send(head + body)  # a few hundred bytes into an empty send buffer

@@ -176,9 +176,12 @@ class LoadGen:
     def _send_env(self, a, type_, data=None):
         return a.ws is not None and self._send(a, a.ws.send(self.Text(data=self.p.encode(type_, data))))
 
-    def _drop(self, a, why: str, reconnect_in: float | None = None, going_away: bool = False) -> None:
+    def _drop(
+        self, a, why: str, reconnect_in: float | None = None, going_away: bool = False, spread: float | None = None
+    ) -> None:
         """The link is gone: release the socket and schedule the reconnect exactly like agent.client
-        (a refused connect after the server's 1001 close is retried quickly: agent.transport.Backoff).
+        (a refused connect after the server's 1001 close is retried quickly, spread over the window
+        the close's reason names if it names one: agent.transport.Backoff).
 
         ``reconnect_in`` overrides the backoff (a simulated restart reconnects after its restart delay).
         """
@@ -202,7 +205,7 @@ class LoadGen:
         if welcomed or now - a.started >= self.stable_s:
             a.backoff.reset()
         if going_away:
-            a.backoff.server_going_away()
+            a.backoff.server_going_away(spread)
         if reconnect_in is None:
             reconnect_in = a.backoff.next_delay(refused=why == "refused")
         self._timer(now + reconnect_in, a, "connect")
@@ -279,7 +282,9 @@ class LoadGen:
                         self._send(a, a.ws.send(ev.response()))
                     except Exception:  # noqa: BLE001 - the peer is gone anyway
                         pass
-                    self._drop(a, "closed_by_server", going_away=ev.code == self.p.CLOSE_GOING_AWAY)
+                    going_away = ev.code == self.p.CLOSE_GOING_AWAY
+                    spread = self.p.reconnect_spread(ev.reason) if going_away else None
+                    self._drop(a, "closed_by_server", going_away=going_away, spread=spread)
                     return
                 elif isinstance(ev, self.Reject):
                     self._drop(a, "rejected")
@@ -362,6 +367,11 @@ class LoadGen:
             "t_first_attempt": self.t_first_attempt, "t_all_online": self.t_all_online,
             "mark_t": self.mark_t, "mark_min_online": self.mark_min_online,
             "t_all_after_mark": self.t_all_after_mark,
+        }
+
+    def storm_report(self) -> dict:
+        """The storm's distributions (sorting 10,000 figures: asked for once, not in every status)."""
+        return {
             "storm_welcome_s": {
                 "n": len(self.mark_welcomes),
                 **{f"p{p}": percentile(self.mark_welcomes, p) for p in (0, 50, 90, 99, 100)},
@@ -372,6 +382,8 @@ class LoadGen:
 
     def _handle_command(self, cmd: str) -> dict:
         """Act on one command line from the parent; return extra fields for the reply."""
+        if cmd == "storm":
+            return self.storm_report()
         if cmd == "mark":
             self.mark_t = time.monotonic()
             self.mark_min_online = self.online
@@ -463,7 +475,10 @@ class LoadProcess:
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
         )
 
-    def ask(self, cmd: str = "status", timeout: float = 10.0) -> dict:
+    def ask(self, cmd: str = "status", timeout: float = 60.0) -> dict:
+        """One command, one answer. The timeout is generous: in a storm the load process shares two
+        cores with 20,000 server threads, and on a slow machine its loop fell 10 s behind (an
+        unanswered question would also leave the next answer out of step)."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"load process exited with {self.proc.returncode}")
         self.proc.stdin.write(cmd.encode() + b"\n")
@@ -725,6 +740,7 @@ def run(args) -> dict:
                                       "counters": s["counters"]}
                 break
             time.sleep(0.05)
+        s.update(load.ask("storm"))
         ov = tcp_ext("ListenOverflows", "ListenDrops")
         res["storm_listen_overflows"] = ov["ListenOverflows"] - overflow0["ListenOverflows"]
         res["storm_listen_drops"] = ov["ListenDrops"] - overflow0["ListenDrops"]

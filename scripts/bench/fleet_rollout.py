@@ -196,14 +196,14 @@ class FleetSim(LoadGen):
         if kind == "close_deadline" and a.restarting:
             self._drop(a, "resets")
 
-    def _drop(self, a, why: str, reconnect_in: float | None = None) -> None:
+    def _drop(self, a, why: str, reconnect_in: float | None = None, **close) -> None:
         if a.restarting and a.sock is not None:
             # The simulated process exits here; the service manager starts it after the delay.
             a.restarting = False
             a.t_closed = time.monotonic()
             super()._drop(a, "restarts", reconnect_in=self.restart_delay)
             return
-        super()._drop(a, why, reconnect_in)
+        super()._drop(a, why, reconnect_in, **close)
 
     def _connect(self, a) -> None:
         if a.job is not None and a.t_reconnect is None:

@@ -184,3 +184,85 @@ def test_an_agent_whose_server_went_away_retries_refused_connects_quickly(make_c
     agent, sleeps = agent_with(make_config, connect, Clock(), stop_after=6, cap=30)
     agent.run()
     assert sleeps == expected
+
+
+# -- a server that names a window in its 1001 close: the fleet spreads its return over it
+
+
+def test_a_named_window_spreads_the_first_attempt_over_it():
+    rng = random.Random(3)
+    firsts = []
+    for _ in range(400):
+        backoff = Backoff(base=0.5, cap=10, rand=rng.random, clock=Clock())
+        backoff.server_going_away(spread=20.0)
+        firsts.append(backoff.next_delay())
+    assert all(0 <= d <= 20.0 for d in firsts)
+    # uniform over the window, not the 0-0.5 s of the ladder's first step
+    assert sum(d < 5 for d in firsts) < 150 and sum(d > 15 for d in firsts) > 50
+
+
+def test_a_refusal_within_the_named_window_is_retried_within_what_is_left_of_it():
+    clock = Clock()
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=clock)
+    backoff.server_going_away(spread=20.0)
+    assert backoff.next_delay() == 20.0  # the first attempt: anywhere in the window (here its end)
+    clock.now += 3.0  # refused: the server is not back yet
+    assert backoff.next_delay(refused=True) == 17.0
+    clock.now += 15.0  # 2 s left: the agent's own 4 s rule is longer
+    assert backoff.next_delay(refused=True) == RESTART_RETRY_S
+    assert backoff.attempt == 0  # refusals did not climb the ladder
+
+
+def test_a_named_window_outlasts_the_restart_window_when_it_is_longer():
+    clock = Clock()
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=clock)
+    backoff.server_going_away(spread=protocol.MAX_RECONNECT_SPREAD_S)
+    backoff.next_delay()
+    clock.now += RESTART_WINDOW_S  # past the plain restart window, still in the named one
+    assert backoff.restarting
+    assert backoff.next_delay(refused=True) == RESTART_RETRY_S
+    clock.now += RESTART_RETRY_S
+    assert not backoff.restarting
+
+
+def test_a_busy_server_climbs_the_ladder_within_a_named_window_too():
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=Clock())
+    backoff.server_going_away(spread=20.0)
+    assert backoff.next_delay() == 20.0
+    # a 503, a timeout or a reset: the server is up but busy
+    assert [backoff.next_delay() for _ in range(3)] == [0.5, 1, 2]
+
+
+def test_a_reset_forgets_the_named_window():
+    backoff = Backoff(base=0.5, cap=10, rand=lambda: 1.0, clock=Clock())
+    backoff.server_going_away(spread=20.0)
+    backoff.reset()
+    assert backoff.next_delay() == 0.5
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        # the server named 20 s: the first attempt at the window's end (rand 1.0), then what is left
+        # of it (the clock does not move here), never climbing
+        ("server shutting down; reconnect within 20.0 s", [20.0, 20.0, 20.0, 20.0]),
+        # no window named (an older server, or a fleet it welcomes in time): the plain 1001 rule
+        ("server shutting down", [0.5, 4, 4, 4]),
+        # a window past the bound is held to it
+        ("server shutting down; reconnect within 999.0 s", [60.0, 60.0, 60.0, 60.0]),
+    ],
+)
+def test_an_agent_spreads_its_return_over_the_window_its_server_named(make_config, message, expected):
+    calls = []
+
+    def connect(url, token):
+        calls.append(url)
+        if len(calls) == 1:
+            sock = ClosingSocket(protocol.CLOSE_GOING_AWAY)
+            sock.close_message = message
+            return sock
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    agent, sleeps = agent_with(make_config, connect, Clock(), stop_after=4, cap=30)
+    agent.run()
+    assert sleeps == expected

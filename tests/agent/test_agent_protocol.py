@@ -131,3 +131,36 @@ def test_field_specs_parse_into_types_and_required_flags():
     assert update["allow_downgrade"] == ((bool,), False)
     assert protocol.SCHEMAS["welcome"]["heartbeat_s"] == ((int, float), True)
     assert list(protocol.SCHEMAS["update.progress"]) == ["job_id", "phase", "bytes_done", "bytes_total"]
+
+
+# -- the 1001 close reason may name the window the fleet should spread its return over
+
+
+def test_a_going_away_reason_names_its_window_and_reads_back():
+    reason = protocol.going_away_reason(14.25)
+    assert reason == "server shutting down; reconnect within 14.2 s"
+    assert protocol.reconnect_spread(reason) == 14.2
+    assert len(reason.encode()) <= 123  # what a close frame's reason may hold
+
+
+def test_a_going_away_reason_without_a_window_names_none():
+    assert protocol.going_away_reason(None) == "server shutting down"
+    assert protocol.reconnect_spread("server shutting down") is None
+
+
+@pytest.mark.parametrize(
+    "reason, expected",
+    [
+        (None, None),
+        ("", None),
+        ("reconnect within -5 s", None),  # no sign accepted: nothing named
+        ("reconnect within abc s", None),
+        ("reconnect within 1e9 s", None),
+        ("reconnect within 99999 s", None),  # more digits than any window: not read as one
+        ("reconnect within 9999 s", protocol.MAX_RECONNECT_SPREAD_S),  # held to the bound
+        ("reconnect within 0 s", 0.0),
+        ("going away; reconnect within 12.5 s; bye", 12.5),
+    ],
+)
+def test_a_going_away_reason_is_read_defensively(reason, expected):
+    assert protocol.reconnect_spread(reason) == expected

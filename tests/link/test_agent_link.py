@@ -302,3 +302,49 @@ def test_a_real_agent_retries_quickly_while_its_server_restarts(live, cast, tmp_
     # the first reconnect after a welcomed link: 0.5 s; then every refusal within RESTART_RETRY_S
     # (without the 1001 rule: 1, 2, 4, 8, 16)
     assert sleeps[:6] == [0.5] + [RESTART_RETRY_S] * 5
+
+
+def test_a_stop_names_the_window_its_agents_should_return_over(live, cast):
+    """A process that measured how fast it welcomes agents when saturated asks them, in the 1001's
+    reason, to spread their return over the time it needs for them (app/agents/server.py)."""
+    ws = connect(live, cast.host_offline_token)
+    ws.send(hello())
+    assert recv(ws).type == "welcome"
+    live.servers.agent.welcome_rate.best = 0.1  # one agent at 0.1 a second: 10 s, less the 3 s budget
+    live.servers.stop()
+    wait_until(lambda: not ws.connected, what="the link closed by the stopping server")
+    assert ws.close_reason == protocol.CLOSE_GOING_AWAY
+    assert ws.close_message == "server shutting down; reconnect within 7.0 s"
+    assert protocol.reconnect_spread(ws.close_message) == 7.0
+
+
+def test_a_real_agent_spreads_its_return_over_the_window_its_server_named(live, cast, tmp_path):
+    from agent.client import Agent
+    from agent.config import parse_config
+    from agent.transport import RESTART_RETRY_S
+    from tests.support.peers import AgentThread
+
+    sleeps = []
+    config = parse_config(
+        {
+            "server_url": live.agent_ws_url,
+            "token": cast.host_offline_token,
+            "state_dir": str(tmp_path),
+            "backoff_max_s": 30,
+            "allow_unsigned_updates": True,
+        },
+        str(tmp_path / "agent.toml"),
+    )
+    agent = Agent(config, sleep=sleeps.append, rand=lambda: 1.0, program=None)
+    runner = AgentThread(agent).start()
+    try:
+        wait_until(lambda: host_row(cast.host_offline.id).connected, what="the agent online")
+        live.servers.agent.welcome_rate.best = 0.1  # 10 s for its one agent, less the budget: 7 s
+        live.servers.stop()
+        wait_until(lambda: len(sleeps) >= 4, what="four reconnect attempts against the stopped server")
+    finally:
+        runner.stop(5)
+    # the first attempt at a point of the 7 s window (its end, with rand 1.0), not after 0.5 s; each
+    # refusal then within what is left of it (the clock is real, the sleeps are not), never the ladder
+    assert sleeps[0] == pytest.approx(7.0, abs=0.5)
+    assert all(RESTART_RETRY_S <= s <= 7.0 for s in sleeps[1:4]), sleeps

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from agent import protocol
-from app.agents.server import WorkGate
+from app.agents.server import QUEUE_BUDGET_S, WelcomeRate, WorkGate, restart_spread
 from tests.link.test_link_hygiene import hello_frame
 from tests.support.live import LiveServer
 from tests.support.rawws import OP_TEXT, RawWebSocket
@@ -174,3 +174,86 @@ def test_beyond_max_pending_connections_wait_in_the_backlog_while_the_pending_on
         for s in peers:
             s.close()
         server.server_close()
+
+
+# -- the welcome rate, and the window a stop names for its agents' return
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_welcome_rate_is_the_best_sustained_while_others_wait():
+    clock = FakeClock()
+    rate = WelcomeRate(window=3.0, clock=clock)
+    for _ in range(200):  # 100 welcomes a second for 2 s: shorter than the window, no figure yet
+        clock.now += 0.01
+        rate.record(saturated=True)
+    assert rate.best is None
+    for _ in range(200):  # on for 2 s more: the run is long enough
+        clock.now += 0.01
+        rate.record(saturated=True)
+    assert rate.best == pytest.approx(100, rel=0.02)
+    for _ in range(400):  # slower, still waiting: the best stays
+        clock.now += 0.02
+        rate.record(saturated=True)
+    assert rate.best == pytest.approx(100, rel=0.02)
+
+
+def test_welcomes_with_nobody_waiting_measure_arrivals_not_the_rate():
+    clock = FakeClock()
+    rate = WelcomeRate(window=3.0, clock=clock)
+    for i in range(1000):  # 200 a second, but every fifth with nobody waiting: no run lasts 3 s
+        clock.now += 0.005
+        rate.record(saturated=i % 5 != 0)
+    assert rate.best is None
+
+
+@pytest.mark.parametrize(
+    "held, rate, expected",
+    [
+        (2500, 125.0, 2500 / 125 - QUEUE_BUDGET_S),  # a worker of a 10,000-agent fleet on 4 workers
+        (2000, 450.0, None),  # welcomed within the agents' own 4 s rule plus the budget: say nothing
+        (2000, None, None),  # never saturated: no measured rate, say nothing
+        (0, 100.0, None),
+    ],
+)
+def test_a_stop_names_a_window_only_when_its_agents_would_outwait_their_timeout(held, rate, expected):
+    assert restart_spread(held, rate) == expected
+
+
+def test_the_gate_counts_its_waiters():
+    gate = WorkGate(1)
+    assert gate.acquire(0) and gate.waiting == 0
+    t, out = _waiting(gate)
+    assert gate.waiting == 1
+    gate.release()
+    t.join(5)
+    assert out == [True] and gate.waiting == 0
+    gate.release()
+
+
+def test_a_welcome_counts_towards_the_rate_only_while_others_wait_for_a_turn(gated, cast):
+    server = gated.servers.agent
+    clock = FakeClock()
+    server.welcome_rate = WelcomeRate(window=1.0, clock=clock)
+    ws = RawWebSocket(gated.servers.agent_port, cast.host_offline_token)
+    assert ws.status == 101 and _welcomed(ws)  # a real welcome, nobody waiting: no run starts
+    wait_until(lambda: server.gate.busy == 0, what="the welcomed agent to hand its turn back")
+    assert server.welcome_rate._since is None
+    assert server.gate.acquire(0)
+    waiter, out = _waiting(server.gate)
+    try:
+        for _ in range(20):  # as the link does after each welcome, with one connection waiting
+            clock.now += 0.1
+            server.welcomed()
+    finally:
+        server.gate.release()
+        waiter.join(5)
+        server.gate.release()
+    assert server.welcome_rate.best == pytest.approx(10, rel=0.1)
+    ws.close()
