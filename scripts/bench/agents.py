@@ -779,8 +779,12 @@ def run(args) -> dict:
         args.keep = True
     finally:
         try:
-            res["server_log_errors"] = sum(
-                1 for ln in server.log_tail(10**9).splitlines() if " ERROR " in ln or "Traceback" in ln)
+            lines = server.log_tail(10**9).splitlines()
+            res["server_log_errors"] = sum(1 for ln in lines if " ERROR " in ln or "Traceback" in ln)
+            # the window each stopping process asked its agents to return over (app/agents/server.py)
+            from agent.protocol import reconnect_spread
+            res["restart_named_spread_s"] = [
+                reconnect_spread(ln) for ln in lines if "stopped in" in ln and "agent sockets" in ln]
         except Exception:  # noqa: BLE001
             pass
         if load is not None:
@@ -833,6 +837,8 @@ def report(res: dict) -> None:
         ("ping HTTP round trip p50 / p99", f"{f('ping_http_p50_ms', '{:.2f}')} / {f('ping_http_p99_ms', '{:.2f}')} ms"),
         ("restart: SIGTERM -> exited", f"{f('shutdown_s')} s"),
         ("restart: SIGTERM -> listening again", f"{f('restart_listen_s')} s"),
+        ("restart: return window each process named (s; None: the agents' 4 s rule)",
+         res.get("restart_named_spread_s")),
         ("storm: all N welcomed (after SIGTERM / after listen)",
          f"{f('storm_all_welcomed_after_sigterm_s')} s / {f('storm_all_welcomed_after_listen_s')} s"),
         ("storm: all N connected in DB (after SIGTERM)", f"{f('storm_all_db_connected_after_sigterm_s')} s"),
