@@ -355,6 +355,7 @@ class LoadGen:
         elif kind == "connect_deadline" and a.state in ("connecting", "handshake"):
             self._drop(a, "timeouts")
         elif kind == "welcome_deadline" and a.state == "hello":
+            self.c["welcome_timeouts"] = self.c.get("welcome_timeouts", 0) + 1  # upgraded, never welcomed
             self._drop(a, "timeouts")
         elif kind not in self.BUILTIN_TIMERS:
             self._on_custom_timer(a, kind)
