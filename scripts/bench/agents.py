@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     kill_group,
     percentile,
     print_table,
+    prompt_fleet,
     raise_nofile,
     server_env,
     sysctl,
@@ -96,6 +97,7 @@ class LoadGen:
     """
 
     agent_class = _Agent
+    sched = "normal"  #: the load process's scheduling policy (_common.prompt_fleet)
     #: timer kinds handled here; any other kind goes to ``_on_custom_timer``
     BUILTIN_TIMERS = frozenset(("connect", "heartbeat", "connect_deadline", "welcome_deadline"))
 
@@ -368,6 +370,7 @@ class LoadGen:
             "t_first_attempt": self.t_first_attempt, "t_all_online": self.t_all_online,
             "mark_t": self.mark_t, "mark_min_online": self.mark_min_online,
             "t_all_after_mark": self.t_all_after_mark,
+            "sched": self.sched,
         }
 
     def storm_report(self) -> dict:
@@ -416,14 +419,24 @@ class LoadGen:
             if now > self.deadline:
                 sys.stderr.write("load process: max runtime reached, exiting\n")
                 break
+            fired: dict[str, int] = {}
             while self.timers and self.timers[0][0] <= now:
                 _, _, idx, gen, kind = heapq.heappop(self.timers)
+                fired[kind] = fired.get(kind, 0) + 1
                 try:
                     self._on_timer(idx, gen, kind)
                 except Exception:  # noqa: BLE001 - one agent's surprise costs that link, not the run
                     self._drop(self.agents[idx], "errors")
+            t_timers = time.monotonic()
             timeout = min(0.5, max(0.0, self.timers[0][0] - time.monotonic())) if self.timers else 0.5
-            for key, mask in self.sel.select(timeout):
+            events = self.sel.select(timeout)
+            t_select = time.monotonic()
+            if t_select - now > 2.0:  # a slow turn of the loop: say where it went (load.log)
+                sys.stderr.write(
+                    f"load process: a turn took {t_select - now:.1f} s (timers {t_timers - now:.1f} s: {fired}; "
+                    f"select {t_select - t_timers:.1f} s, {len(events)} events; heap {len(self.timers)})\n")
+                sys.stderr.flush()
+            for key, mask in events:
                 a = key.data
                 if a is None:  # a command from the parent (or EOF: the parent is gone)
                     chunk = os.read(stdin, 4096)
@@ -453,6 +466,7 @@ class LoadGen:
 def load_worker(args) -> int:
     raise_nofile()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    LoadGen.sched = prompt_fleet()
     with open(args.tokens) as f:
         tokens = json.load(f)
     LoadGen(args.port, tokens, args.backoff_cap, args.max_runtime).run()
@@ -659,6 +673,7 @@ def run(args) -> dict:
         welcomes = max(1, s["counters"]["welcomes"])
         res["connect_server_cpu_ms_per_welcome"] = 1000.0 * res["connect_server_cpu_s"] / welcomes
         res["connect_counters"] = dict(s["counters"])
+        res["load_sched"] = s.get("sched")
         ov = tcp_ext("ListenOverflows", "ListenDrops")
         res["connect_listen_overflows"] = ov["ListenOverflows"] - overflow0["ListenOverflows"]
         log(f"[bench] all {n} welcomed in {res['connect_all_s']:.2f} s  {s['counters']}")
@@ -836,6 +851,7 @@ def report(res: dict) -> None:
         ("ping rtt_ms (server) p50 / p99", f"{f('ping_rtt_p50_ms', '{:.2f}')} / {f('ping_rtt_p99_ms', '{:.2f}')} ms"
                                           f"  ({res.get('pings')} pings, {res.get('ping_failures')} failed)"),
         ("ping HTTP round trip p50 / p99", f"{f('ping_http_p50_ms', '{:.2f}')} / {f('ping_http_p99_ms', '{:.2f}')} ms"),
+        ("load process scheduling (scripts/bench/_common.py prompt_fleet)", res.get("load_sched")),
         ("restart: SIGTERM -> exited", f"{f('shutdown_s')} s"),
         ("restart: SIGTERM -> listening again", f"{f('restart_listen_s')} s"),
         ("restart: return window each process named (s; None: the agents' 4 s rule)",
