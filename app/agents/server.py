@@ -34,10 +34,8 @@ import collections
 import io
 import logging
 import math
-import select
 import socket
 import ssl
-import struct
 import threading
 import time
 
@@ -69,12 +67,6 @@ SWEEP_S = 0.1
 #: ones make progress; only after this long without one of them ending (or a quarter of the
 #: handshake timeout, if shorter) is the next one refused.
 FULL_HOLD_S = 1.0
-#: A connection accepted after waiting this share of the handshake timeout in the listen backlog
-#: is closed unserved: its agent (whose connect timeout is the same 10 s) would give up before it
-#: was welcomed, and the fresher ones behind it would wait longer.
-STALE_FRACTION = 0.5
-#: Connections closed unserved (given up, stale) one after another in one turn of the accept loop.
-SHED_BATCH = 64
 #: At most one warning about refused connections per this many seconds.
 REPORT_S = 10.0
 #: ``tcpi_state`` of a socket whose peer has closed its side (Linux's ``TCP_CLOSE_WAIT``).
@@ -86,30 +78,15 @@ RATE_WINDOW_S = 3.0
 QUEUE_BUDGET_S = 3.0
 
 
-#: Where Linux's ``struct tcp_info`` keeps ``tcpi_last_data_recv`` (a u32, milliseconds).
-_TCPI_LAST_DATA_RECV = 52
-
-
-def tcp_state(sock: socket.socket) -> tuple[int | None, float]:
-    """``(tcpi_state, age)`` of a freshly accepted socket (Linux): ``age`` is the seconds since it
-    last received data, or since it was created if it has received none, which for an agent (it
-    sends its request as soon as it connects) is how long it has waited in the listen backlog.
-    ``(None, 0.0)`` where there is no cheap way to ask."""
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if tcp_info is None:
-        return None, 0.0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCPI_LAST_DATA_RECV + 4)
-    except OSError:
-        return None, 0.0
-    if len(info) < _TCPI_LAST_DATA_RECV + 4:
-        return (info[0] if info else None), 0.0
-    return info[0], struct.unpack_from("I", info, _TCPI_LAST_DATA_RECV)[0] / 1000.0
-
-
 def peer_gave_up(sock: socket.socket) -> bool:
     """True when the peer of this freshly accepted socket has already closed its side (Linux)."""
-    return tcp_state(sock)[0] == TCP_CLOSE_WAIT
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:  # not Linux: no cheap way to ask, serve it
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == TCP_CLOSE_WAIT
+    except OSError:
+        return False
 
 
 def mark_authenticated(environ) -> None:
@@ -474,10 +451,6 @@ class AgentServer(ThreadedWSGIServer):
         self._refused: collections.deque[tuple[socket.socket, float]] = collections.deque()
         self._refused_count = 0
         self._abandoned_count = 0  # accepted after their peer gave up (see the module)
-        self._stale_count = 0  # accepted after waiting ``stale_after`` in the backlog
-        self._shed_one = False
-        #: A connection that waited this long in the listen backlog is closed unserved.
-        self.stale_after = handshake_timeout * STALE_FRACTION
         #: Set when the listener closes (a stop): the sockets' request lines are not logged then.
         self.closing = False
         self._next_sweep = self._next_report = 0.0
@@ -508,28 +481,14 @@ class AgentServer(ThreadedWSGIServer):
             return len(self._pending)
 
     def process_request(self, request, client_address) -> None:
-        state, age = tcp_state(request)
-        if state == TCP_CLOSE_WAIT:
+        if peer_gave_up(request):
             self.count_abandoned()
-            self._shed_one = True
-            request.close()
-            return
-        if age >= self.stale_after:
-            # It waited in the listen backlog for most of its agent's connect timeout: serving it
-            # would mostly spend a handshake on an agent that gives up before the answer. Closed
-            # at once (the agent retries with backoff), so the fresher ones behind it are served
-            # in time: in a FIFO backlog under overload every connection served was 10 s old,
-            # and 10,000 agents took 150 s to connect where 6,700 did in 60 s (docs/capacity.md).
-            with self._lock:
-                self._stale_count += 1
-            self._shed_one = True
             request.close()
             return
         with self._lock:
             admit = len(self._pending) < self.max_pending
             if admit:
-                # the agent's clock started when it connected, not when we accepted
-                self._pending[request] = self.clock() + self.handshake_timeout - age
+                self._pending[request] = self.clock() + self.handshake_timeout
         if not admit:
             self._refuse(request)
             return
@@ -583,13 +542,7 @@ class AgentServer(ThreadedWSGIServer):
             if len(self._pending) >= self.max_pending and self.clock() - self._last_room < self.full_hold:
                 self._room.wait(SWEEP_S)
                 return
-        for _ in range(SHED_BATCH):
-            self._shed_one = False
-            super()._handle_request_noblock()
-            # One closed without a thread (given up, or stale): take the next at once while the
-            # backlog has one, instead of one per turn of the accept loop.
-            if not self._shed_one or not select.select([self.socket], [], [], 0)[0]:
-                return
+        super()._handle_request_noblock()
 
     def _refuse(self, request: socket.socket) -> None:
         """Answer 503 from the accepting thread; the socket is closed by a later sweep."""
@@ -644,7 +597,7 @@ class AgentServer(ThreadedWSGIServer):
                 len(expired),
                 self.handshake_timeout,
             )
-        if (self._refused_count or self._abandoned_count or self._stale_count) and now >= self._next_report:
+        if (self._refused_count or self._abandoned_count) and now >= self._next_report:
             self._next_report = now + REPORT_S
             if self._refused_count:
                 log.warning(
@@ -657,13 +610,7 @@ class AgentServer(ThreadedWSGIServer):
                     "agent plane: closed %d connection(s) whose agent had given up before they were accepted",
                     self._abandoned_count,
                 )
-            if self._stale_count:
-                log.warning(
-                    "agent plane: closed %d connection(s) that had waited %g s or more in the listen backlog",
-                    self._stale_count,
-                    self.stale_after,
-                )
-            self._refused_count = self._abandoned_count = self._stale_count = 0
+            self._refused_count = self._abandoned_count = 0
         for _ in range(len(self._refused)):
             s, deadline = self._refused.popleft()
             if self._drained(s) or deadline <= now:

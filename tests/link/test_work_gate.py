@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
@@ -175,59 +174,6 @@ def test_beyond_max_pending_connections_wait_in_the_backlog_while_the_pending_on
         for s in peers:
             s.close()
         server.server_close()
-
-
-def test_connections_stale_in_the_backlog_are_closed_unserved_and_the_fresh_one_behind_them_is_served(app):
-    """Under overload a FIFO backlog hands over connections about as old as their agents' connect
-    timeout: those that waited ``stale_after`` are closed without a thread, all in one turn of
-    the accept loop, and the next fresh one is admitted with the time its agent has left."""
-    from app.agents.server import AgentServer
-
-    now = [1000.0]
-    server = AgentServer("127.0.0.1", 0, app, backlog=16, max_pending=4, handshake_timeout=1.0, clock=lambda: now[0])
-    assert server.stale_after == 0.5
-    request = _upgrade_request("not-looked-at")
-    peers = []
-    try:
-        for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
-            s.sendall(request)
-            peers.append(s)
-        time.sleep(0.7)  # past stale_after, in the kernel's backlog
-        fresh = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
-        fresh.sendall(request)
-        peers.append(fresh)
-        time.sleep(0.1)
-        server._handle_request_noblock()  # one turn: both stale ones shed, the fresh one admitted
-        assert server._stale_count == 2
-        assert server.pending == 1
-        for s in peers[:2]:
-            try:
-                assert s.recv(65536) == b""  # closed unanswered (or reset: its request was unread)
-            except ConnectionResetError:
-                pass
-        (deadline,) = server._pending.values()
-        assert now[0] + 0.8 < deadline < now[0] + 1.0  # the handshake timeout less its wait in the backlog
-    finally:
-        for s in peers:
-            s.close()
-        server.server_close()
-
-
-def test_the_age_of_a_socket_is_read_from_the_kernel():
-    from app.agents.server import TCP_CLOSE_WAIT, tcp_state
-
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        c = socket.create_connection(srv.getsockname(), timeout=5)
-        c.sendall(b"x")
-        time.sleep(0.3)
-        s, _ = srv.accept()
-        state, age = tcp_state(s)
-        assert state == 1 and 0.25 <= age < 2  # TCP_ESTABLISHED, since its last byte arrived
-        c.close()
-        time.sleep(0.05)
-        assert tcp_state(s)[0] == TCP_CLOSE_WAIT
-        s.close()
 
 
 # -- the welcome rate, and the window a stop names for its agents' return
