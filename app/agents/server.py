@@ -71,8 +71,11 @@ FULL_HOLD_S = 1.0
 REPORT_S = 10.0
 #: ``tcpi_state`` of a socket whose peer has closed its side (Linux's ``TCP_CLOSE_WAIT``).
 TCP_CLOSE_WAIT = 8
-#: The welcome rate is measured over runs of at least this long with connections waiting.
+#: The welcome rate is known once the process has been saturated for at least this long.
 RATE_WINDOW_S = 3.0
+#: Two saturated welcomes further apart than this are not one stretch of work (a lull between two
+#: storms, each ending and starting with others waiting): the gap is not counted.
+RATE_MAX_GAP_S = 1.0
 #: Of an agent's 10 s connect timeout, how long its return after a restart may wait in a queue:
 #: the window a stop names is what it takes to welcome the fleet, less this.
 QUEUE_BUDGET_S = 3.0
@@ -106,37 +109,39 @@ def mark_welcomed(environ) -> None:
 class WelcomeRate:
     """How fast this process welcomes agents when it has more than it can take at once.
 
-    A welcome counts while others wait for a turn (or in the listen backlog): then the rate is
-    the process's, not the agents' arrival rate. The best rate over any ``window`` seconds of such
-    a run is kept for the process's life. A stop uses it to name the window over which its agents
-    should come back (:meth:`AgentServer.restart_spread`); a process that was never saturated
-    names none, and the agents' own rule applies (agent.transport.Backoff).
+    A welcome counts while others wait for a turn (or in the listen backlog): then the pace is
+    the process's, not the agents' arrival rate. The rate is the mean over all such time in the
+    process's life (welcomes between saturated welcomes, over the time between them), once there
+    is at least ``window`` seconds of it: the mean, not the best few seconds, because the storm
+    it sizes runs on a process just started, with its restart's own work (at 6,000 agents on 4
+    workers a window sized from the best 3 s expected 290 welcomes a second and the storm ran at
+    160; docs/capacity.md). A stop uses it to name the window over which its agents should come
+    back (:meth:`AgentServer.restart_spread`); a process that was never saturated names none,
+    and the agents' own rule applies (agent.transport.Backoff).
     """
 
-    def __init__(self, window: float = RATE_WINDOW_S, clock=time.monotonic):
+    def __init__(self, window: float = RATE_WINDOW_S, clock=time.monotonic, max_gap: float = RATE_MAX_GAP_S):
         self.window = window
         self.clock = clock
-        self.best: float | None = None
-        self._stamps: collections.deque[float] = collections.deque()
-        self._since: float | None = None  # when the current saturated run began
+        self.max_gap = max_gap
+        self._busy_s = 0.0  # time between consecutive saturated welcomes
+        self._count = 0  # welcomes that closed such an interval
+        self._last: float | None = None  # the last welcome, if it was a saturated one
         self._lock = threading.Lock()
 
     def record(self, saturated: bool) -> None:
         now = self.clock()
         with self._lock:
-            if not saturated:
-                self._stamps.clear()
-                self._since = None
-                return
-            if self._since is None:
-                self._since = now
-            self._stamps.append(now)
-            while self._stamps[0] <= now - self.window:
-                self._stamps.popleft()
-            if now - self._since >= self.window:
-                rate = len(self._stamps) / self.window
-                if self.best is None or rate > self.best:
-                    self.best = rate
+            if saturated and self._last is not None and now - self._last <= self.max_gap:
+                self._busy_s += now - self._last
+                self._count += 1
+            self._last = now if saturated else None
+
+    @property
+    def rate(self) -> float | None:
+        """Welcomes a second while saturated, or None before ``window`` seconds of it."""
+        with self._lock:
+            return self._count / self._busy_s if self._busy_s >= self.window else None
 
 
 def restart_spread(held: int, rate: float | None) -> float | None:
@@ -510,7 +515,7 @@ class AgentServer(ThreadedWSGIServer):
 
     def restart_spread(self, held: int) -> float | None:
         """The window a stop asks its ``held`` agents to come back over (:func:`restart_spread`)."""
-        return restart_spread(held, self.welcome_rate.best)
+        return restart_spread(held, self.welcome_rate.rate)
 
     def count_abandoned(self) -> None:
         with self._lock:

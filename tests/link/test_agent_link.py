@@ -304,13 +304,27 @@ def test_a_real_agent_retries_quickly_while_its_server_restarts(live, cast, tmp_
     assert sleeps[:6] == [0.5] + [RESTART_RETRY_S] * 5
 
 
+def saturated_at(live, per_s: float) -> None:
+    """Give the live agent plane a measured welcome rate: the real WelcomeRate, fed two saturated
+    welcomes 1/per_s apart on a clock of the test's."""
+    from app.agents.server import WelcomeRate
+
+    now = [0.0]
+    rate = WelcomeRate(window=1 / per_s, clock=lambda: now[0], max_gap=2 / per_s)
+    for _ in range(2):
+        rate.record(saturated=True)
+        now[0] += 1 / per_s
+    assert rate.rate == pytest.approx(per_s)
+    live.servers.agent.welcome_rate = rate
+
+
 def test_a_stop_names_the_window_its_agents_should_return_over(live, cast):
     """A process that measured how fast it welcomes agents when saturated asks them, in the 1001's
     reason, to spread their return over the time it needs for them (app/agents/server.py)."""
     ws = connect(live, cast.host_offline_token)
     ws.send(hello())
     assert recv(ws).type == "welcome"
-    live.servers.agent.welcome_rate.best = 0.1  # one agent at 0.1 a second: 10 s, less the 3 s budget
+    saturated_at(live, 0.1)  # one agent at 0.1 a second: 10 s, less the 3 s budget
     live.servers.stop()
     wait_until(lambda: not ws.connected, what="the link closed by the stopping server")
     assert ws.close_reason == protocol.CLOSE_GOING_AWAY
@@ -339,7 +353,7 @@ def test_a_real_agent_spreads_its_return_over_the_window_its_server_named(live, 
     runner = AgentThread(agent).start()
     try:
         wait_until(lambda: host_row(cast.host_offline.id).connected, what="the agent online")
-        live.servers.agent.welcome_rate.best = 0.1  # 10 s for its one agent, less the budget: 7 s
+        saturated_at(live, 0.1)  # 10 s for its one agent, less the budget: 7 s
         live.servers.stop()
         wait_until(lambda: len(sleeps) >= 4, what="four reconnect attempts against the stopped server")
     finally:

@@ -187,30 +187,38 @@ class FakeClock:
         return self.now
 
 
-def test_the_welcome_rate_is_the_best_sustained_while_others_wait():
+def test_the_welcome_rate_is_the_mean_pace_while_others_wait():
     clock = FakeClock()
     rate = WelcomeRate(window=3.0, clock=clock)
-    for _ in range(200):  # 100 welcomes a second for 2 s: shorter than the window, no figure yet
+    for _ in range(201):  # 100 welcomes a second for 2 s: less saturated time than the window
         clock.now += 0.01
         rate.record(saturated=True)
-    assert rate.best is None
-    for _ in range(200):  # on for 2 s more: the run is long enough
+    assert rate.rate is None
+    for _ in range(200):  # on for 2 s more: enough to say
         clock.now += 0.01
         rate.record(saturated=True)
-    assert rate.best == pytest.approx(100, rel=0.02)
-    for _ in range(400):  # slower, still waiting: the best stays
+    assert rate.rate == pytest.approx(100, rel=0.01)
+    for _ in range(400):  # 8 s at 50 a second, still saturated: the mean over all 12 s, not the best
         clock.now += 0.02
         rate.record(saturated=True)
-    assert rate.best == pytest.approx(100, rel=0.02)
+    assert rate.rate == pytest.approx(800 / 12, rel=0.01)
 
 
-def test_welcomes_with_nobody_waiting_measure_arrivals_not_the_rate():
+def test_time_with_nobody_waiting_is_not_counted():
     clock = FakeClock()
     rate = WelcomeRate(window=3.0, clock=clock)
-    for i in range(1000):  # 200 a second, but every fifth with nobody waiting: no run lasts 3 s
-        clock.now += 0.005
-        rate.record(saturated=i % 5 != 0)
-    assert rate.best is None
+    for i in range(1000):  # every other welcome with nobody waiting: arrivals, not the pace
+        clock.now += 0.01
+        rate.record(saturated=i % 2 == 0)
+    assert rate.rate is None
+    rate.record(saturated=True)
+    clock.now += 60  # a minute with no welcome, then saturated again: the minute is not pace
+    rate.record(saturated=True)
+    assert rate.rate is None
+    for _ in range(400):
+        clock.now += 0.01
+        rate.record(saturated=True)
+    assert rate.rate == pytest.approx(100, rel=0.01)
 
 
 @pytest.mark.parametrize(
@@ -242,9 +250,8 @@ def test_a_welcome_counts_towards_the_rate_only_while_others_wait_for_a_turn(gat
     clock = FakeClock()
     server.welcome_rate = WelcomeRate(window=1.0, clock=clock)
     ws = RawWebSocket(gated.servers.agent_port, cast.host_offline_token)
-    assert ws.status == 101 and _welcomed(ws)  # a real welcome, nobody waiting: no run starts
+    assert ws.status == 101 and _welcomed(ws)  # a real welcome, nobody waiting: not counted
     wait_until(lambda: server.gate.busy == 0, what="the welcomed agent to hand its turn back")
-    assert server.welcome_rate._since is None
     assert server.gate.acquire(0)
     waiter, out = _waiting(server.gate)
     try:
@@ -255,5 +262,5 @@ def test_a_welcome_counts_towards_the_rate_only_while_others_wait_for_a_turn(gat
         server.gate.release()
         waiter.join(5)
         server.gate.release()
-    assert server.welcome_rate.best == pytest.approx(10, rel=0.1)
+    assert server.welcome_rate.rate == pytest.approx(10, rel=0.01)
     ws.close()
