@@ -269,29 +269,31 @@ def test_stopping_the_server_closes_every_agent_link_as_going_away(live, cast, c
     assert not [r for r in caplog.records if r.name == "werkzeug" and "101" in r.getMessage()]
 
 
-def test_a_real_agent_retries_quickly_while_its_server_restarts(live, cast, tmp_path):
-    """The agent's side of the 1001 close: refusals while the server is down do not climb the ladder."""
+def agent_recording_sleeps(live, token: str, tmp_path):
+    """A real agent of ``live`` whose reconnect sleeps are recorded (and not slept), jitter 1.0."""
     from agent.client import Agent
     from agent.config import parse_config
-    from agent.transport import RESTART_RETRY_S
-    from tests.support.peers import AgentThread
 
-    sleeps = []
-
-    def sleep(seconds):
-        sleeps.append(seconds)
-
+    sleeps: list[float] = []
     config = parse_config(
         {
             "server_url": live.agent_ws_url,
-            "token": cast.host_offline_token,
+            "token": token,
             "state_dir": str(tmp_path),
             "backoff_max_s": 30,
             "allow_unsigned_updates": True,
         },
         str(tmp_path / "agent.toml"),
     )
-    agent = Agent(config, sleep=sleep, rand=lambda: 1.0, program=None)
+    return Agent(config, sleep=sleeps.append, rand=lambda: 1.0, program=None), sleeps
+
+
+def test_a_real_agent_retries_quickly_while_its_server_restarts(live, cast, tmp_path):
+    """The agent's side of the 1001 close: refusals while the server is down do not climb the ladder."""
+    from agent.transport import RESTART_RETRY_S
+    from tests.support.peers import AgentThread
+
+    agent, sleeps = agent_recording_sleeps(live, cast.host_offline_token, tmp_path)
     runner = AgentThread(agent).start()
     try:
         wait_until(lambda: host_row(cast.host_offline.id).connected, what="the agent online")
@@ -333,23 +335,10 @@ def test_a_stop_names_the_window_its_agents_should_return_over(live, cast):
 
 
 def test_a_real_agent_spreads_its_return_over_the_window_its_server_named(live, cast, tmp_path):
-    from agent.client import Agent
-    from agent.config import parse_config
     from agent.transport import RESTART_RETRY_S
     from tests.support.peers import AgentThread
 
-    sleeps = []
-    config = parse_config(
-        {
-            "server_url": live.agent_ws_url,
-            "token": cast.host_offline_token,
-            "state_dir": str(tmp_path),
-            "backoff_max_s": 30,
-            "allow_unsigned_updates": True,
-        },
-        str(tmp_path / "agent.toml"),
-    )
-    agent = Agent(config, sleep=sleeps.append, rand=lambda: 1.0, program=None)
+    agent, sleeps = agent_recording_sleeps(live, cast.host_offline_token, tmp_path)
     runner = AgentThread(agent).start()
     try:
         wait_until(lambda: host_row(cast.host_offline.id).connected, what="the agent online")
