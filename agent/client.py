@@ -199,7 +199,7 @@ class Agent:
                 return self._finish(EX_UPDATE_RESTART)
             started = self.clock()
             welcomed = going_away = refused = False
-            spread = None
+            spread = None  # the return window a 1001 named
             try:
                 ws = self._open()
                 if ws is None:
@@ -235,8 +235,7 @@ class Agent:
                     with self._link_lock:
                         self._link = None
                     going_away = link.close_code == protocol.CLOSE_GOING_AWAY
-                    if going_away:
-                        spread = protocol.reconnect_spread(link.close_message)
+                    spread = link.reconnect_spread
                     link.close()
             if self.stop.is_set() or self._restart.is_set():
                 continue
@@ -550,7 +549,7 @@ class Agent:
         meaning = _CLOSE_MEANINGS.get(code)
         if code == protocol.CLOSE_REVOKED:
             log.error("link closed (code %s): %s; will keep retrying with backoff", code, meaning)
-        elif code == protocol.CLOSE_GOING_AWAY and (spread := protocol.reconnect_spread(link.close_message)):
+        elif code == protocol.CLOSE_GOING_AWAY and (spread := link.reconnect_spread):
             log.warning("link closed (code %s): %s, within the %g s it named", code, meaning, spread)
         elif meaning:
             log.warning("link closed (code %s): %s", code, meaning)

@@ -219,6 +219,13 @@ class Link:
     def close_message(self) -> str | None:
         return getattr(self.ws, "close_message", None)
 
+    @property
+    def reconnect_spread(self) -> float | None:
+        """The return window the server named when it closed this link as going away (1001), if any."""
+        if self.close_code != protocol.CLOSE_GOING_AWAY:
+            return None
+        return protocol.reconnect_spread(self.close_message)
+
     def close(self, code: int = protocol.CLOSE_NORMAL, message: str | None = None) -> None:
         """Close gracefully when possible; always release the socket and the reader thread."""
         with self._lock:
