@@ -138,6 +138,7 @@ class Servers:
             close_timeout=cfg["AGENT_CLOSE_TIMEOUT_S"],
             tls=agent_tls_context(cfg),
             reuse_port=self.worker is not None,
+            cpu_share=cpu_share(cfg.get("AGENT_PROCESSES", 1)),
         )
 
     def _admin_server(self, cfg):
@@ -316,6 +317,16 @@ def prepare(app: Flask) -> None:
         rel = releases.ensure_current_release()
         log.info("agent release %s (%s, %d bytes, sha256 %s)", rel.version, rel.platform, rel.size, rel.sha256)
     db.session.remove()
+
+
+def cpu_share(processes: int) -> float:
+    """The cores one of ``processes`` agent-plane processes on this machine may count on: one at
+    most (the GIL's), fewer when the processes outnumber the cores this one may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return min(1.0, cores / max(1, processes))
 
 
 def tune_threads(stack_kib: int, switch_interval: float | None = None) -> None:

@@ -133,8 +133,11 @@ def serve_workers(app: Flask, workers: int, ready_file: str | None = None) -> in
         with app.app_context():
             rel = releases.ensure_current_release()
             log.info("agent release %s (%s, sha256 %s)", rel.version, rel.platform, rel.sha256)
-    # What every worker inherits: the resolved ports, and the release already built.
-    app.config.update(AGENT_ADDR=(ahost, aport), HTTP_ADDR=(hhost, hport), BUILD_AGENT_ON_START=False)
+    # What every worker inherits: the resolved ports, the release already built, and how many
+    # share the machine's cores (the pace a worker expects of itself: app/agents/server.py).
+    app.config.update(
+        AGENT_ADDR=(ahost, aport), HTTP_ADDR=(hhost, hport), BUILD_AGENT_ON_START=False, AGENT_PROCESSES=workers
+    )
     ready_dir = tempfile.mkdtemp(prefix="rm-workers-")
     pool = [Worker(app, i, ready_dir) for i in range(workers)]
     for w in pool:

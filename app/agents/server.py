@@ -76,6 +76,13 @@ RATE_WINDOW_S = 3.0
 #: Two saturated welcomes further apart than this are not one stretch of work (a lull between two
 #: storms, each ending and starting with others waiting): the gap is not counted.
 RATE_MAX_GAP_S = 1.0
+#: How often the welcome rate reads the process's CPU clock (each reading sums over its threads).
+CPU_TICK_S = 1.0
+#: A second counts towards the CPU a welcome costs when it has at least this many welcomes: a
+#: lone welcome's second is mostly the process's other work.
+CPU_MIN_WELCOMES = 5
+#: Welcomes in such seconds before their cost is taken as known.
+CPU_MIN_SAMPLE = 100
 #: Of an agent's 10 s connect timeout, how long its return after a restart may wait in a queue:
 #: the window a stop names is what it takes to welcome the fleet, less this.
 QUEUE_BUDGET_S = 3.0
@@ -116,17 +123,41 @@ class WelcomeRate:
     it sizes runs on a process just started, with its restart's own work (at 6,000 agents on 4
     workers a window sized from the best 3 s expected 290 welcomes a second and the storm ran at
     160; docs/capacity.md). A stop uses it to name the window over which its agents should come
-    back (:meth:`AgentServer.restart_spread`); a process that was never saturated names none,
-    and the agents' own rule applies (agent.transport.Backoff).
+    back (:meth:`AgentServer.restart_spread`).
+
+    A process that was never saturated has not seen its pace, only its agents' arrivals: it
+    estimates the pace from what a welcome costs it instead, the CPU the whole process spent
+    over busy seconds (at least ``CPU_MIN_WELCOMES`` welcomes in one) per welcome, and the share of
+    the machine's cores it may count on (``cpu_share``: one core at most, the GIL's, divided among
+    the machine's workers). Without it, 10,000 agents connected in 20 s without saturating 3 of
+    4 workers, whose stops then named nothing and had their 2,500 agents each back within 4 s:
+    3,204 agents timed out in that storm (docs/capacity.md). A process that has welcomed fewer
+    than ``CPU_MIN_SAMPLE`` agents in busy seconds names none, and the agents' own rule applies
+    (agent.transport.Backoff).
     """
 
-    def __init__(self, window: float = RATE_WINDOW_S, clock=time.monotonic, max_gap: float = RATE_MAX_GAP_S):
+    def __init__(
+        self,
+        window: float = RATE_WINDOW_S,
+        clock=time.monotonic,
+        max_gap: float = RATE_MAX_GAP_S,
+        cpu_clock=time.process_time,
+        cpu_share: float = 1.0,
+    ):
         self.window = window
         self.clock = clock
         self.max_gap = max_gap
+        self.cpu_clock = cpu_clock
+        self.cpu_share = cpu_share
         self._busy_s = 0.0  # time between consecutive saturated welcomes
         self._count = 0  # welcomes that closed such an interval
         self._last: float | None = None  # the last welcome, if it was a saturated one
+        # The CPU a welcome costs: read at most once a second (it sums over every thread).
+        self._tick_at: float | None = None
+        self._tick_cpu = 0.0
+        self._tick_n = 0  # welcomes since the last reading
+        self._cpu_s = 0.0  # process CPU over busy seconds
+        self._cpu_n = 0  # welcomes in them
         self._lock = threading.Lock()
 
     def record(self, saturated: bool) -> None:
@@ -136,12 +167,25 @@ class WelcomeRate:
                 self._busy_s += now - self._last
                 self._count += 1
             self._last = now if saturated else None
+            if self._tick_at is None or now - self._tick_at >= CPU_TICK_S:
+                cpu = self.cpu_clock()
+                busy = self._tick_n >= CPU_MIN_WELCOMES
+                if busy and self._tick_at is not None and now - self._tick_at <= 2 * CPU_TICK_S:
+                    self._cpu_s += cpu - self._tick_cpu
+                    self._cpu_n += self._tick_n
+                self._tick_at, self._tick_cpu, self._tick_n = now, cpu, 0
+            self._tick_n += 1
 
     @property
     def rate(self) -> float | None:
-        """Welcomes a second while saturated, or None before ``window`` seconds of it."""
+        """Welcomes a second while saturated; before ``window`` seconds of that, the pace the CPU
+        a welcome costs allows; None before either is known."""
         with self._lock:
-            return self._count / self._busy_s if self._busy_s >= self.window else None
+            if self._busy_s >= self.window:
+                return self._count / self._busy_s
+            if self._cpu_n >= CPU_MIN_SAMPLE and self._cpu_s > 0:
+                return self.cpu_share * self._cpu_n / self._cpu_s
+            return None
 
 
 def restart_spread(held: int, rate: float | None) -> float | None:
@@ -437,11 +481,12 @@ class AgentServer(ThreadedWSGIServer):
         tls: ssl.SSLContext | None = None,
         reuse_port: bool = False,
         max_active: int = 0,
+        cpu_share: float = 1.0,
     ):
         self.request_queue_size = backlog
         #: ``max_active`` > 0: at most that many connections do handshake work at once (WorkGate).
         self.gate = WorkGate(max_active) if max_active > 0 else None
-        self.welcome_rate = WelcomeRate(clock=clock)
+        self.welcome_rate = WelcomeRate(clock=clock, cpu_share=cpu_share)
         # ``serve --workers N``: every worker listens on the same port; the kernel spreads accepts.
         self.allow_reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout

@@ -187,9 +187,14 @@ class FakeClock:
         return self.now
 
 
+def still_cpu() -> float:
+    """A CPU clock that never moves: no estimate from the CPU a welcome costs."""
+    return 0.0
+
+
 def test_the_welcome_rate_is_the_mean_pace_while_others_wait():
     clock = FakeClock()
-    rate = WelcomeRate(window=3.0, clock=clock)
+    rate = WelcomeRate(window=3.0, clock=clock, cpu_clock=still_cpu)
     for _ in range(201):  # 100 welcomes a second for 2 s: less saturated time than the window
         clock.now += 0.01
         rate.record(saturated=True)
@@ -206,7 +211,7 @@ def test_the_welcome_rate_is_the_mean_pace_while_others_wait():
 
 def test_time_with_nobody_waiting_is_not_counted():
     clock = FakeClock()
-    rate = WelcomeRate(window=3.0, clock=clock)
+    rate = WelcomeRate(window=3.0, clock=clock, cpu_clock=still_cpu)
     for i in range(1000):  # every other welcome with nobody waiting: arrivals, not the pace
         clock.now += 0.01
         rate.record(saturated=i % 2 == 0)
@@ -216,6 +221,28 @@ def test_time_with_nobody_waiting_is_not_counted():
     rate.record(saturated=True)
     assert rate.rate is None
     for _ in range(400):
+        clock.now += 0.01
+        rate.record(saturated=True)
+    assert rate.rate == pytest.approx(100, rel=0.01)
+
+
+def test_a_process_never_saturated_takes_its_pace_from_what_a_welcome_costs_it():
+    clock, cpu = FakeClock(), [0.0]
+    rate = WelcomeRate(window=3.0, clock=clock, cpu_clock=lambda: cpu[0], cpu_share=0.5)
+
+    def welcomes(n: int, every: float, cpu_each: float) -> None:
+        for _ in range(n):
+            clock.now += every
+            cpu[0] += cpu_each
+            rate.record(saturated=False)
+
+    welcomes(99, 0.05, 0.002)  # 20 a second, 2 ms of CPU each, nobody waiting
+    assert rate.rate is None  # fewer than CPU_MIN_SAMPLE welcomes in busy seconds so far
+    welcomes(300, 0.05, 0.002)
+    assert rate.rate == pytest.approx(0.5 / 0.002, rel=0.01)  # half a core at 2 ms a welcome
+    welcomes(20, 5.0, 0.5)  # lone welcomes: their seconds are mostly other work, not counted
+    assert rate.rate == pytest.approx(250, rel=0.01)
+    for _ in range(400):  # saturated time, once there is enough of it, is the measure
         clock.now += 0.01
         rate.record(saturated=True)
     assert rate.rate == pytest.approx(100, rel=0.01)
