@@ -353,7 +353,8 @@ class Host(db.Model):
         if not plain:
             return None
         with db.engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT")
+            if conn.dialect.name == "postgresql":  # SQLite's driver begins nothing for a SELECT
+                conn.execution_options(isolation_level="AUTOCOMMIT")
             row = conn.execute(_host_by_token(), {"token_hash": hash_token(plain)}).first()
         return (row.id, row.name) if row is not None else None
 
