@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,7 @@ def main() -> int:
             db.session.execute(sa.text(f"DROP SCHEMA IF EXISTS {args.schema} CASCADE"))
             db.session.commit()
         db.engine.dispose()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     def best(name: str) -> tuple[float, float]:
         return min(w for w, _ in results[name]), min(c for _, c in results[name])
