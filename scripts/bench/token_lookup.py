@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """What the agent plane's token check costs per connection: ``Host.id_and_name_by_token``.
 
-    .venv/bin/python scripts/bench/token_lookup.py [--hosts 10000] [--reps 3000]
     RM_BENCH_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
-        .venv/bin/python scripts/bench/token_lookup.py      # the schema rm_bench_tokens there
+        .venv/bin/python scripts/bench/token_lookup.py [--hosts 10000] [--reps 3000]
+
+PostgreSQL only (``--database-url`` or ``RM_BENCH_DATABASE_URL``; the bench drops and owns the
+schema ``rm_bench_tokens`` there): on SQLite the check goes through the session as before.
 
 Every agent connection asks it once, before its WebSocket handshake, so in a reconnect storm it
 runs 10,000 times in 20 s. The lookup runs on its own pooled connection in autocommit: one round
@@ -36,20 +38,18 @@ def main() -> int:
     args = ap.parse_args()
     if args.reps < 1 or args.hosts < 1:
         ap.error("--hosts and --reps must be at least 1")
+    if not (args.database_url or "").startswith("postgresql"):
+        ap.error("needs a PostgreSQL URL (--database-url or RM_BENCH_DATABASE_URL): SQLite's check is the session's")
 
     import sqlalchemy as sa
+    from cluster_dispatch import pg_schema_url
 
     from app import create_app
     from app.extensions import db
     from app.models import Host, _host_by_token, hash_token
 
     tmp = tempfile.mkdtemp(prefix="rm-bench-tokens-")
-    if args.database_url:
-        from cluster_dispatch import pg_schema_url
-
-        url = pg_schema_url(args.database_url, args.schema)
-    else:
-        url = "sqlite:///" + os.path.join(tmp, "bench.db")
+    url = pg_schema_url(args.database_url, args.schema)
     app = create_app({"SQLALCHEMY_DATABASE_URI": url, "INSTANCE_PATH": tmp, "TESTING": True})
     with app.app_context():
         db.create_all()
@@ -81,9 +81,8 @@ def main() -> int:
                 results[name].append(
                     ((time.perf_counter() - w0) * 1000 / args.reps, (time.thread_time() - c0) * 1000 / args.reps)
                 )
-        if args.database_url:
-            db.session.execute(sa.text(f"DROP SCHEMA IF EXISTS {args.schema} CASCADE"))
-            db.session.commit()
+        db.session.execute(sa.text(f"DROP SCHEMA IF EXISTS {args.schema} CASCADE"))
+        db.session.commit()
         db.engine.dispose()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -91,8 +90,7 @@ def main() -> int:
         return min(w for w, _ in results[name]), min(c for _, c in results[name])
 
     (sw, sc), (aw, ac) = best("session"), best("autocommit")
-    engine = "PostgreSQL" if args.database_url else "SQLite"
-    print(f"token lookup on {engine}, {args.hosts} hosts, {args.reps} lookups a series (best of 2)")
+    print(f"token lookup on PostgreSQL, {args.hosts} hosts, {args.reps} lookups a series (best of 2)")
     print(f"  session (baseline: BEGIN, SELECT, ROLLBACK)  wall {sw:.3f} ms  CPU {sc:.3f} ms per lookup")
     print(f"  own connection in autocommit (SELECT)        wall {aw:.3f} ms  CPU {ac:.3f} ms per lookup")
     print(f"  ratio baseline / autocommit                  wall {sw / aw:.2f}x  CPU {sc / ac:.2f}x")
