@@ -346,11 +346,20 @@ class Host(db.Model):
         """The (id, name) of the host holding this token: what every agent connection asks.
 
         A plain row, not an ORM object: loading the whole host cost a third of the server's CPU
-        per handshake in a reconnect storm (docs/capacity.md).
+        per handshake in a reconnect storm (docs/capacity.md). On PostgreSQL not through the
+        session either: on its own pooled connection in autocommit, one round trip (the session's
+        are three, ``BEGIN``, the ``SELECT`` and the ``ROLLBACK`` of its close, each a hand-off of
+        the GIL under load). SQLite's driver begins nothing for a ``SELECT``: the session it is.
         """
         if not plain:
             return None
-        row = db.session.execute(_host_by_token(), {"token_hash": hash_token(plain)}).first()
+        params = {"token_hash": hash_token(plain)}
+        if db.engine.dialect.name != "postgresql":
+            row = db.session.execute(_host_by_token(), params).first()
+        else:
+            with db.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                row = conn.execute(_host_by_token(), params).first()
         return (row.id, row.name) if row is not None else None
 
     def revoke(self) -> None:
