@@ -14,21 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from _common import per_call_ms  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: E402
 
 from agent import signing  # noqa: E402
-
-
-def per_call_ms(fn, reps: int) -> tuple[float, float]:
-    """(wall ms, CPU ms) per call of ``fn``, the mean over ``reps`` calls."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - w0) * 1000 / reps, (time.process_time() - c0) * 1000 / reps
 
 
 def main() -> int:

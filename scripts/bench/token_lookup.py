@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +41,7 @@ def main() -> int:
         ap.error("needs a PostgreSQL URL (--database-url or RM_BENCH_DATABASE_URL): SQLite's check is the session's")
 
     import sqlalchemy as sa
+    from _common import per_call_ms
     from cluster_dispatch import pg_schema_url
 
     from app import create_app
@@ -60,9 +60,6 @@ def main() -> int:
         db.session.commit()
         db.session.close()
 
-        def autocommit(token: str):
-            return Host.id_and_name_by_token(token)
-
         def session(token: str):  # the baseline: the same read through the session, then its close
             try:
                 row = db.session.execute(_host_by_token(), {"token_hash": hash_token(token)}).first()
@@ -72,15 +69,14 @@ def main() -> int:
 
         results: dict[str, list[tuple[float, float]]] = {"session": [], "autocommit": []}
         for _ in range(2):
-            for name, fn in (("session", session), ("autocommit", autocommit)):
-                picks = [tokens[i % len(tokens)] for i in range(args.reps)]
-                w0, c0 = time.perf_counter(), time.thread_time()
-                for t in picks:
-                    if fn(t) is None:
+            for name, fn in (("session", session), ("autocommit", Host.id_and_name_by_token)):
+                picks = iter([tokens[i % len(tokens)] for i in range(args.reps)])
+
+                def lookup(fn=fn, name=name, picks=picks) -> None:
+                    if fn(next(picks)) is None:
                         raise SystemExit(f"error: {name} lookup found no host for an enrolled token")
-                results[name].append(
-                    ((time.perf_counter() - w0) * 1000 / args.reps, (time.thread_time() - c0) * 1000 / args.reps)
-                )
+
+                results[name].append(per_call_ms(lookup, args.reps))
         db.session.execute(sa.text(f"DROP SCHEMA IF EXISTS {args.schema} CASCADE"))
         db.session.commit()
         db.engine.dispose()
